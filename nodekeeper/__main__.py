@@ -1,0 +1,5 @@
+import sys
+
+from nodekeeper.cli import main
+
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""Command line: argument parsing only; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nodekeeper import __version__, config
+from nodekeeper.errors import SettingsError, StartupError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nodekeeper",
+        description="CRI image service in front of containerd: fresh images when the "
+        "registry answers, the node's copy within a bounded time when it does not.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    _config_flag(serve)
+    serve.add_argument("--listen", help="unix socket to serve the kubelet on")
+    serve.add_argument("--containerd", help="containerd's socket")
+    serve.add_argument("--state-dir", help="where nodekeeper keeps its state")
+    serve.add_argument("--policy", dest="policy_file", help="the policy file")
+    serve.add_argument("--metrics-address", help="host:port for /metrics; empty disables")
+    serve.add_argument("--log-level", choices=config.LOG_LEVELS)
+    serve.add_argument("--log-format", choices=config.LOG_FORMATS)
+
+    check = commands.add_parser("check-config", help="validate the config file and exit")
+    _config_flag(check)
+
+    commands.add_parser("version", help="print the version")
+    return parser
+
+
+def _config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", help=f"config file (default {config.DEFAULT_PATH}, used when present)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"nodekeeper {__version__}")
+        return 0
+    try:
+        if args.command == "check-config":
+            loaded = config.load(args.config)
+            print(f"{loaded.source or 'defaults'}: OK")
+            return 0
+        overrides = config.Overrides(
+            listen=args.listen, containerd=args.containerd, state_dir=args.state_dir,
+            policy_file=args.policy_file, metrics_address=args.metrics_address,
+            log_level=args.log_level, log_format=args.log_format,
+        )
+        settings = config.load(args.config, overrides)
+        from nodekeeper import daemon  # grpc and friends load only for serve
+
+        return daemon.serve(settings, overrides)
+    except (SettingsError, StartupError) as exc:
+        print(f"nodekeeper: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,174 @@
+"""The daemon's settings: read once from config.yaml, validated, then plain typed values.
+
+Command-line flags override the file. Nothing here is re-parsed per request: durations
+are seconds, addresses are socket paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from nodekeeper.errors import SettingsError
+from nodekeeper.settings import Document, Section
+
+DEFAULT_PATH = "/etc/nodekeeper/config.yaml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+
+
+@dataclass(frozen=True)
+class ContainerdConfig:
+    address: str = "/run/containerd/containerd.sock"
+    namespace: str = "k8s.io"
+    hosts_dir: str = "/etc/containerd/certs.d"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = "/run/nodekeeper/cri.sock"
+    containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
+    state_dir: str = "/var/lib/nodekeeper"
+    policy_file: str = "/etc/nodekeeper/policy.yaml"
+    metrics_address: str = ""
+    log: LogConfig = field(default_factory=LogConfig)
+    shutdown_grace: float = 10.0
+    # Where the settings came from, for messages; empty when no file was read.
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Values given on the command line; None means 'take the file's value'."""
+
+    listen: str | None = None
+    containerd: str | None = None
+    state_dir: str | None = None
+    policy_file: str | None = None
+    metrics_address: str | None = None
+    log_level: str | None = None
+    log_format: str | None = None
+
+
+def socket_path(address: str) -> str:
+    """Accept 'unix:///run/x.sock', 'unix:/run/x.sock' or '/run/x.sock'; return the path."""
+    path = address
+    if path.startswith("unix://"):
+        path = path[len("unix://"):]
+    elif path.startswith("unix:"):
+        path = path[len("unix:"):]
+    if not path.startswith("/"):
+        raise ValueError(f"expected an absolute unix socket path, got {address!r}")
+    return os.path.normpath(path)
+
+
+def load(path: str | None = None, overrides: Overrides | None = None) -> Config:
+    """Read and validate the config file, then apply command-line overrides.
+
+    With path None the default file is read when it exists; a path given explicitly
+    must exist.
+    """
+    if path is None and not os.path.exists(DEFAULT_PATH):
+        config = Config()
+    else:
+        config = parse(Document.read(path or DEFAULT_PATH))
+    return _apply(config, overrides or Overrides())
+
+
+def parse(doc: Document) -> Config:
+    root = doc.root()
+    defaults = Config()
+    ctd = root.section("containerd")
+    containerd = ContainerdConfig(
+        address=_socket(ctd, "address", defaults.containerd.address),
+        namespace=_nonempty(ctd, "namespace", defaults.containerd.namespace),
+        hosts_dir=_absolute(ctd, "hosts_dir", defaults.containerd.hosts_dir),
+    )
+    ctd.finish()
+    log_section = root.section("log")
+    log = LogConfig(
+        level=log_section.choice("level", LOG_LEVELS, defaults.log.level),
+        format=log_section.choice("format", LOG_FORMATS, defaults.log.format),
+    )
+    log_section.finish()
+    config = Config(
+        listen=_socket(root, "listen", defaults.listen),
+        containerd=containerd,
+        state_dir=_absolute(root, "state_dir", defaults.state_dir),
+        policy_file=_absolute(root, "policy_file", defaults.policy_file),
+        metrics_address=_host_port(root, "metrics_address", defaults.metrics_address),
+        log=log,
+        shutdown_grace=root.duration("shutdown_grace", defaults.shutdown_grace),
+        source=doc.path,
+    )
+    root.finish()
+    return config
+
+
+def _apply(config: Config, flags: Overrides) -> Config:
+    try:
+        listen = socket_path(flags.listen) if flags.listen is not None else config.listen
+        address = (socket_path(flags.containerd) if flags.containerd is not None
+                   else config.containerd.address)
+        if flags.metrics_address:
+            split_host_port(flags.metrics_address)
+    except ValueError as exc:
+        raise SettingsError(f"command line: {exc}") from None
+    return dataclasses.replace(
+        config,
+        listen=listen,
+        containerd=dataclasses.replace(config.containerd, address=address),
+        state_dir=flags.state_dir or config.state_dir,
+        policy_file=flags.policy_file or config.policy_file,
+        metrics_address=(config.metrics_address if flags.metrics_address is None
+                         else flags.metrics_address),
+        log=LogConfig(level=flags.log_level or config.log.level,
+                      format=flags.log_format or config.log.format),
+    )
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """'127.0.0.1:9745' or '[::1]:9745' -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port such as 127.0.0.1:9745, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _socket(section: Section, name: str, default: str) -> str:
+    value = section.string(name, default)
+    try:
+        return socket_path(value)
+    except ValueError as exc:
+        raise section.error(name, str(exc)) from None
+
+
+def _absolute(section: Section, name: str, default: str) -> str:
+    value = section.string(name, default)
+    if not value.startswith("/"):
+        raise section.error(name, f"expected an absolute path, got {value!r}")
+    return value
+
+
+def _nonempty(section: Section, name: str, default: str) -> str:
+    value = section.string(name, default)
+    if not value:
+        raise section.error(name, "must not be empty")
+    return value
+
+
+def _host_port(section: Section, name: str, default: str) -> str:
+    value = section.string(name, default)
+    if value:
+        try:
+            split_host_port(value)
+        except ValueError as exc:
+            raise section.error(name, str(exc)) from None
+    return value

@@ -1,0 +1,105 @@
+"""The only code that talks to containerd: its CRI image service and native images API.
+
+One gRPC channel to containerd's socket, shared by every call. The channel reconnects by
+itself with a short back-off, so containerd may start after nodekeeper, or restart under
+it, and the next call after it is back succeeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import grpc.aio
+
+from nodekeeper import logs
+from nodekeeper.errors import ContainerdError, ContainerdUnavailable
+
+# The kubelet's own limit; a ListImages answer for a very full node can be large.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+CRI_SERVICE = "runtime.v1.ImageService"
+IMAGES_SERVICE = "containerd.services.images.v1.Images"
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # containerd restarting should cost the kubelet about a second, not gRPC's default
+    # back-off of up to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+_log = logs.get("containerd")
+
+
+class Containerd:
+    """A connection to one containerd. Create it inside the running event loop."""
+
+    def __init__(self, address: str, namespace: str = "k8s.io") -> None:
+        self.address = address
+        self.namespace = namespace
+        self._channel = grpc.aio.insecure_channel(f"unix://{address}", options=CHANNEL_OPTIONS)
+        self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
+
+    def _method(self, path: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+        method = self._methods.get(path)
+        if method is None:
+            # No serializers: requests and answers travel as the bytes they arrived as,
+            # so fields nodekeeper does not know still reach containerd unchanged.
+            method = self._channel.unary_unary(path)
+            self._methods[path] = method
+        return method
+
+    async def call(
+        self,
+        path: str,
+        request: bytes,
+        timeout: float | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> bytes:
+        """Send raw request bytes to `path`; return the raw answer or raise ContainerdError."""
+        try:
+            return await self._method(path)(request, timeout=timeout, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: grpc.aio.AioRpcError) -> ContainerdError:
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ContainerdUnavailable(self.address, details)
+        return ContainerdError(code, details)
+
+    async def cri(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
+        return await self.call(f"/{CRI_SERVICE}/{method}", request, timeout)
+
+    async def images(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
+        """Call the native images API in our namespace (where the CRI plugin keeps images)."""
+        metadata = (("containerd-namespace", self.namespace),)
+        return await self.call(f"/{IMAGES_SERVICE}/{method}", request, timeout, metadata)
+
+    async def watch(self, on_change: Callable[[bool], None]) -> None:
+        """Log, once per episode, when containerd becomes reachable or stops being so.
+
+        Runs until cancelled. The channel only tries to connect when asked, so this asks
+        once per state change, never in a loop of its own.
+        """
+        reachable: bool | None = None
+        state = self._channel.get_state(try_to_connect=True)
+        while True:
+            now = {grpc.ChannelConnectivity.READY: True,
+                   grpc.ChannelConnectivity.TRANSIENT_FAILURE: False}.get(state, reachable)
+            if now is not None and now != reachable:
+                if now:
+                    _log.info("containerd reachable", address=self.address)
+                else:
+                    _log.warning("containerd unreachable; calls fail with UNAVAILABLE until "
+                                 "it is back", address=self.address)
+                reachable = now
+                on_change(now)
+            await self._channel.wait_for_state_change(state)
+            state = self._channel.get_state(try_to_connect=True)
+
+    async def close(self) -> None:
+        await self._channel.close()
+

@@ -1,0 +1,176 @@
+"""The kubelet's side: runtime.v1.ImageService served over gRPC.
+
+Requests arrive as raw bytes and, unless nodekeeper decides on them, leave for containerd
+as the same bytes: fields nodekeeper does not know pass through untouched, and nothing is
+re-serialized on the hot path. Each RPC is parsed only to validate it and to name the
+image in its log line.
+
+`_instrument` wraps every RPC: one canonical log line, metrics, and the single mapping
+from nodekeeper's errors to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError, Message
+
+from nodekeeper import logs, metrics
+from nodekeeper._proto import cri_image_pb2 as cri
+from nodekeeper.containerd import CRI_SERVICE, Containerd
+from nodekeeper.errors import ContainerdError, NodekeeperError, RequestError
+
+# No valid reference comes near this (a name is at most 255 characters, a tag 128, a
+# digest about 135); anything longer is refused before it costs containerd a lookup.
+MAX_REFERENCE_BYTES = 4096
+
+# Calls the kubelet makes constantly are logged at debug; calls that change the node at info.
+_QUIET_RPCS = frozenset({"ImageStatus", "ListImages", "ImageFsInfo"})
+
+Fields = dict[str, Any]
+Handler = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes], Fields], Awaitable[bytes]]
+
+_log = logs.get("cri")
+
+
+def _parse(message: type[Message], data: bytes) -> Any:
+    try:
+        return message.FromString(data)
+    except DecodeError as exc:
+        raise RequestError(f"malformed {message.DESCRIPTOR.name}: {exc}") from None
+
+
+def _image_of(request: Any, fields: Fields) -> str:
+    """The image reference a request names, checked for presence and size."""
+    kind = type(request).DESCRIPTOR.name
+    if not request.HasField("image"):
+        raise RequestError(f"{kind} has no image (ImageSpec)")
+    image: str = request.image.image
+    if not image:
+        raise RequestError(f"{kind}: image is empty")
+    if len(image) > MAX_REFERENCE_BYTES:
+        raise RequestError(
+            f"{kind}: image reference is {len(image)} bytes long; "
+            f"references are at most {MAX_REFERENCE_BYTES}"
+        )
+    fields["image"] = image
+    return image
+
+
+class ImageService:
+    """Serves the kubelet. PullImage decisions come in later; today everything forwards."""
+
+    def __init__(self, containerd: Containerd) -> None:
+        self._containerd = containerd
+        self.inflight = 0
+        self.cancelled = 0
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        rpcs: dict[str, Handler] = {
+            "ListImages": self._list_images,
+            "ImageStatus": self._image_status,
+            "PullImage": self._pull_image,
+            "RemoveImage": self._remove_image,
+            "ImageFsInfo": self._image_fs_info,
+        }
+        return grpc.method_handlers_generic_handler(
+            CRI_SERVICE,
+            {name: grpc.unary_unary_rpc_method_handler(self._instrument(name, fn))
+             for name, fn in rpcs.items()},
+        )
+
+    async def _forward(self, rpc: str, request: bytes,
+                       context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return await self._containerd.cri(rpc, request, timeout=context.time_remaining())
+
+    async def _list_images(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes],
+                           fields: Fields) -> bytes:
+        parsed = _parse(cri.ListImagesRequest, request)
+        if parsed.filter.image.image:
+            fields["image"] = parsed.filter.image.image
+        return await self._forward("ListImages", request, context)
+
+    async def _image_status(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes],
+                            fields: Fields) -> bytes:
+        _image_of(_parse(cri.ImageStatusRequest, request), fields)
+        return await self._forward("ImageStatus", request, context)
+
+    async def _pull_image(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes],
+                          fields: Fields) -> bytes:
+        _image_of(_parse(cri.PullImageRequest, request), fields)
+        answer = await self._forward("PullImage", request, context)
+        fields["image_ref"] = cri.PullImageResponse.FromString(answer).image_ref
+        return answer
+
+    async def _remove_image(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes],
+                            fields: Fields) -> bytes:
+        _image_of(_parse(cri.RemoveImageRequest, request), fields)
+        return await self._forward("RemoveImage", request, context)
+
+    async def _image_fs_info(self, request: bytes,
+                             context: grpc.aio.ServicerContext[bytes, bytes],
+                             fields: Fields) -> bytes:
+        _parse(cri.ImageFsInfoRequest, request)
+        return await self._forward("ImageFsInfo", request, context)
+
+    def _instrument(
+        self, rpc: str, handler: Handler
+    ) -> Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]:
+        quiet = rpc in _QUIET_RPCS
+
+        async def instrumented(request: bytes,
+                               context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            started = time.perf_counter()
+            fields: Fields = {}
+            self.inflight += 1
+            code = grpc.StatusCode.OK
+            try:
+                answer = await handler(request, context, fields)
+            except NodekeeperError as exc:
+                code, message = _status(exc)
+                fields["error"] = message
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                self.cancelled += 1
+                raise
+            except Exception as exc:  # a bug: answer INTERNAL, keep serving
+                _log.exception("unexpected error", rpc=rpc)
+                code, message = grpc.StatusCode.INTERNAL, f"nodekeeper internal error: {exc!r}"
+                fields["error"] = message
+            else:
+                return answer
+            finally:
+                self.inflight -= 1
+                seconds = time.perf_counter() - started
+                metrics.RPCS.labels(rpc, code.name).inc()
+                metrics.RPC_SECONDS.labels(rpc).observe(seconds)
+                _canonical_line(rpc, code, seconds, fields, quiet)
+            await context.abort(code, message)
+
+        return instrumented
+
+
+def _status(exc: NodekeeperError) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, ContainerdError):
+        return exc.code, exc.message
+    return grpc.StatusCode.INTERNAL, str(exc)
+
+
+def _canonical_line(rpc: str, code: grpc.StatusCode, seconds: float, fields: Fields,
+                    quiet: bool) -> None:
+    outcome = {grpc.StatusCode.OK: "ok", grpc.StatusCode.CANCELLED: "cancelled"}.get(code, "error")
+    if outcome == "error":
+        emit = _log.warning
+    elif quiet:
+        emit = _log.debug
+    else:
+        emit = _log.info
+    emit("rpc", rpc=rpc, outcome=outcome, code=code.name,
+         duration_ms=round(seconds * 1000, 3), **fields)

@@ -1,0 +1,147 @@
+"""nodekeeper serve: wiring and lifecycle, in the order things start.
+
+    kubelet ──CRI──> [listener socket] ── cri.ImageService ──> containerd (CRI + images API)
+
+Signals: SIGTERM/SIGINT stop gracefully (stop accepting, let in-flight RPCs finish within
+shutdown_grace, cancel the rest); a second one stops at once. SIGHUP reloads what can
+change without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+
+from nodekeeper import config as configuration
+from nodekeeper import listener, logs, metrics
+from nodekeeper.containerd import CHANNEL_OPTIONS, Containerd
+from nodekeeper.cri import ImageService
+from nodekeeper.errors import SettingsError
+from nodekeeper.systemd import Notifier
+
+_log = logs.get("daemon")
+
+# Settings bound at start (sockets, directories, ports); a reload leaves them as they are.
+_RESTART_ONLY = ("listen", "containerd", "metrics_address", "state_dir")
+
+
+@dataclass
+class _Signals:
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    now: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_stop(self) -> None:
+        if self.stop.is_set():
+            self.now.set()
+        self.stop.set()
+
+
+class Daemon:
+    def __init__(self, config: configuration.Config, overrides: configuration.Overrides) -> None:
+        self.config = config
+        self._overrides = overrides
+        self._notifier = Notifier()
+        self._containerd_up = False
+
+    async def run(self) -> int:
+        config = self.config
+        loop = asyncio.get_running_loop()
+
+        # containerd: one channel for every call, reconnecting by itself.
+        containerd = Containerd(config.containerd.address, config.containerd.namespace)
+
+        # The CRI image service the kubelet talks to, on our unix socket.
+        service = ImageService(containerd)
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        server.add_generic_rpc_handlers((service.handler(),))
+        listener.prepare(config.listen)
+        server.add_insecure_port(f"unix://{config.listen}")
+        await server.start()
+        inode = listener.secure(config.listen)
+
+        # Metrics, when an address is configured.
+        if config.metrics_address:
+            metrics.serve(config.metrics_address)
+
+        # Signals.
+        signals = _Signals()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(number, signals.on_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+        # Background tasks: the systemd watchdog and containerd's reachability.
+        background = [
+            asyncio.create_task(self._notifier.watchdog(), name="watchdog"),
+            asyncio.create_task(containerd.watch(self._on_containerd), name="containerd-watch"),
+        ]
+        self._notifier.ready(self._status())
+        _log.info("serving", listen=config.listen, containerd=config.containerd.address,
+                  config=config.source or "(defaults)", metrics=config.metrics_address or "off")
+
+        await signals.stop.wait()
+        await self._shutdown(server, service, signals)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await containerd.close()
+        listener.remove(config.listen, inode)
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(number)
+        _log.info("stopped")
+        return 0
+
+    async def _shutdown(self, server: grpc.aio.Server, service: ImageService,
+                        signals: _Signals) -> None:
+        grace = self.config.shutdown_grace
+        self._notifier.stopping(f"Stopping, {service.inflight} RPCs in flight")
+        _log.info("stopping", inflight=service.inflight, grace_s=grace)
+        cancelled_before = service.cancelled
+        graceful = asyncio.create_task(server.stop(grace))
+        second_signal = asyncio.create_task(signals.now.wait())
+        await asyncio.wait({graceful, second_signal}, return_when=asyncio.FIRST_COMPLETED)
+        if not graceful.done():
+            _log.warning("second signal: stopping now", inflight=service.inflight)
+            await server.stop(0)
+            await graceful
+        second_signal.cancel()
+        cancelled = service.cancelled - cancelled_before
+        if cancelled:
+            _log.warning("cancelled RPCs still running at shutdown", cancelled=cancelled)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file and apply what can change while running."""
+        self._notifier.reloading()
+        try:
+            fresh = configuration.load(self.config.source or None, self._overrides)
+        except SettingsError as exc:
+            _log.error("reload failed; keeping the running settings", error=str(exc))
+            self._notifier.reloaded(self._status())
+            return
+        logs.setup(fresh.log.level, fresh.log.format)
+        fixed = {name: getattr(self.config, name) for name in _RESTART_ONLY}
+        changed = sorted(name for name, value in fixed.items() if getattr(fresh, name) != value)
+        if changed:
+            _log.warning("changed settings take effect only after a restart", settings=changed)
+        self.config = dataclasses.replace(fresh, **fixed)
+        _log.info("reloaded", log_level=fresh.log.level)
+        self._notifier.reloaded(self._status())
+
+    def _on_containerd(self, reachable: bool) -> None:
+        self._containerd_up = reachable
+        metrics.CONTAINERD_UP.set(1 if reachable else 0)
+        self._notifier.status(self._status())
+
+    def _status(self) -> str:
+        state = "reachable" if self._containerd_up else "not reachable"
+        return (f"Serving on {self.config.listen}; containerd at "
+                f"{self.config.containerd.address} {state}")
+
+
+def serve(config: configuration.Config, overrides: configuration.Overrides) -> int:
+    logs.setup(config.log.level, config.log.format)
+    return asyncio.run(Daemon(config, overrides).run())

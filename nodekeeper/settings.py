@@ -1,0 +1,205 @@
+"""Typed reading of YAML settings files, with errors that point at the line.
+
+Config and policy files are both read through `Section`: each value is fetched with the
+type it must have, and `Section.finish()` refuses keys nobody asked for. Every error
+names the file, the line and the dotted key, and says what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nodekeeper.errors import SettingsError
+
+Key = tuple[str | int, ...]
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '15m', '1h', '1d', '500ms' (or a plain number of seconds) -> seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError(f"expected a duration such as 500ms, 30s, 15m, 1h or 1d, got {text!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def format_key(key: Key) -> str:
+    out = ""
+    for part in key:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "(top level)"
+
+
+class Document:
+    """One parsed YAML file: its plain value and the line of every key in it."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self._lines: dict[Key, int] = {}
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            self.value: Any = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else path
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise SettingsError(f"{where}: not valid YAML: {problem}") from None
+        if node is not None:
+            self._index(node, ())
+
+    @classmethod
+    def read(cls, path: str | Path) -> Document:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"{path}: cannot read: {exc}") from None
+        return cls(str(path), text)
+
+    def _index(self, node: yaml.Node, key: Key) -> None:
+        self._lines[key] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in node.value:
+                name = str(key_node.value)
+                if name in seen:
+                    line = key_node.start_mark.line + 1
+                    raise SettingsError(
+                        f"{self.path}:{line}: {format_key((*key, name))}: key given twice"
+                    )
+                seen.add(name)
+                self._index(value_node, (*key, name))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._index(item, (*key, index))
+
+    def error(self, key: Key, message: str) -> SettingsError:
+        """An error about `key`, located at its line (or its nearest parent's)."""
+        probe = key
+        while probe and probe not in self._lines:
+            probe = probe[:-1]
+        line = self._lines.get(probe)
+        where = f"{self.path}:{line}" if line else self.path
+        return SettingsError(f"{where}: {format_key(key)}: {message}")
+
+    def root(self) -> Section:
+        if self.value is None:
+            return Section(self, (), {})
+        if not isinstance(self.value, dict):
+            raise self.error((), f"expected a mapping of settings, got {_kind(self.value)}")
+        return Section(self, (), self.value)
+
+
+class Section:
+    """A mapping inside a Document, read one typed key at a time."""
+
+    def __init__(self, doc: Document, key: Key, values: dict[Any, Any]) -> None:
+        self.doc = doc
+        self.key = key
+        self._values = values
+        self._read: set[str] = set()
+
+    def error(self, name: str | int, message: str) -> SettingsError:
+        return self.doc.error((*self.key, name), message)
+
+    def has(self, name: str) -> bool:
+        return name in self._values
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        self._read.add(name)
+        return self._values.get(name, default)
+
+    def string(self, name: str, default: str) -> str:
+        value = self.raw(name, default)
+        if not isinstance(value, str):
+            raise self.error(name, f"expected a string, got {_kind(value)}")
+        return value
+
+    def choice(self, name: str, options: Sequence[str], default: str) -> str:
+        value = self.string(name, default)
+        if value not in options:
+            raise self.error(name, f"expected one of {', '.join(options)}, got {value!r}")
+        return value
+
+    def duration(self, name: str, default: float) -> float:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise self.error(name, f"expected a duration such as 30s, got {_kind(value)}")
+        if isinstance(value, str):
+            try:
+                return parse_duration(value)
+            except ValueError as exc:
+                raise self.error(name, str(exc)) from None
+        if value < 0:
+            raise self.error(name, f"expected a duration of 0 or more, got {value}")
+        return float(value)
+
+    def integer(self, name: str, default: int, minimum: int = 0) -> int:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"expected a whole number, got {_kind(value)}")
+        if value < minimum:
+            raise self.error(name, f"expected at least {minimum}, got {value}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def strings(self, name: str, default: Sequence[str] = ()) -> list[str]:
+        value = self.raw(name, list(default))
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise self.error(name, f"expected a list of strings, got {_kind(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.doc.error(
+                    (*self.key, name, index), f"expected a string, got {_kind(item)}"
+                )
+        return value
+
+    def section(self, name: str) -> Section:
+        value = self.raw(name, {})
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.error(name, f"expected a mapping, got {_kind(value)}")
+        return Section(self.doc, (*self.key, name), value)
+
+    def sections(self, name: str) -> Iterator[Section]:
+        """Each mapping in the list under `name`."""
+        value = self.raw(name, [])
+        if value is None:
+            value = []
+        if not isinstance(value, list):
+            raise self.error(name, f"expected a list, got {_kind(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise self.doc.error(
+                    (*self.key, name, index), f"expected a mapping, got {_kind(item)}"
+                )
+            yield Section(self.doc, (*self.key, name, index), item)
+
+    def finish(self) -> None:
+        """Refuse keys that no reader asked for: they are typos or unsupported settings."""
+        for name in self._values:
+            if name not in self._read:
+                known = ", ".join(sorted(self._read)) or "none"
+                raise self.error(str(name), f"unknown key (known keys here: {known})")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "a mapping"}
+    return f"{names.get(type(value), type(value).__name__)} ({value!r})"[:120]
