@@ -62,7 +62,7 @@ class Daemon:
         listener.prepare(config.listen)
         server.add_insecure_port(f"unix://{config.listen}")
         await server.start()
-        inode = listener.secure(config.listen)
+        identity = listener.secure(config.listen)
 
         # Metrics, when an address is configured.
         if config.metrics_address:
@@ -89,7 +89,7 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await containerd.close()
-        listener.remove(config.listen, inode)
+        listener.remove(config.listen, identity)
         for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(number)
         _log.info("stopped")

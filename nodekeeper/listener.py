@@ -45,16 +45,25 @@ def prepare(path: str) -> None:
     )
 
 
-def secure(path: str) -> int:
-    """Restrict the bound socket to its owner and group; return its inode for `remove`."""
+Identity = tuple[int, int, int]
+
+
+def _identity(path: str) -> Identity:
+    # Inode numbers are reused at once on tmpfs; the change time tells two sockets apart.
+    info = os.stat(path)
+    return info.st_dev, info.st_ino, info.st_ctime_ns
+
+
+def secure(path: str) -> Identity:
+    """Restrict the bound socket to its owner and group; return its identity for `remove`."""
     os.chmod(path, SOCKET_MODE)
-    return os.stat(path).st_ino
+    return _identity(path)
 
 
-def remove(path: str, inode: int) -> None:
+def remove(path: str, identity: Identity) -> None:
     """Remove our socket, but not one that a newer process has bound in the meantime."""
     try:
-        if os.stat(path).st_ino == inode:
+        if _identity(path) == identity:
             os.unlink(path)
     except FileNotFoundError:
         pass

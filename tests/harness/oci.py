@@ -221,10 +221,10 @@ def _push_blob(client: httpx.Client, repo: str, digest: str, data: bytes) -> Non
         return
     start = client.post(f"/v2/{repo}/blobs/uploads/")
     _check(start, 202)
-    location = urljoin(str(start.url), start.headers["Location"])
+    location = httpx.URL(urljoin(str(start.url), start.headers["Location"]))
+    # The upload URL carries its own query (_state=...): add to it, don't replace it.
     put = client.put(
-        location,
-        params={"digest": digest},
+        location.copy_merge_params({"digest": digest}),
         content=data,
         headers={"Content-Type": "application/octet-stream"},
     )
@@ -238,7 +238,8 @@ def _push_manifest(
         f"/v2/{repo}/manifests/{reference}", content=body, headers={"Content-Type": media_type}
     )
     _check(resp, 201)
-    return resp.headers.get("Docker-Content-Digest", sha256_digest(body))
+    digest: str = resp.headers.get("Docker-Content-Digest", sha256_digest(body))
+    return digest
 
 
 def _push_image(client: httpx.Client, repo: str, reference: str, image: Image) -> str:

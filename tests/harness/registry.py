@@ -30,7 +30,7 @@ _PROBE_USER_AGENT = f"{HARNESS_USER_AGENT}-probe"
 # for every request including 401 challenges, next to its JSON (logrus) lines on stderr:
 #   127.0.0.1 - - [25/Nov/2026:19:22:24 +0000] "HEAD /v2/ HTTP/1.1" 200 2 "" "curl/7.88.1"
 _ACCESS_LINE = re.compile(
-    r"^(?P<remote>\S+) \S+ (?P<user>\S+) \[(?P<time>[^\]]+)\] "
+    r"^(?P<remote>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "
     r'"(?P<method>[A-Z]+) (?P<uri>\S+) (?P<proto>[^"]+)" '
     r'(?P<status>\d{3}) (?P<size>\d+|-) "(?P<referer>[^"]*)" "(?P<agent>[^"]*)"$'
 )
@@ -47,7 +47,6 @@ class RegistryRequest:
     method: str
     uri: str
     status: int
-    user: str
     user_agent: str
 
     @property
@@ -307,11 +306,14 @@ class Registry:
         method: str | None = None,
         path_contains: str | None = None,
         *,
+        status: int | None = None,
         include_harness: bool = False,
     ) -> list[RegistryRequest]:
         """Requests from the access log (since ``clear_requests()``), oldest first.
 
         The harness's own traffic (probes, pushes) is left out unless ``include_harness``.
+        Note that with htpasswd auth every challenged request appears twice (401, then the
+        retry): filter on ``status`` to count logical requests.
         The line is written as the response completes; a caller that just got its answer
         may poll briefly (see ``wait_for_requests``).
         """
@@ -330,7 +332,6 @@ class Registry:
                 method=m["method"],
                 uri=m["uri"],
                 status=int(m["status"]),
-                user=m["user"],
                 user_agent=m["agent"],
             )
             if not include_harness and req.user_agent.startswith(HARNESS_USER_AGENT):
@@ -338,6 +339,8 @@ class Registry:
             if method is not None and req.method != method.upper():
                 continue
             if path_contains is not None and path_contains not in req.path:
+                continue
+            if status is not None and req.status != status:
                 continue
             found.append(req)
         return found
@@ -348,12 +351,13 @@ class Registry:
         method: str | None = None,
         path_contains: str | None = None,
         *,
+        status: int | None = None,
         timeout: float = 5.0,
     ) -> list[RegistryRequest]:
         """Poll until at least ``count`` matching requests are logged; return them all."""
         deadline = time.monotonic() + timeout
         while True:
-            found = self.requests(method, path_contains)
+            found = self.requests(method, path_contains, status=status)
             if len(found) >= count or time.monotonic() > deadline:
                 return found
             time.sleep(0.02)

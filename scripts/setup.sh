@@ -1,0 +1,37 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: installs what nodekeeper's demo and tests
+# need on Debian 12 (apt packages, then a virtualenv pinned by constraints.txt).
+# Idempotent: a second run installs nothing new.
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "This needs root (it installs Debian packages and starts containerd): run it with sudo." >&2
+  exit 1
+fi
+
+APT_PACKAGES=(containerd docker-registry skopeo python3-venv ca-certificates)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "Installing Debian packages: ${missing[*]}"
+  # The demo and tests start their own containerd and registries on loopback; keep the
+  # packages' system services from starting during the install.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && own_policy=1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  [ "$own_policy" -eq 1 ] && rm -f "$policy"
+fi
+
+VENV=.venv
+stamp="$VENV/.nodekeeper-deps"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "Setting up $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,113 @@
+"""Config loading: every bad value is refused with file, line, key and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nodekeeper import config
+from nodekeeper.errors import SettingsError
+from nodekeeper.settings import Document, parse_duration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_text(tmp_path: Path, text: str) -> config.Config:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return config.load(str(path))
+
+
+def test_shipped_example_is_valid_and_matches_defaults(tmp_path: Path) -> None:
+    loaded = config.load(str(REPO / "etc" / "config.yaml"))
+    defaults = config.Config()
+    for name in ("listen", "containerd", "state_dir", "policy_file", "metrics_address",
+                 "log", "shutdown_grace"):
+        assert getattr(loaded, name) == getattr(defaults, name), name
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_text(tmp_path, "").containerd.namespace == "k8s.io"
+
+
+def test_values_are_typed(tmp_path: Path) -> None:
+    loaded = load_text(tmp_path, """
+listen: unix:///tmp/x/cri.sock
+containerd: {address: "unix:///tmp/ctd.sock", namespace: other}
+metrics_address: "127.0.0.1:9745"
+shutdown_grace: 1500ms
+log: {level: debug, format: console}
+""")
+    assert loaded.listen == "/tmp/x/cri.sock"
+    assert loaded.containerd.address == "/tmp/ctd.sock"
+    assert loaded.containerd.namespace == "other"
+    assert loaded.shutdown_grace == pytest.approx(1.5)
+    assert loaded.log == config.LogConfig("debug", "console")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("listen: relative.sock\n", ":1: listen: expected an absolute unix socket path"),
+        ("nonsense: 1\n", ":1: nonsense: unknown key"),
+        ("containerd:\n  adress: /x\n", ":2: containerd.adress: unknown key"),
+        ("log:\n  level: loud\n", ":2: log.level: expected one of debug, info"),
+        ("shutdown_grace: soon\n", ":1: shutdown_grace: expected a duration"),
+        ("shutdown_grace: [1]\n", ":1: shutdown_grace: expected a duration"),
+        ("containerd: 3\n", ":1: containerd: expected a mapping"),
+        ("metrics_address: 9745\n", ":1: metrics_address: expected a string"),
+        ("metrics_address: nowhere\n", ":1: metrics_address: expected host:port"),
+        ("state_dir: var/lib\n", ":1: state_dir: expected an absolute path"),
+        ("- a\n- b\n", ":1: (top level): expected a mapping of settings"),
+        ("listen: [\n", "not valid YAML"),
+        ("log: {}\nlog: {}\n", ":2: log: key given twice"),
+    ],
+)
+def test_bad_values_name_file_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_text(tmp_path, text)
+    assert str(tmp_path / "config.yaml") in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="cannot read"):
+        config.load(str(tmp_path / "absent.yaml"))
+
+
+def test_flags_override_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("listen: /a.sock\nlog: {level: error}\nmetrics_address: '127.0.0.1:1'\n")
+    flags = config.Overrides(listen="unix:///b.sock", containerd="/c.sock", log_level="debug",
+                             metrics_address="")
+    loaded = config.load(str(path), flags)
+    assert loaded.listen == "/b.sock"
+    assert loaded.containerd.address == "/c.sock"
+    assert loaded.log.level == "debug"
+    assert loaded.metrics_address == ""
+
+
+def test_bad_flag_is_an_error() -> None:
+    with pytest.raises(SettingsError, match="command line"):
+        config.load(None, config.Overrides(listen="relative"))
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("30s", 30), ("15m", 900), ("1h", 3600), ("1d", 86400), ("1.5s", 1.5)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "1", "s", "1w", "-1s", "1 s5"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="expected a duration"):
+        parse_duration(text)
+
+
+def test_error_on_list_item_points_at_its_line() -> None:
+    doc = Document("p.yaml", "rules:\n  - a: 1\n  - b: 2\n")
+    section = list(doc.root().sections("rules"))[1]
+    assert str(section.error("b", "bad")) == "p.yaml:3: rules[1].b: bad"
