@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
@@ -15,6 +13,7 @@ import pytest
 
 from nodekeeper._proto import containerd_images_pb2 as ctdimg
 from nodekeeper._proto import cri_image_pb2 as cri
+from tests.conftest import MakeRegistry
 from tests.harness import (
     Containerd,
     ContainerdError,
@@ -34,51 +33,6 @@ from tests.harness import (
 )
 
 pytestmark = pytest.mark.integration
-
-MakeRegistry = Callable[..., Registry]
-
-
-# -- fixtures (to move to tests/conftest.py) ------------------------------------------------
-
-
-@pytest.fixture
-def make_registry(tmp_path: Path) -> Iterator[MakeRegistry]:
-    """Start registries on demand; every one is stopped at teardown."""
-    started: list[Registry] = []
-
-    def make(**kwargs: Any) -> Registry:
-        reg = Registry(tmp_path / f"registry{len(started)}", **kwargs)
-        started.append(reg)  # before start(): a half-started one is stopped too
-        reg.start()
-        return reg
-
-    try:
-        yield make
-    finally:
-        for reg in started:
-            reg.close()
-
-
-@pytest.fixture
-def registry(make_registry: MakeRegistry) -> Registry:
-    return make_registry()
-
-
-@pytest.fixture
-def containerd(tmp_path: Path) -> Iterator[Containerd]:
-    ctd = Containerd(tmp_path / "containerd")
-    try:
-        ctd.start()
-        yield ctd
-    finally:
-        ctd.close()
-
-
-@pytest.fixture
-def cri_client(containerd: Containerd) -> Iterator[CriClient]:
-    with CriClient(containerd.address) as client:
-        yield client
-
 
 def _pid_gone(pid: int) -> bool:
     try:

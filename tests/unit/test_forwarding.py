@@ -1,0 +1,199 @@
+"""Forwarding, checked byte for byte against a recording stand-in for containerd.
+
+The integration tier compares nodekeeper with a real containerd; here a fake upstream
+lets us see exactly what arrives on containerd's side: the bytes, the deadline, a
+cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from nodekeeper._proto import cri_image_pb2 as cri
+from nodekeeper.containerd import CHANNEL_OPTIONS, Containerd
+from nodekeeper.cri import ImageService
+
+
+@dataclass
+class Upstream:
+    """Records each call; answers with `answer`, or fails with `fail`, after `delay`."""
+
+    received: list[tuple[str, bytes, float | None]] = field(default_factory=list)
+    answer: bytes = b""
+    fail: tuple[grpc.StatusCode, str] | None = None
+    delay: float = 0.0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        upstream = self
+
+        class Generic(grpc.GenericRpcHandler):
+            def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+                method = details.method  # type: ignore[attr-defined]
+
+                async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+                                 ) -> bytes:
+                    upstream.received.append((method, request, context.time_remaining()))
+                    upstream.arrived.set()
+                    try:
+                        await asyncio.sleep(upstream.delay)
+                    except asyncio.CancelledError:
+                        upstream.cancelled.set()
+                        raise
+                    if upstream.fail:
+                        await context.abort(*upstream.fail)
+                    return upstream.answer
+
+                return grpc.unary_unary_rpc_method_handler(handle)
+
+        return Generic()
+
+
+@dataclass
+class Pair:
+    upstream: Upstream
+    channel: grpc.aio.Channel
+    service: ImageService
+
+    def method(self, name: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+        return self.channel.unary_unary(f"/runtime.v1.ImageService/{name}")
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    upstream = Upstream()
+    fake = grpc.aio.server()
+    fake.add_generic_rpc_handlers((upstream.handler(),))
+    fake.add_insecure_port(f"unix://{tmp_path}/containerd.sock")
+    await fake.start()
+    containerd = Containerd(f"{tmp_path}/containerd.sock")
+    service = ImageService(containerd)
+    ours = grpc.aio.server(options=CHANNEL_OPTIONS)
+    ours.add_generic_rpc_handlers((service.handler(),))
+    ours.add_insecure_port(f"unix://{tmp_path}/cri.sock")
+    await ours.start()
+    channel = grpc.aio.insecure_channel(f"unix://{tmp_path}/cri.sock", options=CHANNEL_OPTIONS)
+    yield Pair(upstream, channel, service)
+    await channel.close()
+    await ours.stop(0)
+    await containerd.close()
+    await fake.stop(0)
+
+
+def with_unknown_field(message: bytes) -> bytes:
+    # Field 99, length-delimited: a field from a newer CRI that nodekeeper does not know.
+    return message + b"\x9a\x06\x05hello"
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_message"),
+    [
+        ("ImageStatus", cri.ImageStatusRequest(image=cri.ImageSpec(
+            image="nginx", annotations={"a": "b"}, runtime_handler="kata"), verbose=True)),
+        ("PullImage", cri.PullImageRequest(image=cri.ImageSpec(image="nginx:1"))),
+        ("RemoveImage", cri.RemoveImageRequest(image=cri.ImageSpec(image="sha256:" + "a" * 64))),
+        ("ListImages", cri.ListImagesRequest()),
+        ("ImageFsInfo", cri.ImageFsInfoRequest()),
+    ],
+)
+async def test_request_bytes_reach_containerd_unchanged(pair: Pair, rpc: str,
+                                                        request_message: object) -> None:
+    raw = with_unknown_field(request_message.SerializeToString())  # type: ignore[attr-defined]
+    pair.upstream.answer = with_unknown_field(b"")
+    answer = await pair.method(rpc)(raw)
+    [(method, received, _)] = pair.upstream.received
+    assert method == f"/runtime.v1.ImageService/{rpc}"
+    assert received == raw
+    assert answer == pair.upstream.answer
+
+
+async def test_pull_image_auth_reaches_containerd_unchanged(pair: Pair) -> None:
+    request = cri.PullImageRequest(
+        image=cri.ImageSpec(image="private/app:1"),
+        auth=cri.AuthConfig(username="u", password="p", server_address="r.example"),
+    ).SerializeToString() + b"\x1a\x04\x0a\x02\x08\x01"  # an opaque sandbox_config
+    await pair.method("PullImage")(request)
+    assert pair.upstream.received[0][1] == request
+
+
+async def test_deadline_passes_through(pair: Pair) -> None:
+    await pair.method("ImageStatus")(
+        cri.ImageStatusRequest(image=cri.ImageSpec(image="x")).SerializeToString(), timeout=7.0)
+    remaining = pair.upstream.received[0][2]
+    assert remaining is not None
+    assert 5.0 < remaining <= 7.05  # gRPC encodes timeouts with a little rounding
+
+
+async def test_no_deadline_stays_no_deadline(pair: Pair) -> None:
+    await pair.method("ListImages")(b"")
+    assert pair.upstream.received[0][2] is None
+
+
+async def test_containerd_status_comes_back_unchanged(pair: Pair) -> None:
+    pair.upstream.fail = (grpc.StatusCode.NOT_FOUND, "failed to resolve reference: not found")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pair.method("PullImage")(
+            cri.PullImageRequest(image=cri.ImageSpec(image="x")).SerializeToString())
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == "failed to resolve reference: not found"
+
+
+async def test_cancellation_reaches_containerd(pair: Pair) -> None:
+    pair.upstream.delay = 30
+    call = pair.method("PullImage")(
+        cri.PullImageRequest(image=cri.ImageSpec(image="slow")).SerializeToString())
+    await asyncio.wait_for(pair.upstream.arrived.wait(), 5)
+    call.cancel()
+    await asyncio.wait_for(pair.upstream.cancelled.wait(), 5)
+    assert pair.service.inflight == 0
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_bytes", "message"),
+    [
+        ("ImageStatus", b"", "ImageStatusRequest has no image"),
+        ("PullImage", cri.PullImageRequest(image=cri.ImageSpec()).SerializeToString(),
+         "image is empty"),
+        ("RemoveImage", cri.RemoveImageRequest(image=cri.ImageSpec(
+            image="a" * (1 << 20))).SerializeToString(), "references are at most 4096"),
+        ("ImageStatus", b"\xff\xff\xff", "malformed ImageStatusRequest"),
+        ("ListImages", b"\x0a\x05\xff", "malformed ListImagesRequest"),
+    ],
+)
+async def test_bad_requests_are_invalid_argument(pair: Pair, rpc: str, request_bytes: bytes,
+                                                 message: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pair.method(rpc)(request_bytes)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (caught.value.details() or "")
+    assert pair.upstream.received == []
+
+
+async def test_containerd_missing_is_unavailable_naming_its_socket(tmp_path: Path) -> None:
+    containerd = Containerd(f"{tmp_path}/absent.sock")
+    service = ImageService(containerd)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((service.handler(),))
+    server.add_insecure_port(f"unix://{tmp_path}/cri.sock")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"unix://{tmp_path}/cri.sock") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.unary_unary("/runtime.v1.ImageService/ListImages")(b"", timeout=5)
+    await server.stop(0)
+    await containerd.close()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"containerd is unavailable at {tmp_path}/absent.sock" in (caught.value.details() or "")
+
+
+async def test_stream_images_is_unimplemented(pair: Pair) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pair.channel.unary_stream("/runtime.v1.ImageService/StreamImages")(b"").read()
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -1,0 +1,68 @@
+"""sd_notify: the watchdog pings only while the event loop runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from nodekeeper.systemd import Notifier
+
+
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> socket.socket:
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    return sock
+
+
+def received(sock: socket.socket) -> list[tuple[float, str]]:
+    out = []
+    while True:
+        try:
+            out.append((time.monotonic(), sock.recv(4096).decode()))
+        except BlockingIOError:
+            return out
+
+
+async def test_watchdog_stops_when_the_loop_is_wedged(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = notify_socket(tmp_path, monkeypatch)
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # 0.1 s: pings every 0.05 s
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    task = asyncio.create_task(Notifier().watchdog())
+    await asyncio.sleep(0.3)
+    healthy = [m for _, m in received(sock) if m == "WATCHDOG=1"]
+    time.sleep(0.5)  # noqa: ASYNC251 - wedging the loop on purpose: nothing may ping
+    wedged = [m for _, m in received(sock) if m == "WATCHDOG=1"]
+    await asyncio.sleep(0.2)
+    recovered = [m for _, m in received(sock) if m == "WATCHDOG=1"]
+    task.cancel()
+    sock.close()
+    assert len(healthy) >= 4
+    assert wedged == []
+    assert len(recovered) >= 2
+
+
+async def test_no_watchdog_for_another_pid(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = notify_socket(tmp_path, monkeypatch)
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    await asyncio.wait_for(Notifier().watchdog(), 1)  # returns at once
+    assert received(sock) == []
+    sock.close()
+
+
+def test_ready_carries_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = notify_socket(tmp_path, monkeypatch)
+    Notifier().ready("Serving")
+    [(_, message)] = received(sock)
+    assert message.splitlines() == ["READY=1", "STATUS=Serving"]
+    sock.close()
