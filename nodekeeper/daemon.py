@@ -90,8 +90,6 @@ class Daemon:
         await asyncio.gather(*background, return_exceptions=True)
         await containerd.close()
         listener.remove(config.listen, identity)
-        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(number)
         _log.info("stopped")
         return 0
 
@@ -122,13 +120,13 @@ class Daemon:
             _log.error("reload failed; keeping the running settings", error=str(exc))
             self._notifier.reloaded(self._status())
             return
-        logs.setup(fresh.log.level, fresh.log.format)
         fixed = {name: getattr(self.config, name) for name in _RESTART_ONLY}
         changed = sorted(name for name, value in fixed.items() if getattr(fresh, name) != value)
         if changed:
             _log.warning("changed settings take effect only after a restart", settings=changed)
         self.config = dataclasses.replace(fresh, **fixed)
         _log.info("reloaded", log_level=fresh.log.level)
+        logs.setup(fresh.log.level, fresh.log.format)
         self._notifier.reloaded(self._status())
 
     def _on_containerd(self, reachable: bool) -> None:

@@ -44,6 +44,9 @@ class NotifySocket:
         raise TimeoutError(f"no {prefix!r} notification within {timeout}s; got {self.messages}")
 
     def drain(self) -> list[str]:
+        """Every message so far, including those read before the socket was closed."""
+        if self._sock.fileno() == -1:
+            return [message for _, message in self.messages]
         self._sock.setblocking(False)
         try:
             while True:
@@ -82,6 +85,7 @@ class Nodekeeper:
                 config[key] = {**config[key], **value}
             else:
                 config[key] = value
+        self.socket = str(config["listen"])
         self.config_path.write_text(yaml.safe_dump(config))
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -135,6 +139,7 @@ class Nodekeeper:
                 self.proc.wait()
         code = self.proc.returncode
         if self.notify is not None:
+            self.notify.drain()
             self.notify.close()
         return code
 
