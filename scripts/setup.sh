@@ -32,6 +32,10 @@ want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "Setting up $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+  if ! "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' \
+       > "$VENV/pip-install.log" 2>&1; then
+    cat "$VENV/pip-install.log" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
