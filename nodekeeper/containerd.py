@@ -7,12 +7,16 @@ it, and the next call after it is back succeeds.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 import grpc.aio
 
 from nodekeeper import logs
+from nodekeeper._proto import containerd_images_pb2 as ctdimg
+from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.errors import ContainerdError, ContainerdUnavailable
 
 # The kubelet's own limit; a ListImages answer for a very full node can be large.
@@ -31,6 +35,15 @@ CHANNEL_OPTIONS = [
 ]
 
 _log = logs.get("containerd")
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """An image the node holds under a name: its ID (config digest) and the manifest or
+    index digest the name points at."""
+
+    id: str
+    digest: str
 
 
 class Containerd:
@@ -77,6 +90,32 @@ class Containerd:
         """Call the native images API in our namespace (where the CRI plugin keeps images)."""
         metadata = (("containerd-namespace", self.namespace),)
         return await self.call(f"/{IMAGES_SERVICE}/{method}", request, timeout, metadata)
+
+    async def local_image(self, name: str) -> LocalImage | None:
+        """What containerd holds under `name` (a normalized reference), if anything."""
+        status_request = cri.ImageStatusRequest(image=cri.ImageSpec(image=name))
+        status, digest = await asyncio.gather(
+            self.cri("ImageStatus", status_request.SerializeToString()),
+            self.target_digest(name),
+        )
+        image = cri.ImageStatusResponse.FromString(status).image
+        return LocalImage(image.id, digest) if image.id else None
+
+    async def target_digest(self, name: str) -> str:
+        """The digest an image record points at ('' when there is no such record)."""
+        request = ctdimg.GetImageRequest(name=name).SerializeToString()
+        try:
+            answer = await self.images("Get", request)
+        except ContainerdError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND:
+                return ""
+            raise
+        return str(ctdimg.GetImageResponse.FromString(answer).image.target.digest)
+
+    async def pull(self, request: bytes) -> str:
+        """Forward a PullImageRequest as it came; return the image ID containerd answers."""
+        answer = await self.cri("PullImage", request)
+        return str(cri.PullImageResponse.FromString(answer).image_ref)
 
     async def watch(self, on_change: Callable[[bool], None]) -> None:
         """Log, once per episode, when containerd becomes reachable or stops being so.

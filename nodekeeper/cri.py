@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError, Message
 from nodekeeper import logs, metrics
 from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.containerd import CRI_SERVICE, Containerd
-from nodekeeper.errors import ContainerdError, NodekeeperError, RequestError
+from nodekeeper.errors import ContainerdError, NodekeeperError, PullFailed, RequestError
 
 # No valid reference comes near this (a name is at most 255 characters, a tag 128, a
 # digest about 135); anything longer is refused before it costs containerd a lookup.
@@ -158,7 +158,7 @@ class ImageService:
 def _status(exc: NodekeeperError) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, ContainerdError):
+    if isinstance(exc, ContainerdError | PullFailed):
         return exc.code, exc.message
     return grpc.StatusCode.INTERNAL, str(exc)
 

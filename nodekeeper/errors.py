@@ -4,6 +4,8 @@
     ├── SettingsError          a config or policy file is invalid (names file, line, key)
     ├── StartupError           the daemon cannot start (socket taken, cannot bind, ...)
     ├── RequestError           a CRI request is malformed         -> INVALID_ARGUMENT
+    ├── PullFailed             PullImage cannot be answered       -> the code it carries
+    │                          (RegistryUnavailable, refused fallback, gone upstream, ...)
     └── ContainerdError        containerd answered with an error  -> its own code and message
         └── ContainerdUnavailable  containerd's socket does not answer -> UNAVAILABLE
 
@@ -29,6 +31,15 @@ class StartupError(NodekeeperError):
 
 class RequestError(NodekeeperError):
     """The kubelet (or another client) sent a request nodekeeper cannot act on."""
+
+
+class PullFailed(NodekeeperError):
+    """PullImage has no image to answer with; the message says what was tried."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class ContainerdError(NodekeeperError):

@@ -1,0 +1,503 @@
+"""nodekeeper's shim cost, side by side with containerd and with the floor, in one run.
+
+    .venv/bin/python bench/shim.py [--quick]
+
+Starts a private containerd and registry (tests/harness), pushes and pulls one small image,
+then times the same raw-bytes calls, from the same kind of synchronous gRPC client, against
+
+  containerd   its own socket (direct);
+  floor        bench/bare_proxy.py: a grpc.aio proxy that only forwards bytes;
+  nodekeeper   `python -m nodekeeper serve`, log level info (the default), metrics off.
+
+Each latency is p50/p99 over sequential calls after a warm-up, taken in rounds that rotate
+the order of the targets, so that noise on a shared machine spreads over all of them.
+It also times process start to READY=1 and reads idle RSS. Prints a markdown table.
+See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the harness lives in tests/, which is not installed
+    sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from nodekeeper._proto import containerd_images_pb2 as ctdimg  # noqa: E402
+from nodekeeper._proto import cri_image_pb2 as cri  # noqa: E402
+from tests.harness import (  # noqa: E402
+    Containerd,
+    CriClient,
+    NativeImages,
+    Registry,
+    free_port,
+    image_ref,
+    push_new,
+)
+from tests.harness._proc import ManagedProcess  # noqa: E402
+from tests.harness.nodekeeper import Nodekeeper, NotifySocket  # noqa: E402
+
+CRI = "/runtime.v1.ImageService"
+BARE_PROXY = Path(__file__).resolve().parent / "bare_proxy.py"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+CLIENT_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+TARGETS = ("containerd", "floor", "nodekeeper")
+
+# Targets from the brief.
+STATUS_OVERHEAD_MS = 0.5
+STATUS_OVERHEAD_VS_FLOOR = 1.25
+LIST_RATIO = 1.2
+READY_S = 1.0
+RSS_MB = 45.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many calls each target gets per benchmark (plus the warm-up), and in how many
+    rounds they are spread; every benchmark also has a wall-clock budget."""
+
+    status: int
+    listing: int
+    pull: int
+    warmup: int
+    rounds: int
+    starts: int
+    images: int = 500
+    budget_s: float = 60.0
+
+
+FULL = Sizes(status=4000, listing=1500, pull=200, warmup=200, rounds=10, starts=5)
+QUICK = Sizes(status=400, listing=150, pull=30, warmup=50, rounds=4, starts=3, budget_s=15.0)
+
+
+# -- small helpers -----------------------------------------------------------------------
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout}s")
+        time.sleep(0.05)
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of a process, in MB (10^6 bytes)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def containerd_version() -> str:
+    done = subprocess.run(["/usr/bin/containerd", "--version"], capture_output=True, text=True,
+                          timeout=10, check=False)
+    parts = done.stdout.split()
+    return parts[2] if len(parts) >= 3 else done.stdout.strip() or "unknown"
+
+
+def machine_info(load: str) -> list[str]:
+    return [
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- nproc: {len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}), "
+        f"load average at start: {load}",
+        f"- kernel: {platform.release()}",
+        f"- python: {platform.python_version()} ({sys.executable})",
+        f"- grpcio: {grpc.__version__}",
+        f"- containerd: {containerd_version()}",
+    ]
+
+
+# -- the floor as a subprocess -----------------------------------------------------------
+
+
+class BareProxy:
+    """bench/bare_proxy.py run as a child process, ready when start() returns."""
+
+    def __init__(self, workdir: Path, containerd_address: str) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.socket = str(workdir / "bare.sock")
+        self._notify_path = workdir / "notify.sock"
+        # env(1) execs the interpreter, so the PID stays the proxy's own.
+        self._proc = ManagedProcess(
+            ["/usr/bin/env", f"NOTIFY_SOCKET={self._notify_path}", sys.executable,
+             str(BARE_PROXY), "--listen", self.socket, "--containerd", containerd_address],
+            workdir / "bare_proxy.log",
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self._proc.pid is not None
+        return self._proc.pid
+
+    def start(self, timeout: float = 15.0) -> float:
+        """Start it; return seconds from start to READY=1."""
+        self._notify_path.unlink(missing_ok=True)
+        notify = NotifySocket(self._notify_path)
+        try:
+            started = time.monotonic()
+            self._proc.start()
+            try:
+                return notify.wait_for("READY=1", timeout) - started
+            except TimeoutError:
+                raise RuntimeError(f"bare proxy not ready:\n{self._proc.tail()}") from None
+        finally:
+            notify.close()
+
+    def stop(self) -> None:
+        self._proc.stop(10.0)
+
+
+# -- timing ------------------------------------------------------------------------------
+
+
+class RawClient:
+    """Raw-bytes unary calls on one unix socket: the same client for every target."""
+
+    def __init__(self, socket_path: str) -> None:
+        self._channel = grpc.insecure_channel(f"unix://{socket_path}", options=CLIENT_OPTIONS)
+        self._methods: dict[str, grpc.UnaryUnaryMultiCallable[bytes, bytes]] = {}
+
+    def call(self, method: str, request: bytes, timeout: float) -> bytes:
+        callable_ = self._methods.get(method)
+        if callable_ is None:
+            callable_ = self._channel.unary_unary(f"{CRI}/{method}")
+            self._methods[method] = callable_
+        answer: bytes = callable_(request, timeout=timeout)
+        return answer
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+@dataclass
+class Latencies:
+    """Per-target latencies of one benchmark, in milliseconds."""
+
+    name: str
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    cut_short: bool = False
+
+    def p(self, target: str, q: float) -> float:
+        return percentile(self.samples[target], q)
+
+    def count(self, target: str) -> int:
+        return len(self.samples[target])
+
+
+def measure(name: str, clients: dict[str, RawClient], method: str, request: bytes,
+            calls: int, warmup: int, rounds: int, budget_s: float,
+            timeout: float = 30.0) -> Latencies:
+    """`calls` sequential calls per target after `warmup` untimed ones, in `rounds` rounds;
+    round r starts with target r mod len(targets). Stops at a round's end past the budget."""
+    result = Latencies(name, {target: [] for target in clients})
+    targets = list(clients)
+    for target in targets:
+        for _ in range(warmup):
+            clients[target].call(method, request, timeout)
+    per_round = max(1, calls // rounds)
+    deadline = time.monotonic() + budget_s
+    clock = time.perf_counter_ns
+    for r in range(rounds):
+        if time.monotonic() > deadline:
+            result.cut_short = True
+            break
+        order = targets[r % len(targets):] + targets[:r % len(targets)]
+        for target in order:
+            call = clients[target].call
+            out = result.samples[target]
+            for _ in range(per_round):
+                started = clock()
+                call(method, request, timeout)
+                out.append((clock() - started) / 1e6)
+    return result
+
+
+def same_answers(clients: dict[str, RawClient], method: str, request: bytes) -> None:
+    """Every target answers the request with the same bytes (the proxies really forward)."""
+    answers = {target: client.call(method, request, 30.0) for target, client in clients.items()}
+    reference = answers["containerd"]
+    for target, answer in answers.items():
+        if answer != reference:
+            raise RuntimeError(f"{method}: {target} answered differently from containerd")
+
+
+def start_times(workdir: Path, containerd_address: str, count: int,
+                settings: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Seconds from process start to READY=1, `count` times each for nodekeeper and the
+    floor, alternating; each process is stopped before the next starts."""
+    nodekeeper: list[float] = []
+    floor: list[float] = []
+    for i in range(count):
+        daemon = Nodekeeper(workdir / f"start-nk{i}", containerd_address, settings=settings)
+        try:
+            daemon.start(wait_ready=False)
+            nodekeeper.append(daemon.wait_ready(15.0))
+        finally:
+            daemon.stop()
+        bare = BareProxy(workdir / f"start-bare{i}", containerd_address)
+        try:
+            floor.append(bare.start())
+        finally:
+            bare.stop()
+    return nodekeeper, floor
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    status: Latencies
+    listing: Latencies
+    pull: Latencies
+    list_tags: int
+    list_images: int
+    list_bytes: int
+    ready_nk: list[float]
+    ready_floor: list[float]
+    rss_nk: float
+    rss_floor: float
+    load_at_start: str = ""
+    elapsed_s: float = 0.0
+
+
+def add_image_records(address: str, ref: str, host: str, count: int) -> None:
+    """`count` more names for the pulled image, created with containerd's images API."""
+    with NativeImages(address) as native:
+        target = native.get(ref).target
+        for i in range(count):
+            native.create(ctdimg.Image(name=f"{host}/bench/img-{i}:v1", target=target))
+
+
+def tags_listed(client: CriClient) -> int:
+    return sum(len(image.repo_tags) for image in client.list().images)
+
+
+def run(sizes: Sizes, workdir: Path, log_level: str, metrics: bool) -> Results:
+    started = time.monotonic()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    settings: dict[str, Any] = {"log": {"level": log_level, "format": "json"},
+                                "metrics_address": f"127.0.0.1:{free_port()}" if metrics else ""}
+    with contextlib.ExitStack() as stack:
+        containerd = Containerd(workdir / "containerd")
+        stack.callback(containerd.close)
+        containerd.start()
+        registry = Registry(workdir / "registry")
+        stack.callback(registry.close)
+        registry.start()
+
+        push_new(registry.url, "bench/app", "v1", seed="nodekeeper-bench")
+        ref = image_ref(registry.host, "bench/app", "v1")
+        direct = stack.enter_context(CriClient(containerd.address))
+        direct.pull(ref)
+
+        bare = BareProxy(workdir / "bare", containerd.address)
+        stack.callback(bare.stop)
+        bare.start()
+        daemon = Nodekeeper(workdir / "nk", containerd.address, settings=settings)
+        stack.callback(daemon.stop)
+        daemon.start()
+
+        sockets = {"containerd": containerd.address, "floor": bare.socket,
+                   "nodekeeper": daemon.socket}
+        clients = {target: RawClient(sockets[target]) for target in TARGETS}
+        for client in clients.values():
+            stack.callback(client.close)
+
+        status_request = cri.ImageStatusRequest(image=cri.ImageSpec(image=ref))
+        same_answers(clients, "ImageStatus", status_request.SerializeToString())
+        status = measure("ImageStatus", clients, "ImageStatus",
+                         status_request.SerializeToString(), sizes.status, sizes.warmup,
+                         sizes.rounds, sizes.budget_s)
+
+        pull_request = cri.PullImageRequest(image=cri.ImageSpec(image=ref)).SerializeToString()
+        same_answers(clients, "PullImage", pull_request)
+        pull = measure("PullImage", clients, "PullImage", pull_request, sizes.pull,
+                       max(3, sizes.warmup // 20), sizes.rounds, sizes.budget_s)
+
+        add_image_records(containerd.address, ref, registry.host, sizes.images)
+        wait_until(lambda: tags_listed(direct) >= sizes.images, 30.0,
+                   f"CRI ListImages showing {sizes.images} names")
+        list_request = cri.ListImagesRequest().SerializeToString()
+        answer = clients["containerd"].call("ListImages", list_request, 30.0)
+        listed = cri.ListImagesResponse.FromString(answer)
+        same_answers(clients, "ListImages", list_request)
+        listing = measure(f"ListImages ({sizes.images} images)", clients, "ListImages",
+                          list_request, sizes.listing, max(10, sizes.warmup // 4), sizes.rounds,
+                          sizes.budget_s)
+
+        time.sleep(2.0)  # idle, after the warm-up and all of the above
+        assert daemon.proc is not None
+        rss_nk, rss_floor = rss_mb(daemon.proc.pid), rss_mb(bare.pid)
+
+        ready_nk, ready_floor = start_times(workdir, containerd.address, sizes.starts, settings)
+
+        return Results(
+            status=status, listing=listing, pull=pull,
+            list_tags=sum(len(i.repo_tags) for i in listed.images),
+            list_images=len(listed.images), list_bytes=len(answer),
+            ready_nk=ready_nk, ready_floor=ready_floor, rss_nk=rss_nk, rss_floor=rss_floor,
+            load_at_start=load, elapsed_s=time.monotonic() - started,
+        )
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def table(res: Results) -> list[str]:
+    rows: list[tuple[str, str, str, str, str, str, str]] = []
+
+    def ms(value: float) -> str:
+        return f"{value:.3f} ms"
+
+    def latency_rows(lat: Latencies, q: float) -> tuple[float, float, float]:
+        return lat.p("containerd", q), lat.p("floor", q), lat.p("nodekeeper", q)
+
+    st = res.status
+    d50, f50, n50 = latency_rows(st, 50)
+    d99, f99, n99 = latency_rows(st, 99)
+    floor_over, nk_over = f50 - d50, n50 - d50
+    over_ratio = nk_over / floor_over if floor_over > 0 else math.inf
+    rows += [
+        ("ImageStatus p50", ms(d50), ms(f50), ms(n50),
+         f"overhead: floor {floor_over:+.3f} ms, nodekeeper {nk_over:+.3f} ms",
+         f"nodekeeper overhead < {STATUS_OVERHEAD_MS} ms",
+         verdict(nk_over < STATUS_OVERHEAD_MS)),
+        ("ImageStatus overhead vs floor", "", "", "",
+         f"{over_ratio:.2f}x (nodekeeper overhead / floor overhead)",
+         f"<= {STATUS_OVERHEAD_VS_FLOOR}x (ideally)",
+         verdict(over_ratio <= STATUS_OVERHEAD_VS_FLOOR)),
+        ("ImageStatus p99", ms(d99), ms(f99), ms(n99),
+         f"overhead: floor {f99 - d99:+.3f} ms, nodekeeper {n99 - d99:+.3f} ms", "", ""),
+    ]
+
+    li = res.listing
+    d50, f50, n50 = latency_rows(li, 50)
+    d99, f99, n99 = latency_rows(li, 99)
+    rows += [
+        (f"{li.name} p50", ms(d50), ms(f50), ms(n50),
+         f"nodekeeper/containerd {n50 / d50:.2f}x (floor {f50 / d50:.2f}x)",
+         f"<= {LIST_RATIO}x", verdict(n50 / d50 <= LIST_RATIO)),
+        (f"{li.name} p99", ms(d99), ms(f99), ms(n99),
+         f"nodekeeper/containerd {n99 / d99:.2f}x (floor {f99 / d99:.2f}x)", "", ""),
+    ]
+
+    pu = res.pull
+    d50, f50, n50 = latency_rows(pu, 50)
+    d99, f99, n99 = latency_rows(pu, 99)
+    rows += [
+        ("PullImage, image present, p50", ms(d50), ms(f50), ms(n50),
+         f"nodekeeper/containerd {n50 / d50:.2f}x (floor {f50 / d50:.2f}x)", "(none)", ""),
+        ("PullImage, image present, p99", ms(d99), ms(f99), ms(n99),
+         f"nodekeeper/containerd {n99 / d99:.2f}x (floor {f99 / d99:.2f}x)", "", ""),
+    ]
+
+    nk_med, nk_max = statistics.median(res.ready_nk), max(res.ready_nk)
+    fl_med, fl_max = statistics.median(res.ready_floor), max(res.ready_floor)
+    ready_result = verdict(nk_med <= READY_S)
+    if nk_med <= READY_S < nk_max:
+        ready_result = "PASS (median); max over"
+    rows += [
+        (f"start to READY=1, median of {len(res.ready_nk)}", "", f"{fl_med:.3f} s",
+         f"{nk_med:.3f} s", f"nodekeeper - floor {nk_med - fl_med:+.3f} s",
+         f"<= {READY_S:.0f} s", ready_result),
+        (f"start to READY=1, max of {len(res.ready_nk)}", "", f"{fl_max:.3f} s",
+         f"{nk_max:.3f} s", "", f"<= {READY_S:.0f} s", verdict(nk_max <= READY_S)),
+        ("idle RSS (VmRSS)", "", f"{res.rss_floor:.1f} MB", f"{res.rss_nk:.1f} MB",
+         f"nodekeeper - floor {res.rss_nk - res.rss_floor:+.1f} MB", f"<= {RSS_MB:.0f} MB",
+         verdict(res.rss_nk <= RSS_MB)),
+    ]
+
+    header = ("metric", "containerd", "floor (bare proxy)", "nodekeeper", "ratio / overhead",
+              "target", "result")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def report(res: Results, sizes: Sizes, args: argparse.Namespace) -> str:
+    def counts(lat: Latencies) -> str:
+        n = lat.count("nodekeeper")
+        note = " (cut short by the time budget)" if lat.cut_short else ""
+        return f"{lat.name}: {n} calls per target in {sizes.rounds} rounds{note}"
+
+    lines = ["## nodekeeper shim benchmark", "", *machine_info(res.load_at_start),
+             f"- nodekeeper: log level {args.log_level}, format json, metrics "
+             f"{'on' if args.metrics else 'off'}",
+             f"- mode: {'quick' if args.quick else 'full'}; {counts(res.status)}; "
+             f"{counts(res.pull)}; {counts(res.listing)}",
+             f"- ListImages answer: {res.list_images} CRI image(s) carrying {res.list_tags} "
+             f"names, {res.list_bytes} bytes",
+             f"- run time: {res.elapsed_s:.0f} s", "", *table(res), ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="nodekeeper vs containerd vs a bare proxy")
+    parser.add_argument("--quick", action="store_true", help="fewer calls (a smoke run)")
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error"),
+                        help="nodekeeper's log level (default: info, the production default)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="serve nodekeeper's /metrics on a loopback port (default: off)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def work_directory(keep: bool) -> Iterator[Path]:
+    # Short, under /tmp: unix socket paths are limited to 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="nk-bench-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"work directory kept: {path}", file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    with work_directory(args.keep) as workdir:
+        results = run(sizes, workdir, args.log_level, args.metrics)
+    print(report(results, sizes, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The policy file: which images are checked upstream, how often, and when the node's copy
+may stand in for an upstream that does not answer.
+
+    defaults: {update: interval, interval: 15m, probe_timeout: 2s, ...}
+    rules:
+      - match: docker.io/library/postgres     # normalized name; * = one segment, ** = any
+        tags: ['15(\\..*)?']                  # optional anchored regular expressions
+        update: interval
+        interval: 1h
+
+The first rule that matches wins; a setting a rule leaves out comes from `defaults`.
+`plan` turns a rule, the node's state and the clock into what PullImage does next.
+Pure: loading reads a file, nothing else does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nodekeeper.reference import Reference
+from nodekeeper.settings import Document, Section
+
+UPDATE_MODES = ("always", "interval", "never")
+AUTH_FALLBACK = ("known-credentials", "never")
+# Upstream failures a rule may choose to cover with the node's copy. `unauthorized` is not
+# among them: 401/403 fall back only under auth_fallback, for credentials seen to work.
+FALLBACK_REASONS = ("unreachable", "timeout", "server_error", "rate_limited", "not_found",
+                    "invalid")
+
+
+@dataclass(frozen=True)
+class Settings:
+    update: str = "always"
+    interval: float = 900.0
+    probe_timeout: float = 2.0
+    fallback_on: frozenset[str] = frozenset(FALLBACK_REASONS)
+    auth_fallback: str = "known-credentials"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule; `index` is its position in the file (None for the defaults)."""
+
+    index: int | None
+    match: str
+    tags: tuple[str, ...]
+    settings: Settings
+    _name: re.Pattern[str] = field(repr=False, compare=False)
+    _tags: tuple[re.Pattern[str], ...] = field(repr=False, compare=False)
+
+    def matches(self, ref: Reference) -> bool:
+        if not self._name.fullmatch(ref.name):
+            return False
+        if not self._tags:
+            return True
+        return bool(ref.tag) and any(tag.fullmatch(ref.tag) for tag in self._tags)
+
+    @property
+    def label(self) -> str:
+        return "defaults" if self.index is None else f"rules[{self.index}] ({self.match})"
+
+
+@dataclass(frozen=True)
+class Policy:
+    source: str
+    defaults: Rule
+    rules: tuple[Rule, ...]
+
+    def rule_for(self, ref: Reference) -> Rule:
+        for rule in self.rules:
+            if rule.matches(ref):
+                return rule
+        return self.defaults
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """A repository pattern as a regular expression: `*` is any part of one path segment,
+    `**` is any number of whole segments, including none (`a/**` matches `a`)."""
+    if not pattern:
+        raise ValueError("the pattern is empty")
+    segments = pattern.split("/")
+    regex = ""
+    for position, segment in enumerate(segments):
+        first, last = position == 0, position == len(segments) - 1
+        if segment == "**":
+            if first:
+                regex += ".+" if last else "(?:[^/]+/)*"
+            else:
+                regex += "(?:/[^/]+)*" if last else "/(?:[^/]+/)*"
+            continue
+        if "**" in segment:
+            raise ValueError(f"'**' must be a whole path segment, got {segment!r}")
+        if not segment:
+            raise ValueError(f"empty path segment in {pattern!r}")
+        if not first and segments[position - 1] != "**":
+            regex += "/"
+        regex += "[^/]*".join(re.escape(piece) for piece in segment.split("*"))
+    return re.compile(regex)
+
+
+def load(path: str | Path) -> Policy:
+    return parse(Document.read(path))
+
+
+def parse(doc: Document) -> Policy:
+    root = doc.root()
+    defaults_section = root.section("defaults")
+    base = _settings(defaults_section, Settings())
+    defaults_section.finish()
+    defaults = Rule(None, "**", (), base, re.compile(".*"), ())
+    rules = tuple(_rule(section, base) for section in root.sections("rules"))
+    root.finish()
+    return Policy(doc.path, defaults, rules)
+
+
+def _rule(section: Section, base: Settings) -> Rule:
+    index = section.key[-1]
+    assert isinstance(index, int)
+    if not section.has("match"):
+        raise section.error("match", "every rule needs a repository pattern to match")
+    match = section.string("match", "")
+    try:
+        name = compile_pattern(match)
+    except ValueError as exc:
+        raise section.error("match", str(exc)) from None
+    tags = tuple(section.strings("tags"))
+    compiled = []
+    for position, tag in enumerate(tags):
+        try:
+            compiled.append(re.compile(tag))
+        except re.error as exc:
+            raise section.doc.error((*section.key, "tags", position),
+                                    f"not a valid regular expression: {exc}") from None
+    settings = _settings(section, base)
+    section.finish()
+    return Rule(index, match, tags, settings, name, tuple(compiled))
+
+
+def _settings(section: Section, base: Settings) -> Settings:
+    update = section.choice("update", UPDATE_MODES, base.update)
+    interval = section.duration("interval", base.interval)
+    if update == "interval" and interval <= 0:
+        raise section.error("interval", "update: interval needs an interval above 0")
+    probe_timeout = section.duration("probe_timeout", base.probe_timeout)
+    if not 0 < probe_timeout <= 60:
+        raise section.error("probe_timeout", "expected a duration above 0 and at most 60s")
+    fallback_on = section.strings("fallback_on", sorted(base.fallback_on))
+    for position, reason in enumerate(fallback_on):
+        if reason not in FALLBACK_REASONS:
+            raise section.doc.error(
+                (*section.key, "fallback_on", position),
+                f"expected one of {', '.join(FALLBACK_REASONS)}, got {reason!r}",
+            )
+    auth_fallback = section.choice("auth_fallback", AUTH_FALLBACK, base.auth_fallback)
+    return Settings(update, interval, probe_timeout, frozenset(fallback_on), auth_fallback)
+
+
+# -- deciding --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """What PullImage does before any network traffic.
+
+    action: "local" (answer the node's copy), "probe" (ask upstream for the digest), or
+    "pull" (no copy, nothing to compare: hand the pull to containerd).
+    """
+
+    action: str
+    decision: str = ""
+    reason: str = ""
+
+
+def plan(settings: Settings, ref: Reference, has_local: bool, last_ok: float | None,
+         now: float, verified: bool) -> Plan:
+    """Decide for one PullImage. `verified`: this request's credentials (or anonymous
+    access) are known to work for the repository, so the node's copy may be handed out
+    without asking upstream."""
+    if not has_local:
+        return Plan("pull", reason="digest reference") if ref.pinned else Plan("probe")
+    if not verified:
+        # The node's copy cannot be handed to credentials nobody has seen work: asking
+        # upstream checks them, as containerd itself would.
+        return Plan("probe", reason="credentials not yet verified")
+    if ref.pinned:
+        return Plan("local", "local-pinned", "digest reference")
+    if settings.update == "never":
+        return Plan("local", "local-pinned", "update: never")
+    if settings.update == "interval" and last_ok is not None and now - last_ok < settings.interval:
+        return Plan("local", "local-interval", f"checked {now - last_ok:.0f}s ago")
+    return Plan("probe")
