@@ -123,6 +123,26 @@ def containerd_version() -> str:
     return parts[2] if len(parts) >= 3 else done.stdout.strip() or "unknown"
 
 
+def source_revision() -> str:
+    """Where the daemon's nodekeeper package comes from: this checkout's commit (and whether
+    nodekeeper/ differs from it), or another directory (PYTHONPATH)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import nodekeeper; print(nodekeeper.__file__)"],
+        capture_output=True, text=True, timeout=30, check=False)
+    package = Path(found.stdout.strip()).parent
+    if package != ROOT / "nodekeeper":
+        return f"{package} (not this checkout)"
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              timeout=10, check=False)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "nodekeeper")
+    return f"{commit}{' with uncommitted changes in nodekeeper/' if dirty else ''}"
+
+
 def machine_info(load: str) -> list[str]:
     return [
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -132,6 +152,7 @@ def machine_info(load: str) -> list[str]:
         f"- python: {platform.python_version()} ({sys.executable})",
         f"- grpcio: {grpc.__version__}",
         f"- containerd: {containerd_version()}",
+        f"- nodekeeper source: {source_revision()}",
     ]
 
 
@@ -217,14 +238,19 @@ def measure(name: str, clients: dict[str, RawClient], method: str, request: byte
             calls: int, warmup: int, rounds: int, budget_s: float,
             timeout: float = 30.0) -> Latencies:
     """`calls` sequential calls per target after `warmup` untimed ones, in `rounds` rounds;
-    round r starts with target r mod len(targets). Stops at a round's end past the budget."""
+    round r starts with target r mod len(targets). No new round starts past the budget;
+    a round in progress stops at twice the budget (both are reported as cut short)."""
     result = Latencies(name, {target: [] for target in clients})
     targets = list(clients)
+    deadline = time.monotonic() + budget_s
     for target in targets:
         for _ in range(warmup):
+            if time.monotonic() > deadline:
+                break
             clients[target].call(method, request, timeout)
-    per_round = max(1, calls // rounds)
     deadline = time.monotonic() + budget_s
+    hard_deadline_ns = time.perf_counter_ns() + int(2 * budget_s * 1e9)
+    per_round = max(1, calls // rounds)
     clock = time.perf_counter_ns
     for r in range(rounds):
         if time.monotonic() > deadline:
@@ -236,6 +262,9 @@ def measure(name: str, clients: dict[str, RawClient], method: str, request: byte
             out = result.samples[target]
             for _ in range(per_round):
                 started = clock()
+                if started > hard_deadline_ns:
+                    result.cut_short = True
+                    break
                 call(method, request, timeout)
                 out.append((clock() - started) / 1e6)
     return result
@@ -448,6 +477,10 @@ def table(res: Results) -> list[str]:
     return lines
 
 
+def seconds(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:.3f}" for v in values)
+
+
 def report(res: Results, sizes: Sizes, args: argparse.Namespace) -> str:
     def counts(lat: Latencies) -> str:
         n = lat.count("nodekeeper")
@@ -461,6 +494,8 @@ def report(res: Results, sizes: Sizes, args: argparse.Namespace) -> str:
              f"{counts(res.pull)}; {counts(res.listing)}",
              f"- ListImages answer: {res.list_images} CRI image(s) carrying {res.list_tags} "
              f"names, {res.list_bytes} bytes",
+             f"- start to READY=1 (s): nodekeeper {seconds(res.ready_nk)}; "
+             f"floor {seconds(res.ready_floor)}",
              f"- run time: {res.elapsed_s:.0f} s", "", *table(res), ""]
     return "\n".join(lines)
 

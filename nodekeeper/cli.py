@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nodekeeper import __version__, config
+from nodekeeper import __version__, config, policy, report
 from nodekeeper.errors import SettingsError, StartupError
+from nodekeeper.reference import InvalidReference
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +31,20 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate the config file and exit")
     _config_flag(check)
 
+    check_policy = commands.add_parser("check-policy", help="validate a policy file and exit")
+    check_policy.add_argument("file", nargs="?", help="default: policy_file from the config")
+    _config_flag(check_policy)
+
+    explain = commands.add_parser(
+        "explain", help="which rule matches IMAGE and what a PullImage would do now")
+    explain.add_argument("image")
+    explain.add_argument("--policy", help="a policy file other than the configured one")
+    _config_flag(explain)
+
+    status = commands.add_parser("status", help="recent decisions and per-image freshness")
+    status.add_argument("--limit", type=int, default=20, help="decisions to show")
+    _config_flag(status)
+
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -50,6 +65,17 @@ def main(argv: list[str] | None = None) -> int:
             loaded = config.load(args.config)
             print(f"{loaded.source or 'defaults'}: OK")
             return 0
+        if args.command == "check-policy":
+            path = args.file or config.load(args.config).policy_file
+            checked = policy.load(path)
+            print(f"{path}: OK, {len(checked.rules)} rules")
+            return 0
+        if args.command == "explain":
+            print(report.explain(config.load(args.config), args.image, args.policy))
+            return 0
+        if args.command == "status":
+            print(report.status(config.load(args.config), args.limit))
+            return 0
         overrides = config.Overrides(
             listen=args.listen, containerd=args.containerd, state_dir=args.state_dir,
             policy_file=args.policy_file, metrics_address=args.metrics_address,
@@ -59,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         from nodekeeper import daemon  # grpc and friends load only for serve
 
         return daemon.serve(settings, overrides)
-    except (SettingsError, StartupError) as exc:
+    except (SettingsError, StartupError, InvalidReference) as exc:
+        print(f"nodekeeper: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # state directory, socket directory: say which, no traceback
         print(f"nodekeeper: {exc}", file=sys.stderr)
         return 1

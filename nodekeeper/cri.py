@@ -23,7 +23,9 @@ from google.protobuf.message import DecodeError, Message
 from nodekeeper import logs, metrics
 from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.containerd import CRI_SERVICE, Containerd
+from nodekeeper.credentials import Credentials
 from nodekeeper.errors import ContainerdError, NodekeeperError, PullFailed, RequestError
+from nodekeeper.puller import Puller, PullRequest
 
 # No valid reference comes near this (a name is at most 255 characters, a tag 128, a
 # digest about 135); anything longer is refused before it costs containerd a lookup.
@@ -63,10 +65,11 @@ def _image_of(request: Any, fields: Fields) -> str:
 
 
 class ImageService:
-    """Serves the kubelet. PullImage decisions come in later; today everything forwards."""
+    """Serves the kubelet: PullImage goes to the puller, everything else to containerd."""
 
-    def __init__(self, containerd: Containerd) -> None:
+    def __init__(self, containerd: Containerd, puller: Puller) -> None:
         self._containerd = containerd
+        self._puller = puller
         self.inflight = 0
         self.cancelled = 0
 
@@ -102,10 +105,20 @@ class ImageService:
 
     async def _pull_image(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes],
                           fields: Fields) -> bytes:
-        _image_of(_parse(cri.PullImageRequest, request), fields)
-        answer = await self._forward("PullImage", request, context)
-        fields["image_ref"] = cri.PullImageResponse.FromString(answer).image_ref
-        return answer
+        parsed = _parse(cri.PullImageRequest, request)
+        image = _image_of(parsed, fields)
+        auth = parsed.auth
+        credentials = Credentials.from_fields(
+            auth.username, auth.password, auth.auth, auth.server_address, auth.identity_token,
+            auth.registry_token) if parsed.HasField("auth") else None
+        try:
+            outcome = await self._puller.pull(PullRequest(image, request, credentials))
+        except NodekeeperError:
+            fields["decision"] = "error"
+            raise
+        fields.update(outcome.fields())
+        fields["image_ref"] = outcome.image_ref
+        return bytes(cri.PullImageResponse(image_ref=outcome.image_ref).SerializeToString())
 
     async def _remove_image(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes],
                             fields: Fields) -> bytes:

@@ -22,12 +22,16 @@ from nodekeeper import listener, logs, metrics
 from nodekeeper.containerd import CHANNEL_OPTIONS, Containerd
 from nodekeeper.cri import ImageService
 from nodekeeper.errors import SettingsError
+from nodekeeper.policyfile import PolicyFile
+from nodekeeper.puller import Puller
+from nodekeeper.registry import Prober
+from nodekeeper.state import State
 from nodekeeper.systemd import Notifier
 
 _log = logs.get("daemon")
 
 # Settings bound at start (sockets, directories, ports); a reload leaves them as they are.
-_RESTART_ONLY = ("listen", "containerd", "metrics_address", "state_dir")
+_RESTART_ONLY = ("listen", "containerd", "metrics_address", "state_dir", "policy_file")
 
 
 @dataclass
@@ -47,6 +51,8 @@ class Daemon:
         self._overrides = overrides
         self._notifier = Notifier()
         self._containerd_up = False
+        # Loaded before anything starts: an invalid policy refuses the start.
+        self._policy = PolicyFile(config.policy_file)
 
     async def run(self) -> int:
         config = self.config
@@ -55,8 +61,13 @@ class Daemon:
         # containerd: one channel for every call, reconnecting by itself.
         containerd = Containerd(config.containerd.address, config.containerd.namespace)
 
+        # What PullImage decides with: state, the registry prober, the policy in force.
+        state = State(config.state_dir)
+        prober = Prober(config.containerd.hosts_dir)
+        puller = Puller(containerd, prober, state, self._policy.get)
+
         # The CRI image service the kubelet talks to, on our unix socket.
-        service = ImageService(containerd)
+        service = ImageService(containerd, puller)
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         server.add_generic_rpc_handlers((service.handler(),))
         listener.prepare(config.listen)
@@ -74,10 +85,12 @@ class Daemon:
             loop.add_signal_handler(number, signals.on_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
 
-        # Background tasks: the systemd watchdog and containerd's reachability.
+        # Background tasks: the systemd watchdog, containerd's reachability, and the policy
+        # file (a local stat; nothing here polls a registry).
         background = [
             asyncio.create_task(self._notifier.watchdog(), name="watchdog"),
             asyncio.create_task(containerd.watch(self._on_containerd), name="containerd-watch"),
+            asyncio.create_task(self._policy.watch(), name="policy-watch"),
         ]
         self._notifier.ready(self._status())
         _log.info("serving", listen=config.listen, containerd=config.containerd.address,
@@ -89,6 +102,8 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await containerd.close()
+        await prober.close()
+        state.close()
         listener.remove(config.listen, identity)
         _log.info("stopped")
         return 0
@@ -118,14 +133,14 @@ class Daemon:
             fresh = configuration.load(self.config.source or None, self._overrides)
         except SettingsError as exc:
             _log.error("reload failed; keeping the running settings", error=str(exc))
-            self._notifier.reloaded(self._status())
-            return
+            fresh = self.config
         fixed = {name: getattr(self.config, name) for name in _RESTART_ONLY}
         changed = sorted(name for name, value in fixed.items() if getattr(fresh, name) != value)
         if changed:
             _log.warning("changed settings take effect only after a restart", settings=changed)
         self.config = dataclasses.replace(fresh, **fixed)
-        _log.info("reloaded", log_level=fresh.log.level)
+        self._policy.reload("SIGHUP")
+        _log.info("reloaded", log_level=fresh.log.level, policy_valid=not self._policy.error)
         logs.setup(fresh.log.level, fresh.log.format)
         self._notifier.reloaded(self._status())
 
@@ -136,8 +151,10 @@ class Daemon:
 
     def _status(self) -> str:
         state = "reachable" if self._containerd_up else "not reachable"
+        policy = "policy reload FAILED, previous policy in force" if self._policy.error else (
+            f"policy {len(self._policy.current.rules)} rules")
         return (f"Serving on {self.config.listen}; containerd at "
-                f"{self.config.containerd.address} {state}")
+                f"{self.config.containerd.address} {state}; {policy}")
 
 
 def serve(config: configuration.Config, overrides: configuration.Overrides) -> int:

@@ -2,6 +2,6 @@
 tag's current digest (probe), with the token and basic auth flows."""
 
 from nodekeeper.registry.hosts import Endpoint, endpoints
-from nodekeeper.registry.probe import ProbeFailure, ProbeResult, Prober
+from nodekeeper.registry.probe import ProbeFailure, Prober, ProbeResult
 
 __all__ = ["Endpoint", "ProbeFailure", "ProbeResult", "Prober", "endpoints"]

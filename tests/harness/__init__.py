@@ -8,6 +8,7 @@ from tests.harness.containerd import (
     tls_hosts_toml,
 )
 from tests.harness.cri import CriClient, NativeImages, descriptor
+from tests.harness.faults import NO_RESPONSE, FaultProxy, ProxyRequest, oci_error
 from tests.harness.oci import (
     Image,
     Index,
@@ -31,18 +32,35 @@ from tests.harness.registry import (
     make_tls_files,
     write_htpasswd,
 )
+from tests.harness.tokenauth import (
+    BearerAuth,
+    Scope,
+    TokenRequest,
+    TokenServer,
+    libtrust_key_id,
+    parse_bearer_challenge,
+    push_new_with_token,
+    push_with_token,
+)
 
 __all__ = [
+    "NO_RESPONSE",
+    "BearerAuth",
     "Containerd",
     "ContainerdError",
     "CriClient",
+    "FaultProxy",
     "Image",
     "Index",
     "NativeImages",
+    "ProxyRequest",
     "Registry",
     "RegistryError",
     "RegistryRequest",
+    "Scope",
     "TlsFiles",
+    "TokenRequest",
+    "TokenServer",
     "build_image",
     "build_index",
     "delete_manifest",
@@ -50,11 +68,16 @@ __all__ = [
     "descriptor",
     "free_port",
     "image_ref",
+    "libtrust_key_id",
     "make_tls_files",
     "multi_platform",
+    "oci_error",
+    "parse_bearer_challenge",
     "plain_http_hosts_toml",
     "push",
     "push_new",
+    "push_new_with_token",
+    "push_with_token",
     "resolve",
     "sha256_digest",
     "tls_hosts_toml",

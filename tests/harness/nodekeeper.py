@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+DEFAULT_POLICY = "defaults:\n  update: always\n"
+
 
 class NotifySocket:
     """A datagram socket playing systemd's NOTIFY_SOCKET; collects what the daemon says."""
@@ -66,7 +68,7 @@ class Nodekeeper:
 
     def __init__(self, workdir: Path, containerd_address: str,
                  settings: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, policy: str = DEFAULT_POLICY) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(workdir / "cri.sock")
@@ -87,6 +89,8 @@ class Nodekeeper:
                 config[key] = value
         self.socket = str(config["listen"])
         self.config_path.write_text(yaml.safe_dump(config))
+        self.policy_path = Path(config["policy_file"])
+        self.policy_path.write_text(policy)
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify: NotifySocket | None = None

@@ -13,11 +13,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import bcrypt
 import httpx
 
 from tests.harness._proc import ManagedProcess
+
+if TYPE_CHECKING:
+    from tests.harness.tokenauth import TokenServer
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
@@ -133,7 +137,11 @@ class Registry:
         start_timeout: float = 15.0,
         stop_timeout: float = 5.0,
         binary: str = REGISTRY_BIN,
+        token_auth: TokenServer | None = None,
     ) -> None:
+        if htpasswd is not None and token_auth is not None:
+            raise ValueError("a registry takes htpasswd or token_auth, not both")
+        self.token_auth = token_auth
         self.base_dir = Path(base_dir).resolve()
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.storage_dir = self.base_dir / "storage"
@@ -200,6 +208,15 @@ class Registry:
                 "  htpasswd:",
                 '    realm: "nodekeeper-test"',
                 f"    path: {_q(self.htpasswd_path)}",
+            ]
+        if self.token_auth is not None:
+            lines += [
+                "auth:",
+                "  token:",
+                f"    realm: {_q(self.token_auth.realm)}",
+                f"    service: {_q(self.token_auth.service)}",
+                f"    issuer: {_q(self.token_auth.issuer)}",
+                f"    rootcertbundle: {_q(self.token_auth.cert_path)}",
             ]
         return "\n".join(lines) + "\n"
 

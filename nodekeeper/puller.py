@@ -1,0 +1,253 @@
+"""The core of PullImage: policy, probe, pull, fallback. No protobuf here.
+
+    plan (policy.py)       local copy fresh enough? credentials verified?
+      local  ->  answer the node's copy, no network            local-pinned / local-interval
+      probe  ->  digest upstream, bounded by probe_timeout
+                   same as the node's copy    -> answer it         fresh
+                   different, or no copy      -> containerd pulls  updated / pulled
+                   failed (a class in fallback_on, credentials
+                   seen to work)              -> the node's copy   fallback
+                   failed otherwise           -> a clear error     error
+      pull   ->  a digest reference the node lacks: containerd pulls     pulled
+
+Concurrent pulls of one reference with the same credentials share one probe and one
+containerd pull. The security rule: the node's copy of a repository that needs
+credentials is handed out only to credentials recorded as having worked upstream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from nodekeeper import logs, metrics
+from nodekeeper.containerd import Containerd, LocalImage
+from nodekeeper.credentials import ANONYMOUS, Credentials, fingerprint
+from nodekeeper.errors import ContainerdError, PullFailed, RequestError
+from nodekeeper.policy import Policy, Rule, plan
+from nodekeeper.reference import InvalidReference, Reference, parse
+from nodekeeper.registry import ProbeFailure, Prober, ProbeResult
+from nodekeeper.singleflight import SingleFlight
+from nodekeeper.state import Decision, State
+
+_log = logs.get("puller")
+
+# Failure classes the kubelet should report as RegistryUnavailable.
+_UNAVAILABLE = frozenset({"unreachable", "timeout"})
+_CODES = {
+    "unreachable": grpc.StatusCode.UNAVAILABLE,
+    "timeout": grpc.StatusCode.UNAVAILABLE,
+    "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "unauthorized": grpc.StatusCode.PERMISSION_DENIED,
+}
+# How containerd words the failures of a pull, to classify them like a probe's.
+_PULL_ERRORS = (
+    ("rate_limited", re.compile(r"429|too many requests", re.I)),
+    ("unauthorized", re.compile(r"401|403|unauthorized|forbidden", re.I)),
+    ("not_found", re.compile(r"\bnot found\b|404", re.I)),
+    ("server_error", re.compile(r"\b5\d\d\b", re.I)),
+    ("unreachable", re.compile(r"connection refused|no such host|dial tcp|i/o timeout|EOF|"
+                               r"connection reset|deadline exceeded|network is unreachable",
+                               re.I)),
+)
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    image: str                       # as the kubelet wrote it
+    raw: bytes                       # the PullImageRequest as it came, for containerd
+    credentials: Credentials | None
+
+
+@dataclass
+class Outcome:
+    """How a PullImage was answered: everything its log line and `status` show."""
+
+    image: str
+    reference: str = ""
+    rule: str = ""
+    decision: str = "error"
+    reason: str = ""
+    image_ref: str = ""
+    local_digest: str = ""
+    upstream_digest: str = ""
+    probe_ms: float | None = None
+    shared: bool = False
+
+    def fields(self) -> dict[str, object]:
+        found = {"reference": self.reference, "rule": self.rule, "decision": self.decision,
+                 "reason": self.reason, "local_digest": self.local_digest,
+                 "upstream_digest": self.upstream_digest, "probe_ms": self.probe_ms}
+        if self.shared:
+            found["shared"] = True
+        return {k: v for k, v in found.items() if v not in ("", None)}
+
+
+class Puller:
+    def __init__(self, containerd: Containerd, prober: Prober, state: State,
+                 policy: Callable[[], Policy], clock: Callable[[], float] = time.time) -> None:
+        self._containerd = containerd
+        self._prober = prober
+        self._state = state
+        self._policy = policy
+        self._clock = clock
+        self._flights: SingleFlight[tuple[str, str], Outcome] = SingleFlight()
+
+    async def pull(self, request: PullRequest) -> Outcome:
+        try:
+            ref = parse(request.image)
+        except InvalidReference as exc:
+            raise RequestError(f"invalid image reference {request.image!r}: {exc}") from None
+        who = fingerprint(self._state.key, ref.name, request.credentials)
+        started = self._clock()
+        try:
+            outcome, shared = await self._flights.run(
+                (str(ref), who), lambda: self._decide(ref, request, who))
+        except (PullFailed, ContainerdError) as failure:
+            self._record(Outcome(request.image, str(ref), reason=str(failure)), started)
+            raise
+        if shared:
+            outcome = dataclasses.replace(outcome, image=request.image, shared=True)
+        self._record(outcome, started)
+        return outcome
+
+    def _record(self, outcome: Outcome, started: float) -> None:
+        metrics.DECISIONS.labels(outcome.decision, _reason_class(outcome)).inc()
+        if outcome.shared:
+            return  # the caller that ran the work recorded it
+        self._state.record_decision(Decision(
+            started, outcome.image, outcome.rule, outcome.decision, outcome.reason,
+            outcome.local_digest, outcome.upstream_digest,
+            round((self._clock() - started) * 1000, 3)))
+
+    async def _decide(self, ref: Reference, request: PullRequest, who: str) -> Outcome:
+        rule = self._policy().rule_for(ref)
+        outcome = Outcome(request.image, str(ref), rule.label)
+        local = await self._containerd.local_image(str(ref))
+        if local:
+            outcome.local_digest = local.digest
+        check = self._state.check(str(ref))
+        verified = self._verified(ref, who)
+        step = plan(rule.settings, ref, local is not None,
+                    check.ok_at if check else None, self._clock(), verified)
+        if step.action == "local" and local is not None:
+            return self._answer(outcome, local, step.decision, step.reason)
+        if step.action == "pull":
+            outcome.image_ref = await self._containerd.pull(request.raw)
+            outcome.decision, outcome.reason = "pulled", step.reason
+            return outcome
+
+        probe_started = self._clock()
+        try:
+            result = await self._prober.probe(ref, request.credentials,
+                                              rule.settings.probe_timeout)
+        except ProbeFailure as failure:
+            outcome.probe_ms = round((self._clock() - probe_started) * 1000, 1)
+            self._state.record_check(str(ref), failure.kind)
+            return self._fall_back(outcome, ref, rule, local, who, failure.kind, failure.detail)
+        outcome.probe_ms = round((self._clock() - probe_started) * 1000, 1)
+        outcome.upstream_digest = result.digest
+        self._state.record_access(ref.name, who if result.authenticated else ANONYMOUS)
+        if local is not None and local.digest == result.digest:
+            self._state.record_check(str(ref), "ok", result.digest)
+            return self._answer(outcome, local, "fresh", step.reason or "digest unchanged")
+        if result.pull_quota_spent and local is not None:
+            return self._fall_back(outcome, ref, rule, local, who, "rate_limited",
+                                   "Docker Hub's pull quota is spent (ratelimit-remaining: 0)")
+        return await self._pull_update(outcome, ref, rule, request, local, who, result)
+
+    async def _pull_update(self, outcome: Outcome, ref: Reference, rule: Rule,
+                           request: PullRequest, local: LocalImage | None, who: str,
+                           result: ProbeResult) -> Outcome:
+        try:
+            outcome.image_ref = await self._containerd.pull(request.raw)
+        except ContainerdError as exc:
+            kind = classify_pull_error(exc.message)
+            if local is None:
+                if kind in _UNAVAILABLE:
+                    raise PullFailed(grpc.StatusCode.UNAVAILABLE,
+                                     f"RegistryUnavailable: {exc.message}") from None
+                raise
+            return self._fall_back(outcome, ref, rule, local, who, kind,
+                                   f"pull after a good probe failed: {exc.message}")
+        pulled = await self._containerd.target_digest(str(ref))
+        if pulled and pulled != result.digest:
+            _log.warning("upstream moved during the pull", image=str(ref),
+                         probed=result.digest, pulled=pulled)
+        self._state.record_check(str(ref), "ok", pulled or result.digest)
+        outcome.decision = "updated" if local is not None else "pulled"
+        outcome.reason = "digest changed" if local is not None else "not on the node"
+        return outcome
+
+    def _fall_back(self, outcome: Outcome, ref: Reference, rule: Rule,
+                   local: LocalImage | None, who: str, kind: str, detail: str) -> Outcome:
+        outcome.reason = kind
+        if local is None:
+            prefix = "RegistryUnavailable: " if kind in _UNAVAILABLE else ""
+            raise PullFailed(
+                _CODES.get(kind, grpc.StatusCode.UNKNOWN),
+                f"{prefix}{ref}: upstream {kind}: {detail}; the node has no copy to fall "
+                "back to")
+        refusal = self._refusal(ref, rule, who, kind)
+        if refusal:
+            raise PullFailed(
+                grpc.StatusCode.PERMISSION_DENIED if kind not in _UNAVAILABLE
+                else grpc.StatusCode.UNAVAILABLE,
+                f"{'RegistryUnavailable: ' if kind in _UNAVAILABLE else ''}{ref}: upstream "
+                f"{kind}: {detail}; the node's copy is not used because {refusal}")
+        check = self._state.check(str(ref))
+        age = f"{self._clock() - check.ok_at:.0f}s" if check and check.ok_at else "unknown"
+        metrics.FALLBACKS.labels(kind).inc()
+        _log.warning("upstream failed; answering with the node's copy", image=str(ref),
+                     reason=kind, detail=detail, cached_digest=local.digest,
+                     cached_age=age, rule=rule.label)
+        return self._answer(outcome, local, "fallback", kind)
+
+    def _refusal(self, ref: Reference, rule: Rule, who: str, kind: str) -> str:
+        """Why the node's copy may not stand in for upstream here ('' when it may)."""
+        settings = rule.settings
+        if kind != "unauthorized" and kind not in settings.fallback_on:
+            return f"fallback_on of {rule.label} does not include {kind}"
+        if self._state.seen_working(ref.name, ANONYMOUS):
+            return ""  # public: anyone could pull it
+        if settings.auth_fallback == "never":
+            return f"{ref.name} needs credentials and auth_fallback is never"
+        if who != ANONYMOUS and self._state.seen_working(ref.name, who):
+            return ""
+        return (f"these credentials were never seen to work for {ref.name}"
+                if who != ANONYMOUS else f"{ref.name} was never seen to be pullable without "
+                "credentials")
+
+    def _verified(self, ref: Reference, who: str) -> bool:
+        return (self._state.seen_working(ref.name, ANONYMOUS)
+                or self._state.seen_working(ref.name, who))
+
+    @staticmethod
+    def _answer(outcome: Outcome, local: LocalImage, decision: str, reason: str) -> Outcome:
+        outcome.image_ref = local.id
+        outcome.decision, outcome.reason = decision, reason
+        return outcome
+
+
+def classify_pull_error(message: str) -> str:
+    for kind, pattern in _PULL_ERRORS:
+        if pattern.search(message):
+            return kind
+    return "server_error"
+
+
+def _reason_class(outcome: Outcome) -> str:
+    """A small, fixed set of metric label values (reasons themselves are free text)."""
+    if outcome.decision in ("fallback", "error"):
+        for kind in ("unreachable", "timeout", "server_error", "rate_limited", "not_found",
+                     "unauthorized", "invalid"):
+            if kind in outcome.reason:
+                return kind
+        return "other"
+    return "none"

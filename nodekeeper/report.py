@@ -1,0 +1,140 @@
+"""`nodekeeper explain` and `nodekeeper status`: read-only views for operators.
+
+Both read the state database beside a running daemon (read-only, WAL) and ask
+containerd what the node holds; neither sends anything to a registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+from nodekeeper import policy as policies
+from nodekeeper.config import Config
+from nodekeeper.containerd import Containerd, LocalImage
+from nodekeeper.credentials import ANONYMOUS
+from nodekeeper.errors import NodekeeperError, SettingsError
+from nodekeeper.reference import parse
+from nodekeeper.state import DB_NAME, read_only
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _local(config: Config, name: str) -> tuple[LocalImage | None, str]:
+    async def ask() -> LocalImage | None:
+        containerd = Containerd(config.containerd.address, config.containerd.namespace)
+        try:
+            return await containerd.local_image(name)
+        finally:
+            await containerd.close()
+
+    try:
+        return asyncio.run(asyncio.wait_for(ask(), 5)), ""
+    except (NodekeeperError, asyncio.TimeoutError) as exc:
+        return None, f"unknown (containerd at {config.containerd.address}: {exc or 'timeout'})"
+
+
+def _db(config: Config) -> sqlite3.Connection | None:
+    if not (Path(config.state_dir) / DB_NAME).exists():
+        return None
+    try:
+        return read_only(config.state_dir)
+    except sqlite3.Error:
+        return None
+
+
+def explain(config: Config, image: str, policy_path: str | None) -> str:
+    ref = parse(image)
+    policy = policies.load(policy_path or config.policy_file)
+    rule = policy.rule_for(ref)
+    s = rule.settings
+    lines = [
+        f"image:       {image}",
+        f"reference:   {ref}  (name {ref.name})",
+        f"rule:        {rule.label} from {policy.source}",
+        f"settings:    update={s.update} interval={s.interval:g}s "
+        f"probe_timeout={s.probe_timeout:g}s auth_fallback={s.auth_fallback}",
+        f"             fallback_on={','.join(sorted(s.fallback_on))}",
+    ]
+    local, problem = _local(config, str(ref))
+    lines.append("on node:     " + (problem or (
+        f"{local.id} (points at {local.digest or 'unknown digest'})" if local else "no copy")))
+    db = _db(config)
+    last_ok = None
+    public = False
+    if db is None:
+        lines.append("last check:  none recorded (no state database yet)")
+    else:
+        row = db.execute("SELECT checked_at, result, ok_at, digest FROM checks "
+                         "WHERE reference = ?", (str(ref),)).fetchone()
+        if row:
+            last_ok = row[2]
+            ok = f"; last success {_age(time.time() - row[2])}" if row[2] else ""
+            lines.append(f"last check:  {_age(time.time() - row[0])}: {row[1]}{ok}"
+                         + (f", upstream {row[3]}" if row[3] else ""))
+        else:
+            lines.append("last check:  never")
+        kinds = [r[0] for r in db.execute(
+            "SELECT fingerprint FROM access WHERE repository = ?", (ref.name,))]
+        public = ANONYMOUS in kinds
+        named = len([k for k in kinds if k != ANONYMOUS])
+        lines.append("access:      " + ("anonymous pulls seen to work" if public else
+                                        "no anonymous pull recorded")
+                     + f"; {named} credential fingerprint(s) seen to work")
+        db.close()
+    step = policies.plan(s, ref, local is not None, last_ok, time.time(), verified=public)
+    doing = {
+        "local": f"answer the node's copy without network ({step.decision}: {step.reason})",
+        "probe": "ask upstream for the digest within "
+                 f"{s.probe_timeout:g}s, pull if it changed" + (
+                     f" ({step.reason})" if step.reason else ""),
+        "pull": "hand the pull to containerd (nothing on the node to compare with)",
+    }[step.action]
+    lines.append(f"would:       {doing}  [for a pull without credentials]")
+    if local is None:
+        fallback = "nothing to fall back to: the pull fails with the upstream error"
+    elif public:
+        fallback = f"serve the node's copy for {','.join(sorted(s.fallback_on))}"
+    elif s.auth_fallback == "never":
+        fallback = "refuse: the repository needs credentials and auth_fallback is never"
+    else:
+        fallback = "serve the node's copy only to credentials recorded as having worked"
+    lines.append(f"if upstream fails: {fallback}")
+    return "\n".join(lines)
+
+
+def status(config: Config, limit: int = 20) -> str:
+    lines = []
+    try:
+        policy = policies.load(config.policy_file)
+        lines.append(f"policy:  {policy.source}: valid, {len(policy.rules)} rules")
+    except SettingsError as exc:
+        lines.append(f"policy:  INVALID on disk (a running daemon keeps its last good "
+                     f"policy): {exc}")
+    db = _db(config)
+    if db is None:
+        lines.append(f"state:   no database in {config.state_dir} yet")
+        return "\n".join(lines)
+    now = time.time()
+    lines.append(f"\nrecent decisions (newest first, at most {limit}):")
+    for at, image, decision, reason, ms in db.execute(
+            "SELECT at, image, decision, reason, duration_ms FROM decisions "
+            "ORDER BY id DESC LIMIT ?", (limit,)):
+        lines.append(f"  {_age(now - at):>10}  {decision:<14} {image}  "
+                     f"{reason[:80]}  ({ms:.0f} ms)")
+    lines.append("\nfreshness (per reference):")
+    for reference, checked_at, result, ok_at, digest in db.execute(
+            "SELECT reference, checked_at, result, ok_at, digest FROM checks "
+            "ORDER BY reference"):
+        ok = _age(now - ok_at) if ok_at else "never"
+        lines.append(f"  {reference}\n      last check {_age(now - checked_at)}: {result}; "
+                     f"last success {ok}; upstream {digest or '-'}")
+    db.close()
+    return "\n".join(lines)
