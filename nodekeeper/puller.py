@@ -37,6 +37,10 @@ from nodekeeper.state import Decision, State
 
 _log = logs.get("puller")
 
+# A burst of PullImage calls reaches us spread over tens of milliseconds; calls this close
+# behind a finished decision reuse it instead of asking upstream again.
+COALESCE_SECONDS = 0.2
+
 # Failure classes the kubelet should report as RegistryUnavailable.
 _UNAVAILABLE = frozenset({"unreachable", "timeout"})
 _CODES = {
@@ -97,7 +101,10 @@ class Puller:
         self._state = state
         self._policy = policy
         self._clock = clock
-        self._flights: SingleFlight[tuple[str, str], Outcome] = SingleFlight()
+        # Pulls of one reference with the same credentials that overlap, or follow within
+        # COALESCE_SECONDS, share one decision (one probe, one containerd pull).
+        self._flights: SingleFlight[tuple[str, str], Outcome] = SingleFlight(
+            linger=COALESCE_SECONDS)
 
     async def pull(self, request: PullRequest) -> Outcome:
         try:

@@ -1,0 +1,356 @@
+"""PullImage decisions against a real containerd and real registries: tags update, the
+node's copy stands in within a bounded time when upstream fails, and never for
+credentials that were not seen to work."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import grpc
+import grpc.aio
+import pytest
+
+from nodekeeper._proto import cri_image_pb2 as cri
+from nodekeeper.puller import COALESCE_SECONDS
+from tests.conftest import MakeNodekeeper, MakeRegistry
+from tests.harness import (
+    Containerd,
+    CriClient,
+    Registry,
+    image_ref,
+    push_new,
+    tls_hosts_toml,
+    write_htpasswd,
+)
+from tests.harness.nodekeeper import Nodekeeper
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[..., Nodekeeper]
+
+
+def policy(**defaults: str) -> str:
+    body = "".join(f"  {key}: {value}\n" for key, value in defaults.items())
+    return f"defaults:\n{body}"
+
+
+def pull(client: CriClient, ref: str, auth: cri.AuthConfig | None = None
+         ) -> tuple[str, float] | tuple[grpc.StatusCode, str]:
+    """(image_ref, seconds) on success, (code, message) on failure.
+
+    Waits out the coalescing window afterwards, so the next pull is decided afresh rather
+    than sharing this one's decision.
+    """
+    started = time.monotonic()
+    try:
+        return client.pull(ref, auth=auth), time.monotonic() - started
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()  # type: ignore[attr-defined]
+    finally:
+        time.sleep(COALESCE_SECONDS + 0.05)
+
+
+def decisions(daemon: Nodekeeper) -> list[str]:
+    return [e["decision"] for e in daemon.events() if e.get("rpc") == "PullImage"
+            and "decision" in e]
+
+
+def manifest_heads(registry: Registry, repo: str) -> int:
+    return len(registry.requests("HEAD", f"/v2/{repo}/manifests/"))
+
+
+def test_always_updates_a_moved_tag(
+    registry: Registry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    daemon = make_nodekeeper(containerd.address, policy=policy(update="always"))
+    ref = image_ref(registry.host, "app", "stable")
+    v1 = push_new(registry.url, "app", "stable", seed="v1")
+    with CriClient(daemon.socket) as kubelet, CriClient(containerd.address) as direct:
+        assert pull(kubelet, ref)[0] == v1.config_digest
+        assert pull(kubelet, ref)[0] == v1.config_digest
+        v2 = push_new(registry.url, "app", "stable", seed="v2")
+        assert pull(kubelet, ref)[0] == v2.config_digest
+        assert direct.status(ref).image.id == v2.config_digest
+    assert decisions(daemon) == ["pulled", "fresh", "updated"]
+
+
+def test_interval_skips_upstream_until_it_elapses(
+    registry: Registry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    daemon = make_nodekeeper(containerd.address,
+                             policy=policy(update="interval", interval="2s"))
+    ref = image_ref(registry.host, "app", "v1")
+    image = push_new(registry.url, "app", "v1", seed="interval")
+    with CriClient(daemon.socket) as kubelet:
+        assert pull(kubelet, ref)[0] == image.config_digest
+        registry.clear_requests()
+        for _ in range(5):
+            assert pull(kubelet, ref)[0] == image.config_digest
+        assert registry.requests() == []
+        time.sleep(2.1)
+        assert pull(kubelet, ref)[0] == image.config_digest
+    registry.wait_for_requests(1, "HEAD")
+    assert manifest_heads(registry, "app") == 1
+    assert decisions(daemon)[1:] == ["local-interval"] * 5 + ["fresh"]
+
+
+def test_never_sends_nothing_upstream(
+    registry: Registry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    daemon = make_nodekeeper(containerd.address, policy=policy(update="never"))
+    ref = image_ref(registry.host, "app", "v1")
+    image = push_new(registry.url, "app", "v1", seed="never")
+    with CriClient(daemon.socket) as kubelet:
+        pull(kubelet, ref)
+        registry.clear_requests()
+        push_new(registry.url, "app", "v1", seed="moved")  # upstream moves; we do not look
+        registry.clear_requests()
+        assert pull(kubelet, ref)[0] == image.config_digest
+        digest_ref = image_ref(registry.host, "app", digest=image.digest)
+        assert pull(kubelet, digest_ref)[0] == image.config_digest
+    time.sleep(0.2)
+    assert registry.requests() == []
+    assert decisions(daemon)[1:] == ["local-pinned", "local-pinned"]
+
+
+@pytest.mark.parametrize("failure", ["stopped", "black-holed", "tag deleted"])
+def test_failing_upstream_falls_back_within_probe_timeout(
+    registry: Registry, containerd: Containerd, make_nodekeeper: MakeNodekeeper, failure: str
+) -> None:
+    daemon = make_nodekeeper(containerd.address,
+                             policy=policy(update="always", probe_timeout="1s"))
+    ref = image_ref(registry.host, "app", "v1")
+    image = push_new(registry.url, "app", "v1", seed=failure)
+    with CriClient(daemon.socket) as kubelet, CriClient(containerd.address) as direct:
+        pull(kubelet, ref)
+        if failure == "stopped":
+            registry.stop()
+        elif failure == "black-holed":
+            registry.freeze()
+        else:
+            registry.remove_tag("app", "v1")
+        answer = pull(kubelet, ref)
+        if failure != "black-holed":
+            assert isinstance(pull(direct, ref)[0], grpc.StatusCode)  # containerd alone fails
+        if failure == "black-holed":
+            registry.thaw()
+    assert answer[0] == image.config_digest
+    assert isinstance(answer[1], float)
+    assert answer[1] < 1.0 + 0.5
+    fallback = [e for e in daemon.events() if e.get("event", "").startswith("upstream failed")]
+    assert fallback
+    assert fallback[0]["reason"] == {"stopped": "unreachable", "black-holed": "timeout",
+                                     "tag deleted": "not_found"}[failure]
+    assert fallback[0]["cached_digest"] == image.digest
+    assert fallback[0]["level"] == "warning"
+
+
+def test_no_copy_and_unreachable_says_registry_unavailable(
+    registry: Registry, nodekeeper: Nodekeeper
+) -> None:
+    ref = image_ref(registry.host, "app", "v1")
+    push_new(registry.url, "app", "v1", seed="none")
+    registry.stop()
+    with CriClient(nodekeeper.socket) as kubelet:
+        code, message = pull(kubelet, ref)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert str(message).startswith("RegistryUnavailable:")
+
+
+def test_fallback_class_not_listed_is_an_error(
+    registry: Registry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    daemon = make_nodekeeper(containerd.address, policy=policy(
+        update="always", fallback_on="[unreachable]"))
+    ref = image_ref(registry.host, "app", "v1")
+    push_new(registry.url, "app", "v1", seed="narrow")
+    with CriClient(daemon.socket) as kubelet:
+        pull(kubelet, ref)
+        registry.remove_tag("app", "v1")
+        code, message = pull(kubelet, ref)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert "does not include not_found" in str(message)
+
+
+def test_credentials_decide_who_gets_the_cached_copy(
+    make_registry: MakeRegistry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    registry = make_registry(htpasswd={"alice": "alice-pw", "bob": "bob-pw"})
+    daemon = make_nodekeeper(containerd.address, policy=policy(update="always"))
+    image = push_new(registry.url, "private/app", "1", seed="private",
+                     auth=("alice", "alice-pw"))
+    ref = image_ref(registry.host, "private/app", "1")
+    alice = cri.AuthConfig(username="alice", password="alice-pw")
+    bob = cri.AuthConfig(username="bob", password="bob-pw")
+    mallory = cri.AuthConfig(username="alice", password="guess")
+    with CriClient(daemon.socket) as kubelet:
+        assert pull(kubelet, ref, alice)[0] == image.config_digest
+        # Registry up, wrong password: upstream says 401, nobody saw these work.
+        code, message = pull(kubelet, ref, mallory)
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert "never seen to work" in str(message)
+        # The password changes upstream: alice's old credentials now get 401, but they
+        # pulled this image before, so the node's copy stands in.
+        write_htpasswd(registry.base_dir / "htpasswd", {"alice": "new-pw", "bob": "bob-pw"})
+        registry.restart()
+        assert pull(kubelet, ref, alice)[0] == image.config_digest
+        registry.stop()
+        assert pull(kubelet, ref, alice)[0] == image.config_digest  # unreachable: known creds
+        for stranger in (None, bob, mallory):  # never seen to work: refused
+            code, message = pull(kubelet, ref, stranger)
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert "the node's copy is not used" in str(message)
+    assert "alice-pw" not in daemon.log_text()
+    assert "guess" not in daemon.log_text()
+
+
+def test_auth_fallback_never_refuses_even_known_credentials(
+    make_registry: MakeRegistry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    registry = make_registry(htpasswd={"alice": "alice-pw"})
+    daemon = make_nodekeeper(containerd.address,
+                             policy=policy(update="always", auth_fallback="never"))
+    push_new(registry.url, "private/app", "1", seed="strict", auth=("alice", "alice-pw"))
+    ref = image_ref(registry.host, "private/app", "1")
+    alice = cri.AuthConfig(username="alice", password="alice-pw")
+    with CriClient(daemon.socket) as kubelet:
+        pull(kubelet, ref, alice)
+        registry.stop()
+        code, message = pull(kubelet, ref, alice)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "auth_fallback is never" in str(message)
+
+
+def test_interval_answer_still_checks_unverified_credentials(
+    make_registry: MakeRegistry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    registry = make_registry(htpasswd={"alice": "alice-pw"})
+    daemon = make_nodekeeper(containerd.address,
+                             policy=policy(update="interval", interval="1h"))
+    push_new(registry.url, "private/app", "1", seed="interval-auth", auth=("alice", "alice-pw"))
+    ref = image_ref(registry.host, "private/app", "1")
+    with CriClient(daemon.socket) as kubelet:
+        pull(kubelet, ref, cri.AuthConfig(username="alice", password="alice-pw"))
+        code, _ = pull(kubelet, ref, cri.AuthConfig(username="alice", password="guess"))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        code, _ = pull(kubelet, ref)
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_registry_with_a_private_ca_from_hosts_toml(
+    make_registry: MakeRegistry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    registry = make_registry(tls=True)
+    assert registry.ca_file is not None
+    containerd.write_hosts_toml(registry.host, tls_hosts_toml(registry.host, registry.ca_file))
+    daemon = make_nodekeeper(containerd.address, settings={
+        "containerd": {"hosts_dir": str(containerd.hosts_dir)}},
+        policy=policy(update="always"))
+    image = push_new(registry.url, "tls/app", "1", seed="tls", verify=registry.verify())
+    ref = image_ref(registry.host, "tls/app", "1")
+    with CriClient(daemon.socket) as kubelet:
+        assert pull(kubelet, ref)[0] == image.config_digest
+        assert pull(kubelet, ref)[0] == image.config_digest
+    assert decisions(daemon) == ["pulled", "fresh"]
+
+
+def test_fifty_concurrent_pulls_make_one_upstream_request(
+    registry: Registry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    daemon = make_nodekeeper(containerd.address, policy=policy(update="always"))
+    ref = image_ref(registry.host, "app", "v1")
+    image = push_new(registry.url, "app", "v1", seed="burst")
+    with CriClient(daemon.socket) as kubelet:
+        pull(kubelet, ref)
+    registry.clear_requests()
+
+    async def burst() -> list[bytes]:
+        request = cri.PullImageRequest(image=cri.ImageSpec(image=ref)).SerializeToString()
+        async with grpc.aio.insecure_channel(f"unix://{daemon.socket}") as channel:
+            method = channel.unary_unary("/runtime.v1.ImageService/PullImage")
+            return await asyncio.gather(*(method(request, timeout=30) for _ in range(50)))
+
+    answers = [cri.PullImageResponse.FromString(a).image_ref for a in asyncio.run(burst())]
+    assert answers == [image.config_digest] * 50
+    time.sleep(0.3)
+    assert len(registry.requests()) == 1
+    assert manifest_heads(registry, "app") == 1
+
+
+def test_broken_policy_reload_keeps_the_old_one(
+    registry: Registry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    daemon = make_nodekeeper(containerd.address, policy=policy(update="never"))
+    ref = image_ref(registry.host, "app", "v1")
+    push_new(registry.url, "app", "v1", seed="reload")
+    with CriClient(daemon.socket) as kubelet:
+        pull(kubelet, ref)
+        daemon.policy_path.write_text("defaults:\n  update: sometimes\n")
+        daemon.signal(1)
+        deadline = time.monotonic() + 10
+        while "policy reload failed" not in daemon.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "defaults.update: expected one of always, interval, never" in daemon.log_text()
+        registry.clear_requests()
+        pull(kubelet, ref)
+        assert registry.requests() == []  # still `never`
+        # A valid edit is picked up without a signal, from the file changing on disk.
+        daemon.policy_path.write_text(policy(update="always"))
+        while '"policy loaded"' not in daemon.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pull(kubelet, ref)
+    registry.wait_for_requests(1, "HEAD")
+    assert decisions(daemon)[-2:] == ["local-pinned", "fresh"]
+
+
+def test_restart_keeps_state(
+    registry: Registry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    daemon = make_nodekeeper(containerd.address, policy=policy(update="interval", interval="1h"))
+    ref = image_ref(registry.host, "app", "v1")
+    push_new(registry.url, "app", "v1", seed="restart")
+    with CriClient(daemon.socket) as kubelet:
+        pull(kubelet, ref)
+    assert daemon.stop() == 0
+    daemon.start()
+    registry.clear_requests()
+    with CriClient(daemon.socket) as kubelet:
+        pull(kubelet, ref)
+    time.sleep(0.2)
+    assert registry.requests() == []
+    assert decisions(daemon)[-1] == "local-interval"
+
+
+def test_invalid_reference_is_invalid_argument(nodekeeper: Nodekeeper) -> None:
+    with CriClient(nodekeeper.socket) as kubelet:
+        for bad in ("docker.io/Upper/case:1", "app:bad tag", "a@sha256:short", "a:" + "t" * 200):
+            code, message = pull(kubelet, bad)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "invalid image reference" in str(message)
+
+
+def test_status_and_explain_show_what_happened(
+    registry: Registry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    daemon = make_nodekeeper(containerd.address, policy=policy(update="interval", interval="1h"))
+    ref = image_ref(registry.host, "app", "v1")
+    image = push_new(registry.url, "app", "v1", seed="report")
+    with CriClient(daemon.socket) as kubelet:
+        pull(kubelet, ref)
+        pull(kubelet, ref)
+    cli = [sys.executable, "-m", "nodekeeper"]
+    status = subprocess.run([*cli, "status", "--config", str(daemon.config_path)],
+                            capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "local-interval" in status
+    assert f"{ref}" in status
+    assert image.digest in status
+    explain = subprocess.run([*cli, "explain", ref, "--config", str(daemon.config_path)],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "rule:        defaults" in explain
+    assert image.config_digest in explain
+    assert "answer the node's copy without network (local-interval" in explain
+    assert "anonymous pulls seen to work" in explain
