@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
 import socket
 import ssl
@@ -513,7 +514,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         # A TLS ClientHello (a client trying HTTPS first) is not HTTP: hang up at once
         # instead of waiting for a request line that never comes.
         try:
-            first = self.connection.recv(1, socket.MSG_PEEK)
+            if isinstance(self.rfile, io.BufferedReader):
+                first = self.rfile.peek(1)[:1]  # buffered bytes first, else one socket read
+            else:
+                first = self.connection.recv(1, socket.MSG_PEEK)
         except OSError:
             first = b""
         if first in (b"", b"\x16"):

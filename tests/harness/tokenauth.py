@@ -357,6 +357,7 @@ class _TokenHandler(BaseHTTPRequestHandler):
         owner = self.server.owner
         url = urlsplit(self.path)
         if url.path != "/token":
+            owner._record(TokenRequest("GET", None, None, (), (), 404))
             self._refuse(404, "NOT_FOUND", "no such endpoint")
             return
         query = parse_qs(url.query)
@@ -371,13 +372,14 @@ class _TokenHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         owner = self.server.owner
-        if urlsplit(self.path).path != "/token" or not owner.oauth_post:
-            self._refuse(404, "NOT_FOUND", "no such endpoint")
-            return
         length = int(self.headers.get("Content-Length") or 0)
         form = parse_qs(self.rfile.read(min(length, 1 << 20)).decode(errors="replace"))
         scopes = tuple(s for raw in form.get("scope", []) for s in raw.split(" ") if s)
         service = form.get("service", [None])[0]
+        if urlsplit(self.path).path != "/token" or not owner.oauth_post:
+            owner._record(TokenRequest("POST", None, service, scopes, (), 404))
+            self._refuse(404, "NOT_FOUND", "no such endpoint")
+            return
         grant_type = form.get("grant_type", [""])[0]
         if grant_type != "password":
             owner._record(TokenRequest("POST", None, service, scopes, (), 400))
