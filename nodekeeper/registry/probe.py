@@ -184,7 +184,9 @@ class Prober:
                            creds: Credentials | None, scope: str) -> _Token:
         realm = fields["realm"]
         realm_parts = httpx.URL(realm)
-        same_host = realm_parts.netloc.decode() == endpoint.host
+        # Credentials go to a token service over HTTPS, or to the registry's own host
+        # (any port): never in clear text to a third party.
+        same_host = realm_parts.host == httpx.URL(endpoint.base).host
         send_creds = creds is not None and (realm_parts.scheme == "https" or same_host)
         query = {"scope": scope}
         if "service" in fields:

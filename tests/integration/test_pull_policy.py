@@ -8,7 +8,8 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -18,11 +19,15 @@ from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.puller import COALESCE_SECONDS
 from tests.conftest import MakeNodekeeper, MakeRegistry
 from tests.harness import (
+    BearerAuth,
     Containerd,
     CriClient,
+    FaultProxy,
     Registry,
+    TokenServer,
     image_ref,
     push_new,
+    push_new_with_token,
     tls_hosts_toml,
     write_htpasswd,
 )
@@ -354,3 +359,99 @@ def test_status_and_explain_show_what_happened(
     assert image.config_digest in explain
     assert "answer the node's copy without network (local-interval" in explain
     assert "anonymous pulls seen to work" in explain
+
+
+@pytest.fixture
+def proxied(registry: Registry) -> Iterator[FaultProxy]:
+    """The registry behind a proxy that fails on demand; images are named by the proxy."""
+    with FaultProxy(registry.url) as proxy:
+        yield proxy
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ({"status": 429, "headers": {"Retry-After": "60"}}, "rate_limited"),
+        ({"status": 500}, "server_error"),
+        ({"status": 503}, "server_error"),
+    ],
+)
+def test_rate_limits_and_server_errors_fall_back(
+    registry: Registry, proxied: FaultProxy, containerd: Containerd,
+    make_nodekeeper: MakeNodekeeper, fault: dict[str, object], reason: str
+) -> None:
+    daemon = make_nodekeeper(containerd.address, policy=policy(update="always"))
+    image = push_new(registry.url, "app", "v1", seed=reason)
+    ref = image_ref(proxied.host, "app", "v1")
+    with CriClient(daemon.socket) as kubelet, CriClient(containerd.address) as direct:
+        assert pull(kubelet, ref)[0] == image.config_digest
+        proxied.respond(fault["status"], fault.get("headers"),  # type: ignore[arg-type]
+                        path_contains="/manifests/")
+        assert isinstance(pull(direct, ref)[0], grpc.StatusCode)  # containerd alone fails
+        proxied.clear()
+        assert pull(kubelet, ref)[0] == image.config_digest
+    assert len(proxied.requests("HEAD", "/manifests/")) == 1  # no retry storm
+    fallbacks = [e for e in daemon.events() if e.get("event", "").startswith("upstream failed")]
+    assert [e["reason"] for e in fallbacks] == [reason]
+
+
+def test_spent_docker_hub_quota_keeps_the_node_copy_when_the_tag_moved(
+    registry: Registry, proxied: FaultProxy, containerd: Containerd,
+    make_nodekeeper: MakeNodekeeper
+) -> None:
+    daemon = make_nodekeeper(containerd.address, policy=policy(update="always"))
+    image = push_new(registry.url, "app", "v1", seed="quota")
+    ref = image_ref(proxied.host, "app", "v1")
+    with CriClient(daemon.socket) as kubelet:
+        pull(kubelet, ref)
+        proxied.set_headers({"ratelimit-remaining": "0;w=21600"}, path_contains="/manifests/")
+        assert pull(kubelet, ref)[0] == image.config_digest  # digest unchanged: fresh
+        push_new(registry.url, "app", "v1", seed="quota-moved")
+        proxied.clear()
+        assert pull(kubelet, ref)[0] == image.config_digest  # a pull would be refused
+    assert proxied.requests("GET", "/blobs/") == []
+    assert decisions(daemon) == ["pulled", "fresh", "fallback"]
+
+
+def test_missing_digest_header_is_computed_from_the_manifest(
+    registry: Registry, proxied: FaultProxy, containerd: Containerd,
+    make_nodekeeper: MakeNodekeeper
+) -> None:
+    daemon = make_nodekeeper(containerd.address, policy=policy(update="always"))
+    push_new(registry.url, "app", "v1", seed="nodigest")
+    ref = image_ref(proxied.host, "app", "v1")
+    proxied.drop_headers(["Docker-Content-Digest"], path_contains="/manifests/")
+    with CriClient(daemon.socket) as kubelet:
+        pull(kubelet, ref)
+        pull(kubelet, ref)
+    assert decisions(daemon) == ["pulled", "fresh"]
+
+
+def test_token_auth_registry_with_cached_tokens(
+    tmp_path: Path, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    with TokenServer({"alice": "alice-pw"}, anonymous_pull={"public/app"},
+                     base_dir=tmp_path / "tokens") as tokens, \
+            Registry(tmp_path / "token-registry", token_auth=tokens) as registry:
+        daemon = make_nodekeeper(containerd.address, policy=policy(update="always"))
+        pusher = BearerAuth("alice", "alice-pw")
+        private = push_new_with_token(registry.url, "private/app", "1", pusher, seed="token")
+        public = push_new_with_token(registry.url, "public/app", "1", pusher, seed="public")
+        alice = cri.AuthConfig(username="alice", password="alice-pw")
+        private_ref = image_ref(registry.host, "private/app", "1")
+        public_ref = image_ref(registry.host, "public/app", "1")
+        with CriClient(daemon.socket) as kubelet:
+            assert pull(kubelet, private_ref, alice)[0] == private.config_digest
+            assert pull(kubelet, public_ref)[0] == public.config_digest
+            tokens.clear()
+            assert pull(kubelet, private_ref, alice)[0] == private.config_digest
+            assert pull(kubelet, public_ref)[0] == public.config_digest
+            assert tokens.requests() == []  # both tokens still valid: reused
+            code, _ = pull(kubelet, private_ref)
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+            registry.stop()
+            assert pull(kubelet, public_ref)[0] == public.config_digest  # public: anyone
+            code, _ = pull(kubelet, private_ref)
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert pull(kubelet, private_ref, alice)[0] == private.config_digest
+        assert "alice-pw" not in daemon.log_text()
