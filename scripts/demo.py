@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -14,6 +15,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nodekeeper._proto import cri_image_pb2 as cri
+from nodekeeper.puller import COALESCE_SECONDS
 from tests.harness import Containerd, CriClient, Registry, image_ref, push_new
 from tests.harness.nodekeeper import Nodekeeper
 
@@ -21,6 +23,9 @@ USER, PASSWORD = "demo", "demo-password"
 
 
 def step(text: str) -> None:
+    # Paced like a person would go: pulls of one image within 0.2 s of each other share
+    # one decision (see COALESCE_SECONDS), and each step here should be decided afresh.
+    time.sleep(COALESCE_SECONDS + 0.1)
     print(f"\n==> {text}", flush=True)
 
 
@@ -66,18 +71,37 @@ def main() -> int:
                       f"    digests {list(via.repo_digests)}")
                 print(f"    identical to containerd's own answer: {via == straight}")
 
+                step("A new build is pushed under the same tag; the next pull picks it up")
+                update = push_new(registry.url, "demo/hello", "1", seed="demo-v2",
+                                  auth=(USER, PASSWORD))
+                print(f"    pushed image id {update.config_digest}")
+                print(f"    nodekeeper answers {kubelet.pull(ref, auth=auth)}")
+
+                step("The registry goes down")
+                registry.stop()
+                try:
+                    direct.pull(ref, auth=auth)
+                except grpc.RpcError as exc:
+                    print(f"    containerd alone: {exc.code().name}")  # type: ignore[attr-defined]
+                started = time.monotonic()
+                answer = kubelet.pull(ref, auth=auth)
+                print(f"    nodekeeper: the node's copy {answer} after "
+                      f"{(time.monotonic() - started) * 1000:.0f} ms")
+                wrong = cri.AuthConfig(username=USER, password="not-the-password")
+                try:
+                    kubelet.pull(ref, auth=wrong)
+                except grpc.RpcError as exc:
+                    print(f"    a pod with the wrong password is refused: "
+                          f"{exc.code().name}")  # type: ignore[attr-defined]
+
                 step("ListImages through nodekeeper")
                 for listed in kubelet.list().images:
                     print(f"    {listed.id[:19]}…  {', '.join(listed.repo_tags)}")
 
-                step("RemoveImage through nodekeeper (by image id, as the kubelet's GC does)")
-                kubelet.remove(via.id)
-                print(f"    still present: {kubelet.status(ref).HasField('image')}")
-
             step("nodekeeper's log lines (one per RPC; credentials never appear)")
             for event in daemon.events():
                 if event.get("event") == "rpc":
-                    shown = {k: event[k] for k in ("rpc", "image", "outcome", "code",
+                    shown = {k: event[k] for k in ("rpc", "decision", "reason", "code",
                                                    "duration_ms") if k in event}
                     print(f"    {json.dumps(shown)}")
             assert PASSWORD not in daemon.log_text()
