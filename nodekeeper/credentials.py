@@ -35,7 +35,7 @@ class Credentials:
                     registry_token: str = "") -> Credentials | None:
         """containerd's order: username/password, else identity_token, else the base64
         `auth` (user:password). registry_token is kept for probing only."""
-        if not username and auth:
+        if not username and not identity_token and auth:
             try:
                 decoded = base64.b64decode(auth, validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):

@@ -81,6 +81,9 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
     if not pattern:
         raise ValueError("the pattern is empty")
     segments = pattern.split("/")
+    # `**/**` means no more than `**`.
+    segments = [s for i, s in enumerate(segments)
+                if not (s == "**" and i > 0 and segments[i - 1] == "**")]
     regex = ""
     for position, segment in enumerate(segments):
         first, last = position == 0, position == len(segments) - 1

@@ -52,9 +52,10 @@ _CODES = {
 }
 # How containerd words the failures of a pull, to classify them like a probe's.
 _PULL_ERRORS = (
-    ("rate_limited", re.compile(r"429|too many requests", re.I)),
-    ("unauthorized", re.compile(r"401|403|unauthorized|forbidden", re.I)),
-    ("not_found", re.compile(r"\bnot found\b|404", re.I)),
+    ("rate_limited", re.compile(r"\b429\b|too many requests", re.I)),
+    ("unauthorized", re.compile(r"\b40[13]\b|unauthorized|forbidden|pull access denied|"
+                                r"authorization failed|insufficient_scope", re.I)),
+    ("not_found", re.compile(r"\bnot found\b|\b404\b", re.I)),
     ("server_error", re.compile(r"\b5\d\d\b", re.I)),
     ("unreachable", re.compile(r"connection refused|no such host|dial tcp|i/o timeout|EOF|"
                                r"connection reset|deadline exceeded|network is unreachable",

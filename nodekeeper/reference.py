@@ -24,8 +24,9 @@ _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN = re.compile(
     rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?$"
 )
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # ASCII only, as in Go
 _DIGEST = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}$")
+_DIGEST_HEX_LENGTH = {"sha256": 64, "sha384": 96, "sha512": 128}
 _SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -74,8 +75,12 @@ def parse(text: str) -> Reference:
     remainder, _, digest = text.partition("@")
     if digest and not _DIGEST.match(digest):
         raise InvalidReference(f"invalid digest {digest!r} in {text!r}")
-    if digest.startswith("sha256:") and not _SHA256.match(digest):
-        raise InvalidReference(f"invalid sha256 digest {digest!r}: expected 64 lowercase hex")
+    algorithm, _, encoded = digest.partition(":")
+    if digest and algorithm not in _DIGEST_HEX_LENGTH:
+        raise InvalidReference(f"unsupported digest algorithm {algorithm!r} in {text!r}")
+    if digest and (len(encoded) != _DIGEST_HEX_LENGTH[algorithm] or encoded != encoded.lower()):
+        raise InvalidReference(f"invalid {algorithm} digest {digest!r}: expected "
+                               f"{_DIGEST_HEX_LENGTH[algorithm]} lowercase hex characters")
     name, tag = remainder, ""
     colon = remainder.rfind(":")
     if colon > remainder.rfind("/"):

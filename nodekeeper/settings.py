@@ -62,8 +62,9 @@ class Document:
             raise SettingsError(f"{path}: cannot read: {exc}") from None
         return cls(str(path), text)
 
-    def _index(self, node: yaml.Node, key: Key) -> None:
-        self._lines[key] = node.start_mark.line + 1
+    def _index(self, node: yaml.Node, key: Key, line: int | None = None) -> None:
+        # A mapping value is located at its key's line, not where the value starts.
+        self._lines[key] = line or node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
             seen: set[str] = set()
             for key_node, value_node in node.value:
@@ -74,7 +75,7 @@ class Document:
                         f"{self.path}:{line}: {format_key((*key, name))}: key given twice"
                     )
                 seen.add(name)
-                self._index(value_node, (*key, name))
+                self._index(value_node, (*key, name), key_node.start_mark.line + 1)
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
                 self._index(item, (*key, index))

@@ -175,6 +175,8 @@ def _open(path: Path) -> sqlite3.Connection:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    # Created 0600 before SQLite opens it: the -wal and -shm files take its permissions.
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         db.isolation_level = "DEFERRED"  # transactions via `with db:`

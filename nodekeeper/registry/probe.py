@@ -121,8 +121,8 @@ class Prober:
                     first = first or failure
                     if failure.kind in ("unauthorized", "rate_limited"):
                         break
-            assert first is not None
-            raise first
+            raise first or ProbeFailure(
+                "invalid", f"no host in the hosts.toml for {ref.domain} may resolve tags")
 
     async def _resolve(self, endpoint: Endpoint, ref: Reference,
                        credentials: Credentials | None) -> ProbeResult:

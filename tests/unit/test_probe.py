@@ -1,0 +1,652 @@
+"""Probing a registry for a tag's digest, against an in-process fake registry
+(httpx.MockTransport): auth flows, token caching, and how every failure is classified.
+Also containerd's pull errors, classified the same way (puller.classify_pull_error)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import httpx
+import pytest
+
+from nodekeeper.credentials import Credentials
+from nodekeeper.puller import classify_pull_error
+from nodekeeper.reference import Reference, parse
+from nodekeeper.registry import ProbeFailure, Prober, ProbeResult
+from nodekeeper.registry.hosts import Endpoint
+
+# The four manifest types containerd accepts (FACTS.md, "Registry protocol").
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+HOST = "127.0.0.1:5000"
+IMAGE = f"{HOST}/team/app:1.0"
+MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_TYPES[1]}).encode()
+DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
+USER, PASSWORD = "alice", "s3cret"
+TIMEOUT = 5.0
+
+Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@dataclass
+class FakeRegistry:
+    """A registry with an optional token service, recording every request it gets.
+
+    auth: "" (open), "bearer" (token flow) or "basic". With `require_creds`, the token
+    service (or the Basic check) wants USER/PASSWORD; otherwise it also serves anonymously.
+    """
+
+    auth: str = ""
+    realm: str = "https://auth.example/token"
+    service: str = "registry.test"
+    require_creds: bool = False
+    send_digest: bool = True
+    manifest: bytes = MANIFEST
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    token_lifetime: float | None = 300.0
+    token_field: str = "token"
+    token_status: int = 200
+    token_body: bytes | None = None
+    requests: list[httpx.Request] = field(default_factory=list)
+    issued: list[str] = field(default_factory=list)
+
+    @property
+    def token_requests(self) -> list[httpx.Request]:
+        realm = httpx.URL(self.realm)
+        return [r for r in self.requests
+                if r.url.host == realm.host and r.url.path == realm.path]
+
+    @property
+    def registry_requests(self) -> list[httpx.Request]:
+        return [r for r in self.requests if r not in self.token_requests]
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        realm = httpx.URL(self.realm)
+        if request.url.host == realm.host and request.url.path == realm.path:
+            return self._token(request)
+        return self._registry(request)
+
+    def _token(self, request: httpx.Request) -> httpx.Response:
+        if self.require_creds and request.headers.get("authorization") != basic(USER, PASSWORD):
+            return httpx.Response(401, json={"details": "bad credentials"})
+        if self.token_status != 200:
+            return httpx.Response(self.token_status)
+        if self.token_body is not None:
+            return httpx.Response(200, content=self.token_body)
+        value = f"token-{len(self.issued) + 1}"
+        self.issued.append(value)
+        body: dict[str, object] = {self.token_field: value}
+        if self.token_lifetime is not None:
+            body["expires_in"] = self.token_lifetime
+        return httpx.Response(200, json=body)
+
+    def _registry(self, request: httpx.Request) -> httpx.Response:
+        given = request.headers.get("authorization", "")
+        if self.auth == "bearer" and given.removeprefix("Bearer ") not in self.issued:
+            name = request.url.path.split("/v2/", 1)[1].split("/manifests/", 1)[0]
+            challenge = (f'Bearer realm="{self.realm}",service="{self.service}",'
+                         f'scope="repository:{name}:pull"')
+            return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+        if self.auth == "basic" and given != basic(USER, PASSWORD):
+            return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="registry"'})
+        if self.status is not None:
+            return httpx.Response(self.status, headers=self.headers)
+        headers = {"Content-Type": MANIFEST_TYPES[1], **self.headers}
+        if self.send_digest:
+            headers["Docker-Content-Digest"] = DIGEST
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(len(self.manifest))
+            return httpx.Response(200, headers=headers)
+        return httpx.Response(200, headers=headers, content=self.manifest)
+
+
+class MockProber(Prober):
+    """A Prober whose every HTTP client talks to `handler` instead of the network."""
+
+    def __init__(self, hosts_dir: str, handler: Handler,
+                 clock: Callable[[], float] = time.monotonic, per_registry: int = 8) -> None:
+        super().__init__(hosts_dir, per_registry=per_registry, clock=clock)
+        self.mock = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        self.endpoints_used: list[Endpoint] = []
+
+    def _client(self, endpoint: Endpoint) -> httpx.AsyncClient:
+        self.endpoints_used.append(endpoint)
+        return self.mock
+
+    async def close(self) -> None:
+        await self.mock.aclose()
+        await super().close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+MakeProber = Callable[..., MockProber]
+
+
+@pytest.fixture
+async def make_prober(tmp_path: Path) -> AsyncIterator[MakeProber]:
+    made: list[MockProber] = []
+
+    def make(handler: Handler, **kwargs: object) -> MockProber:
+        prober = MockProber(str(tmp_path / "hosts"), handler, **kwargs)  # type: ignore[arg-type]
+        made.append(prober)
+        return prober
+
+    try:
+        yield make
+    finally:
+        for prober in made:
+            await prober.close()
+
+
+async def probe(prober: Prober, image: str = IMAGE, creds: Credentials | None = None,
+                timeout: float = TIMEOUT) -> ProbeResult:
+    return await prober.probe(parse(image), creds, timeout)
+
+
+async def failure(prober: Prober, image: str = IMAGE, creds: Credentials | None = None,
+                  timeout: float = TIMEOUT) -> ProbeFailure:
+    with pytest.raises(ProbeFailure) as info:
+        await probe(prober, image, creds, timeout)
+    return info.value
+
+
+def hosts_toml(tmp_path: Path, domain: str, text: str) -> None:
+    directory = tmp_path / "hosts" / domain
+    directory.mkdir(parents=True)
+    (directory / "hosts.toml").write_text(text)
+
+
+# -- finding the digest ----------------------------------------------------------------------
+
+async def test_head_with_docker_content_digest(make_prober: MakeProber) -> None:
+    registry = FakeRegistry()
+    result = await probe(make_prober(registry))
+    assert result == ProbeResult(DIGEST, HOST, authenticated=False, pull_quota_spent=False)
+    (request,) = registry.requests
+    assert request.method == "HEAD"
+    assert str(request.url) == f"http://{HOST}/v2/team/app/manifests/1.0"
+
+
+async def test_accept_lists_all_four_manifest_types(make_prober: MakeProber) -> None:
+    registry = FakeRegistry(send_digest=False)
+    await probe(make_prober(registry))
+    assert len(registry.requests) == 2
+    for request in registry.requests:
+        accepted = {part.strip() for part in request.headers["accept"].split(",")}
+        assert accepted >= set(MANIFEST_TYPES)
+
+
+async def test_missing_digest_header_hashes_the_body_of_a_get(make_prober: MakeProber) -> None:
+    body = b'{"schemaVersion": 2, "note": "hashed by the prober"}'
+    registry = FakeRegistry(send_digest=False, manifest=body)
+    result = await probe(make_prober(registry))
+    assert result.digest == "sha256:" + hashlib.sha256(body).hexdigest()
+    assert [r.method for r in registry.requests] == ["HEAD", "GET"]
+
+
+async def test_oversized_manifest_is_invalid(make_prober: MakeProber) -> None:
+    from nodekeeper.registry.probe import MAX_MANIFEST_BYTES
+
+    registry = FakeRegistry(send_digest=False, manifest=b" " * (MAX_MANIFEST_BYTES + 1))
+    assert (await failure(make_prober(registry))).kind == "invalid"
+
+
+async def test_docker_hub_goes_to_registry_1(make_prober: MakeProber) -> None:
+    registry = FakeRegistry()
+    result = await probe(make_prober(registry), "postgres:15")
+    assert result.endpoint == "registry-1.docker.io"
+    assert str(registry.requests[0].url) == \
+        "https://registry-1.docker.io/v2/library/postgres/manifests/15"
+
+
+async def test_digest_reference_is_checked(make_prober: MakeProber) -> None:
+    registry = FakeRegistry()
+    pinned = f"{HOST}/team/app@{DIGEST}"
+    assert (await probe(make_prober(registry), pinned)).digest == DIGEST
+    assert registry.requests[0].url.path == f"/v2/team/app/manifests/{DIGEST}"
+    other = "sha256:" + hashlib.sha256(b"other").hexdigest()
+    assert (await failure(make_prober(registry), f"{HOST}/team/app@{other}")).kind == "invalid"
+
+
+@pytest.mark.parametrize(
+    ("header", "spent"),
+    [("0;w=21600", True), ("0", True), (" 0 ; w=21600", True), ("57;w=21600", False),
+     ("", False), ("100", False)],
+)
+async def test_ratelimit_remaining(make_prober: MakeProber, header: str, spent: bool) -> None:
+    registry = FakeRegistry(headers={"ratelimit-remaining": header, "ratelimit-limit": "100"})
+    result = await probe(make_prober(registry))
+    assert result.pull_quota_spent is spent
+    assert result.digest == DIGEST
+
+
+# -- Bearer tokens ---------------------------------------------------------------------------
+
+async def test_bearer_challenge_fetches_a_token_with_service_and_scope(
+        make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="bearer")
+    result = await probe(make_prober(registry), creds=Credentials(USER, PASSWORD))
+    assert result.digest == DIGEST
+    assert result.authenticated
+    (token_request,) = registry.token_requests
+    query = parse_qs(token_request.url.query.decode())
+    assert query == {"service": [registry.service], "scope": ["repository:team/app:pull"]}
+    # HTTPS realm: Basic credentials go to the token service.
+    assert token_request.headers["authorization"] == basic(USER, PASSWORD)
+    head, retry = registry.registry_requests
+    assert "authorization" not in head.headers
+    assert retry.headers["authorization"] == f"Bearer {registry.issued[0]}"
+
+
+async def test_anonymous_token(make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="bearer")
+    result = await probe(make_prober(registry))
+    assert not result.authenticated
+    (token_request,) = registry.token_requests
+    assert "authorization" not in token_request.headers
+
+
+async def test_credentials_go_to_a_plain_http_realm_on_the_same_host(
+        make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="bearer", realm=f"http://{HOST}/token", require_creds=True)
+    await probe(make_prober(registry), creds=Credentials(USER, PASSWORD))
+    (token_request,) = registry.token_requests
+    assert token_request.headers["authorization"] == basic(USER, PASSWORD)
+
+
+async def test_credentials_never_go_to_another_host_over_plain_http(
+        make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="bearer", realm="http://auth.example:8080/token")
+    await probe(make_prober(registry), creds=Credentials(USER, PASSWORD))
+    (token_request,) = registry.token_requests
+    assert "authorization" not in token_request.headers
+    assert all(PASSWORD not in str(r.url) for r in registry.requests)
+
+
+async def test_identity_token_is_exchanged_by_post(make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="bearer")
+    await probe(make_prober(registry), creds=Credentials(identity_token="refresh-me"))
+    (token_request,) = registry.token_requests
+    assert token_request.method == "POST"
+    form = parse_qs(token_request.content.decode())
+    assert form["grant_type"] == ["refresh_token"]
+    assert form["refresh_token"] == ["refresh-me"]
+    assert form["scope"] == ["repository:team/app:pull"]
+    assert form["service"] == [registry.service]
+
+
+async def test_token_is_cached_until_it_expires(make_prober: MakeProber) -> None:
+    clock = Clock()
+    registry = FakeRegistry(auth="bearer", token_lifetime=300)
+    prober = make_prober(registry, clock=clock)
+    await probe(prober)
+    assert len(registry.token_requests) == 1
+    clock.now += 250
+    await probe(prober)
+    assert len(registry.token_requests) == 1
+    # The cached token is sent up front: no 401 round trip.
+    assert registry.requests[-1].headers["authorization"] == f"Bearer {registry.issued[0]}"
+    assert len(registry.registry_requests) == 3
+    clock.now += 51  # past expires_in
+    await probe(prober)
+    assert len(registry.token_requests) == 2
+
+
+async def test_token_lifetime_defaults_to_60_seconds(make_prober: MakeProber) -> None:
+    clock = Clock()
+    registry = FakeRegistry(auth="bearer", token_lifetime=None)
+    prober = make_prober(registry, clock=clock)
+    await probe(prober)
+    clock.now += 30
+    await probe(prober)
+    assert len(registry.token_requests) == 1
+    clock.now += 31  # 61 s after the token was issued
+    await probe(prober)
+    assert len(registry.token_requests) == 2
+
+
+async def test_access_token_field_is_accepted(make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="bearer", token_field="access_token")
+    assert (await probe(make_prober(registry))).digest == DIGEST
+
+
+async def test_tokens_are_cached_per_credential(make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="bearer")
+    prober = make_prober(registry)
+    await probe(prober, creds=Credentials(USER, PASSWORD))
+    await probe(prober, creds=Credentials("bob", "other"))
+    await probe(prober)
+    assert len(registry.token_requests) == 3
+    await probe(prober, creds=Credentials(USER, PASSWORD))
+    assert len(registry.token_requests) == 3
+
+
+async def test_registry_token_is_used_directly(make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="bearer")
+    registry.issued.append("given-by-kubelet")
+    creds = Credentials(registry_token="given-by-kubelet")
+    result = await probe(make_prober(registry), creds=creds)
+    assert result.digest == DIGEST
+    assert registry.token_requests == []
+    assert registry.requests[-1].headers["authorization"] == "Bearer given-by-kubelet"
+
+
+# -- Basic auth ------------------------------------------------------------------------------
+
+async def test_basic_challenge_is_answered_with_basic_auth(make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="basic")
+    result = await probe(make_prober(registry), creds=Credentials(USER, PASSWORD))
+    assert result.authenticated
+    assert result.digest == DIGEST
+    first, retry = registry.requests
+    assert "authorization" not in first.headers
+    assert retry.headers["authorization"] == basic(USER, PASSWORD)
+
+
+async def test_basic_challenge_without_credentials_is_unauthorized(
+        make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="basic")
+    assert (await failure(make_prober(registry))).kind == "unauthorized"
+    assert len(registry.requests) == 1
+
+
+async def test_wrong_password_is_unauthorized(make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="basic")
+    found = await failure(make_prober(registry), creds=Credentials(USER, "wrong"))
+    assert found.kind == "unauthorized"
+
+
+@pytest.mark.parametrize("server_address", ["https://other.example", "127.0.0.1:5000",
+                                            "http://127.0.0.1:5001"])
+async def test_credentials_for_another_registry_are_not_sent(
+        make_prober: MakeProber, server_address: str) -> None:
+    creds = Credentials(USER, PASSWORD, server_address=server_address)
+    registry = FakeRegistry(auth="basic")
+    assert (await failure(make_prober(registry), creds=creds)).kind == "unauthorized"
+    assert all("authorization" not in r.headers for r in registry.requests)
+    open_registry = FakeRegistry(auth="bearer")
+    result = await probe(make_prober(open_registry), creds=creds)
+    assert not result.authenticated
+    assert all("authorization" not in r.headers for r in open_registry.token_requests)
+
+
+async def test_credentials_for_this_registry_are_sent(make_prober: MakeProber) -> None:
+    creds = Credentials(USER, PASSWORD, server_address=f"http://{HOST}")
+    registry = FakeRegistry(auth="basic")
+    assert (await probe(make_prober(registry), creds=creds)).authenticated
+
+
+async def test_unusable_challenge_is_invalid(make_prober: MakeProber) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, headers={"WWW-Authenticate": 'Negotiate realm="x"'})
+
+    assert (await failure(make_prober(handler))).kind == "invalid"
+
+
+# -- failures --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(429, "rate_limited"), (404, "not_found"), (500, "server_error"), (502, "server_error"),
+     (503, "server_error"), (403, "unauthorized"), (400, "invalid")],
+)
+async def test_status_classification(make_prober: MakeProber, status: int, kind: str) -> None:
+    found = await failure(make_prober(FakeRegistry(status=status)))
+    assert found.kind == kind
+    assert str(found).startswith(f"{kind}: ")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [httpx.ConnectError("connection refused"), httpx.ReadError("connection reset"),
+     httpx.RemoteProtocolError("server disconnected")],
+)
+async def test_transport_errors_are_unreachable(make_prober: MakeProber,
+                                                error: httpx.TransportError) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        raise error
+
+    assert (await failure(make_prober(handler))).kind == "unreachable"
+
+
+async def test_token_service_refusing_is_unauthorized(make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="bearer", require_creds=True)
+    found = await failure(make_prober(registry), creds=Credentials(USER, "wrong"))
+    assert found.kind == "unauthorized"
+    assert "token service" in found.detail
+
+
+@pytest.mark.parametrize(("status", "kind"), [(500, "server_error"), (429, "rate_limited"),
+                                              (404, "not_found"), (403, "unauthorized")])
+async def test_token_service_failures(make_prober: MakeProber, status: int, kind: str) -> None:
+    registry = FakeRegistry(auth="bearer", token_status=status)
+    assert (await failure(make_prober(registry))).kind == kind
+
+
+async def test_token_service_unreachable(make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="bearer")
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            raise httpx.ConnectError("no route to host")
+        return await registry(request)
+
+    assert (await failure(make_prober(handler))).kind == "unreachable"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[]", b'"token"', b"{}", b'{"token": ""}', b'{"token": 5}', b"{"],
+)
+async def test_malformed_token_reply_is_invalid(make_prober: MakeProber, body: bytes) -> None:
+    registry = FakeRegistry(auth="bearer", token_body=body)
+    assert (await failure(make_prober(registry))).kind == "invalid"
+
+
+async def test_still_unauthorized_with_a_token(make_prober: MakeProber) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            return httpx.Response(200, json={"token": "useless"})
+        challenge = 'Bearer realm="https://auth.example/token",service="s"'
+        return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+
+    assert (await failure(make_prober(handler))).kind == "unauthorized"
+
+
+async def test_hanging_registry_times_out_within_the_timeout(make_prober: MakeProber) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        return httpx.Response(200)
+
+    timeout = 0.2
+    started = time.monotonic()
+    found = await failure(make_prober(handler), timeout=timeout)
+    elapsed = time.monotonic() - started
+    assert found.kind == "timeout"
+    assert timeout <= elapsed < timeout + 0.5
+
+
+async def test_hanging_token_service_times_out(make_prober: MakeProber) -> None:
+    registry = FakeRegistry(auth="bearer")
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            await asyncio.sleep(30)
+        return await registry(request)
+
+    started = time.monotonic()
+    assert (await failure(make_prober(handler), timeout=0.2)).kind == "timeout"
+    assert time.monotonic() - started < 0.7
+
+
+async def test_probes_per_registry_are_limited(make_prober: MakeProber) -> None:
+    in_flight, most = 0, 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return httpx.Response(200, headers={"Docker-Content-Digest": DIGEST})
+
+    prober = make_prober(handler, per_registry=2)
+    results = await asyncio.gather(*(probe(prober) for _ in range(6)))
+    assert {r.digest for r in results} == {DIGEST}
+    assert most == 2
+
+
+# -- mirrors ---------------------------------------------------------------------------------
+
+async def test_mirror_is_asked_first_with_ns(make_prober: MakeProber, tmp_path: Path) -> None:
+    hosts_toml(tmp_path, HOST, '[host."http://mirror.example:5001"]\n')
+    registry = FakeRegistry()
+    result = await probe(make_prober(registry))
+    assert result.endpoint == "mirror.example:5001"
+    (request,) = registry.requests
+    assert request.url.host == "mirror.example"
+    assert request.url.params["ns"] == HOST
+
+
+@pytest.mark.parametrize("broken", ["unreachable", "not_found", "server_error"])
+async def test_unusable_mirror_hands_over_to_the_server(make_prober: MakeProber, tmp_path: Path,
+                                                        broken: str) -> None:
+    hosts_toml(tmp_path, HOST, '[host."http://mirror.example:5001"]\n')
+    registry = FakeRegistry()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "mirror.example":
+            if broken == "unreachable":
+                raise httpx.ConnectError("connection refused")
+            return httpx.Response(404 if broken == "not_found" else 503)
+        return await registry(request)
+
+    result = await probe(make_prober(handler))
+    assert result.endpoint == HOST
+    assert "ns" not in registry.requests[-1].url.params
+
+
+async def test_every_host_failing_reports_the_first_failure(make_prober: MakeProber,
+                                                            tmp_path: Path) -> None:
+    hosts_toml(tmp_path, HOST, '[host."http://mirror.example:5001"]\n')
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "mirror.example":
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(404)
+
+    assert (await failure(make_prober(handler))).kind == "unreachable"
+
+
+async def test_hosts_toml_headers_are_sent(make_prober: MakeProber, tmp_path: Path) -> None:
+    hosts_toml(tmp_path, HOST, '[header]\n  x-tenant = "blue"\n')
+    registry = FakeRegistry()
+    await probe(make_prober(registry))
+    assert registry.requests[0].headers["x-tenant"] == "blue"
+
+
+async def test_no_resolving_endpoint_is_a_probe_failure(make_prober: MakeProber,
+                                                        tmp_path: Path) -> None:
+    hosts_toml(tmp_path, HOST, 'capabilities = ["pull"]\n')
+    with pytest.raises(ProbeFailure):
+        await probe(make_prober(FakeRegistry()))
+
+
+def test_reference_parse_matches_the_probed_path() -> None:
+    assert parse(IMAGE) == Reference(HOST, "team/app", "1.0")
+
+
+# -- containerd's pull errors ----------------------------------------------------------------
+
+PULL = 'failed to pull and unpack image "{0}": failed to resolve reference "{0}": '
+LOCAL = "127.0.0.1:5000/team/app:1.0"
+HUB = "docker.io/library/postgres:15"
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        (PULL.format(LOCAL) + "unexpected status from HEAD request to "
+         "http://127.0.0.1:5000/v2/team/app/manifests/1.0: 429 Too Many Requests",
+         "rate_limited"),
+        (PULL.format(HUB) + "unexpected status from HEAD request to "
+         "https://registry-1.docker.io/v2/library/postgres/manifests/15: 401 Unauthorized",
+         "unauthorized"),
+        (PULL.format(LOCAL) + "unexpected status from HEAD request to "
+         "http://127.0.0.1:5000/v2/team/app/manifests/1.0: 403 Forbidden", "unauthorized"),
+        (PULL.format(HUB) + "failed to fetch anonymous token: unexpected status from GET "
+         "request to https://auth.docker.io/token?scope=repository%3Alibrary%2Fpostgres%3Apull"
+         "&service=registry.docker.io: 401 Unauthorized", "unauthorized"),
+        (PULL.format(LOCAL) + f"{LOCAL}: not found", "not_found"),
+        (PULL.format(LOCAL) + "unexpected status from HEAD request to "
+         "http://127.0.0.1:5000/v2/team/app/manifests/1.0: 500 Internal Server Error",
+         "server_error"),
+        (PULL.format(LOCAL) + "unexpected status from HEAD request to "
+         "http://127.0.0.1:5000/v2/team/app/manifests/1.0: 503 Service Unavailable",
+         "server_error"),
+        (PULL.format(LOCAL) + "failed to do request: Head "
+         '"http://127.0.0.1:5000/v2/team/app/manifests/1.0": '
+         "dial tcp 127.0.0.1:5000: connect: connection refused", "unreachable"),
+        (PULL.format("registry.example/app:1") + "failed to do request: Head "
+         '"https://registry.example/v2/app/manifests/1": dial tcp: lookup registry.example '
+         "on 127.0.0.53:53: no such host", "unreachable"),
+        (PULL.format(LOCAL) + "failed to do request: Head "
+         '"http://127.0.0.1:5000/v2/team/app/manifests/1.0": EOF', "unreachable"),
+        (PULL.format(LOCAL) + "failed to do request: Head "
+         '"http://127.0.0.1:5000/v2/team/app/manifests/1.0": read tcp '
+         "127.0.0.1:41234->127.0.0.1:5000: read: connection reset by peer", "unreachable"),
+        (PULL.format(LOCAL) + "failed to do request: Head "
+         '"http://127.0.0.1:5000/v2/team/app/manifests/1.0": context deadline exceeded',
+         "unreachable"),
+    ],
+)
+def test_classify_pull_error(message: str, kind: str) -> None:
+    assert classify_pull_error(message) == kind
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        PULL.format("registry.example:4043/app:1") + 'failed to do request: Head '
+        '"https://registry.example:4043/v2/app/manifests/1": dial tcp 10.0.0.7:4043: '
+        "connect: connection refused",
+        'failed to pull and unpack image "docker.io/library/postgres:15": failed to copy: '
+        "httpReadSeeker: failed open: failed to do request: Get \"https://production."
+        "cloudflare.docker.com/registry-v2/docker/registry/v2/blobs/sha256/7a/7a401b2c/data"
+        '": dial tcp: lookup production.cloudflare.docker.com: no such host',
+    ],
+)
+def test_classify_pull_error_ignores_numbers_inside_ports_and_digests(message: str) -> None:
+    assert classify_pull_error(message) == "unreachable"
+
+
+def test_classify_pull_access_denied_is_unauthorized() -> None:
+    message = (PULL.format("docker.io/library/private:latest") + "pull access denied, "
+               "repository does not exist or may require authorization: server message: "
+               "insufficient_scope: authorization failed")
+    assert classify_pull_error(message) == "unauthorized"
