@@ -159,4 +159,6 @@ class Daemon:
 
 def serve(config: configuration.Config, overrides: configuration.Overrides) -> int:
     logs.setup(config.log.level, config.log.format)
+    if config.metrics_address:
+        metrics.enable()
     return asyncio.run(Daemon(config, overrides).run())

@@ -1,51 +1,90 @@
-"""Every Prometheus metric nodekeeper exports, in one place, and the endpoint serving them."""
+"""Every Prometheus metric nodekeeper exports, in one place, and the endpoint serving them.
+
+prometheus_client costs about 4 MB of memory, so it is loaded only when metrics are
+served (`metrics_address` set). Until then each metric is a no-op with the same methods.
+"""
 
 from __future__ import annotations
 
-import prometheus_client
-from prometheus_client import Counter, Gauge, Histogram
+from typing import Any
 
 from nodekeeper.config import split_host_port
 
-RPCS = Counter(
-    "nodekeeper_rpcs", "CRI image RPCs answered, by method and gRPC status code",
-    ["rpc", "code"],
-)
-RPC_SECONDS = Histogram(
-    "nodekeeper_rpc_duration_seconds", "Time to answer a CRI image RPC", ["rpc"],
-    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
-)
-CONTAINERD_UP = Gauge(
-    "nodekeeper_containerd_reachable", "1 while containerd's socket answers, else 0",
-)
+
+class _Off:
+    """Stands in for a metric while metrics are not served."""
+
+    def labels(self, *values: str) -> _Off:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+
+_OFF = _Off()
+RPCS: Any = _OFF
+RPC_SECONDS: Any = _OFF
+CONTAINERD_UP: Any = _OFF
+DECISIONS: Any = _OFF
+FALLBACKS: Any = _OFF
+PROBE_SECONDS: Any = _OFF
+UPSTREAM_REQUESTS: Any = _OFF
+POLICY_VALID: Any = _OFF
+POLICY_LOADED: Any = _OFF
+
+
+def enable() -> None:
+    """Create the real metrics. Call once, before anything records a value."""
+    global RPCS, RPC_SECONDS, CONTAINERD_UP, DECISIONS, FALLBACKS, PROBE_SECONDS
+    global UPSTREAM_REQUESTS, POLICY_VALID, POLICY_LOADED
+    from prometheus_client import Counter, Gauge, Histogram
+
+    RPCS = Counter(
+        "nodekeeper_rpcs", "CRI image RPCs answered, by method and gRPC status code",
+        ["rpc", "code"],
+    )
+    RPC_SECONDS = Histogram(
+        "nodekeeper_rpc_duration_seconds", "Time to answer a CRI image RPC", ["rpc"],
+        buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    )
+    CONTAINERD_UP = Gauge(
+        "nodekeeper_containerd_reachable", "1 while containerd's socket answers, else 0",
+    )
+    DECISIONS = Counter(
+        "nodekeeper_pull_decisions", "PullImage decisions, by decision and reason class",
+        ["decision", "reason"],
+    )
+    FALLBACKS = Counter(
+        "nodekeeper_fallbacks",
+        "PullImage answered with the node's copy because upstream failed", ["reason"],
+    )
+    PROBE_SECONDS = Histogram(
+        "nodekeeper_probe_duration_seconds", "Time to learn a tag's digest upstream",
+        ["registry", "result"],
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+    )
+    UPSTREAM_REQUESTS = Counter(
+        "nodekeeper_upstream_requests", "HTTP requests nodekeeper sent to registries",
+        ["host", "method", "status"],
+    )
+    POLICY_VALID = Gauge(
+        "nodekeeper_policy_valid", "1 when the policy file on disk loaded; 0 while the last "
+        "reload failed and the previous policy is still in force",
+    )
+    POLICY_LOADED = Gauge(
+        "nodekeeper_policy_loaded_timestamp_seconds", "When the policy in force was loaded",
+    )
 
 
 def serve(address: str) -> None:
     """Expose /metrics on host:port in a background thread (prometheus-client's own)."""
-    host, port = split_host_port(address)
-    prometheus_client.start_http_server(port, addr=host)
+    from prometheus_client import start_http_server
 
-DECISIONS = Counter(
-    "nodekeeper_pull_decisions", "PullImage decisions, by decision and reason class",
-    ["decision", "reason"],
-)
-FALLBACKS = Counter(
-    "nodekeeper_fallbacks", "PullImage answered with the node's copy because upstream failed",
-    ["reason"],
-)
-PROBE_SECONDS = Histogram(
-    "nodekeeper_probe_duration_seconds", "Time to learn a tag's digest upstream",
-    ["registry", "result"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
-)
-UPSTREAM_REQUESTS = Counter(
-    "nodekeeper_upstream_requests", "HTTP requests nodekeeper sent to registries",
-    ["host", "method", "status"],
-)
-POLICY_VALID = Gauge(
-    "nodekeeper_policy_valid", "1 when the policy file on disk loaded; 0 while the last "
-    "reload failed and the previous policy is still in force",
-)
-POLICY_LOADED = Gauge(
-    "nodekeeper_policy_loaded_timestamp_seconds", "When the policy in force was loaded",
-)
+    host, port = split_host_port(address)
+    start_http_server(port, addr=host)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import re
 import ssl
@@ -253,11 +254,17 @@ def _identity(creds: Credentials | None) -> str:
     return hashlib.sha256(creds.secret_material().encode()).hexdigest()
 
 
+@functools.cache
+def _system_trust() -> ssl.SSLContext:
+    # One context with the system's CAs for every client: each costs ~2 MB to build.
+    return ssl.create_default_context()
+
+
 def _tls(endpoint: Endpoint) -> ssl.SSLContext | bool:
-    if endpoint.skip_verify:
-        return False
+    if endpoint.skip_verify or endpoint.base.startswith("http://"):
+        return False  # no TLS, or TLS without verification: no CA to load
     if not endpoint.ca:
-        return True
+        return _system_trust()
     context = ssl.create_default_context()
     for ca in endpoint.ca:
         if not Path(ca).is_file():
