@@ -79,6 +79,7 @@ class Sizes:
     status: int
     listing: int
     pull: int
+    spaced_pull: int
     warmup: int
     rounds: int
     starts: int
@@ -86,8 +87,13 @@ class Sizes:
     budget_s: float = 60.0
 
 
-FULL = Sizes(status=4000, listing=1500, pull=200, warmup=200, rounds=10, starts=5)
-QUICK = Sizes(status=400, listing=150, pull=30, warmup=50, rounds=4, starts=3, budget_s=15.0)
+FULL = Sizes(status=4000, listing=1500, pull=200, spaced_pull=24, warmup=200, rounds=10,
+             starts=5)
+QUICK = Sizes(status=400, listing=150, pull=30, spaced_pull=6, warmup=50, rounds=4, starts=3,
+              budget_s=15.0)
+# Pause before each call of the spaced PullImage run: longer than nodekeeper's coalescing
+# of identical pulls (puller.COALESCE_SECONDS, 0.2 s), so that every call is a pull of its own.
+PULL_SPACING_S = 0.3
 
 
 # -- small helpers -----------------------------------------------------------------------
@@ -124,23 +130,22 @@ def containerd_version() -> str:
 
 
 def source_revision() -> str:
-    """Where the daemon's nodekeeper package comes from: this checkout's commit (and whether
-    nodekeeper/ differs from it), or another directory (PYTHONPATH)."""
+    """Which nodekeeper the daemon runs: the git commit of the checkout its package is in
+    (this one, or another one given with PYTHONPATH), and whether it has local changes."""
     found = subprocess.run(
         [sys.executable, "-c", "import nodekeeper; print(nodekeeper.__file__)"],
         capture_output=True, text=True, timeout=30, check=False)
     package = Path(found.stdout.strip()).parent
-    if package != ROOT / "nodekeeper":
-        return f"{package} (not this checkout)"
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
-                              timeout=10, check=False)
+        done = subprocess.run(["git", "-C", str(package), *args], capture_output=True,
+                              text=True, timeout=10, check=False)
         return done.stdout.strip()
 
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "nodekeeper")
-    return f"{commit}{' with uncommitted changes in nodekeeper/' if dirty else ''}"
+    commit = git("rev-parse", "--short", "HEAD") or "no git commit"
+    dirty = " with uncommitted changes in nodekeeper/" if git("status", "--porcelain", ".") else ""
+    where = "" if package == ROOT / "nodekeeper" else f" (from {package})"
+    return f"{commit}{dirty}{where}"
 
 
 def machine_info(load: str) -> list[str]:
@@ -225,6 +230,7 @@ class Latencies:
 
     name: str
     samples: dict[str, list[float]] = field(default_factory=dict)
+    rounds: int = 0
     cut_short: bool = False
 
     def p(self, target: str, q: float) -> float:
@@ -236,10 +242,11 @@ class Latencies:
 
 def measure(name: str, clients: dict[str, RawClient], method: str, request: bytes,
             calls: int, warmup: int, rounds: int, budget_s: float,
-            timeout: float = 30.0) -> Latencies:
+            timeout: float = 30.0, pause_s: float = 0.0) -> Latencies:
     """`calls` sequential calls per target after `warmup` untimed ones, in `rounds` rounds;
     round r starts with target r mod len(targets). No new round starts past the budget;
-    a round in progress stops at twice the budget (both are reported as cut short)."""
+    a round in progress stops at twice the budget (both are reported as cut short).
+    With `pause_s`, each timed call comes that long after the previous answer."""
     result = Latencies(name, {target: [] for target in clients})
     targets = list(clients)
     deadline = time.monotonic() + budget_s
@@ -250,6 +257,7 @@ def measure(name: str, clients: dict[str, RawClient], method: str, request: byte
             clients[target].call(method, request, timeout)
     deadline = time.monotonic() + budget_s
     hard_deadline_ns = time.perf_counter_ns() + int(2 * budget_s * 1e9)
+    rounds = result.rounds = max(1, min(rounds, calls))
     per_round = max(1, calls // rounds)
     clock = time.perf_counter_ns
     for r in range(rounds):
@@ -261,6 +269,8 @@ def measure(name: str, clients: dict[str, RawClient], method: str, request: byte
             call = clients[target].call
             out = result.samples[target]
             for _ in range(per_round):
+                if pause_s:
+                    time.sleep(pause_s)
                 started = clock()
                 if started > hard_deadline_ns:
                     result.cut_short = True
@@ -270,23 +280,31 @@ def measure(name: str, clients: dict[str, RawClient], method: str, request: byte
     return result
 
 
-def same_answers(clients: dict[str, RawClient], method: str, request: bytes) -> None:
-    """Every target answers the request with the same bytes (the proxies really forward)."""
-    answers = {target: client.call(method, request, 30.0) for target, client in clients.items()}
+def same_answers(clients: dict[str, RawClient], method: str, request: bytes,
+                 normalize: Callable[[bytes], object] = bytes) -> None:
+    """Every target answers the request as containerd does (the proxies really forward)."""
+    answers = {target: normalize(client.call(method, request, 30.0))
+               for target, client in clients.items()}
     reference = answers["containerd"]
     for target, answer in answers.items():
         if answer != reference:
             raise RuntimeError(f"{method}: {target} answered differently from containerd")
 
 
+def listed_names(answer: bytes) -> list[tuple[str, list[str]]]:
+    """A ListImages answer without its order, which containerd does not keep."""
+    images = cri.ListImagesResponse.FromString(answer).images
+    return sorted((image.id, sorted(image.repo_tags)) for image in images)
+
+
 def start_times(workdir: Path, containerd_address: str, count: int,
-                settings: dict[str, Any]) -> tuple[list[float], list[float]]:
+                settings: Callable[[], dict[str, Any]]) -> tuple[list[float], list[float]]:
     """Seconds from process start to READY=1, `count` times each for nodekeeper and the
     floor, alternating; each process is stopped before the next starts."""
     nodekeeper: list[float] = []
     floor: list[float] = []
     for i in range(count):
-        daemon = Nodekeeper(workdir / f"start-nk{i}", containerd_address, settings=settings)
+        daemon = Nodekeeper(workdir / f"start-nk{i}", containerd_address, settings=settings())
         try:
             daemon.start(wait_ready=False)
             nodekeeper.append(daemon.wait_ready(15.0))
@@ -308,6 +326,7 @@ class Results:
     status: Latencies
     listing: Latencies
     pull: Latencies
+    spaced_pull: Latencies
     list_tags: int
     list_images: int
     list_bytes: int
@@ -334,8 +353,12 @@ def tags_listed(client: CriClient) -> int:
 def run(sizes: Sizes, workdir: Path, log_level: str, metrics: bool) -> Results:
     started = time.monotonic()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    settings: dict[str, Any] = {"log": {"level": log_level, "format": "json"},
-                                "metrics_address": f"127.0.0.1:{free_port()}" if metrics else ""}
+
+    def settings() -> dict[str, Any]:
+        # A port of its own for each daemon: the start-time runs overlap the main one.
+        return {"log": {"level": log_level, "format": "json"},
+                "metrics_address": f"127.0.0.1:{free_port()}" if metrics else ""}
+
     with contextlib.ExitStack() as stack:
         containerd = Containerd(workdir / "containerd")
         stack.callback(containerd.close)
@@ -352,7 +375,7 @@ def run(sizes: Sizes, workdir: Path, log_level: str, metrics: bool) -> Results:
         bare = BareProxy(workdir / "bare", containerd.address)
         stack.callback(bare.stop)
         bare.start()
-        daemon = Nodekeeper(workdir / "nk", containerd.address, settings=settings)
+        daemon = Nodekeeper(workdir / "nk", containerd.address, settings=settings())
         stack.callback(daemon.stop)
         daemon.start()
 
@@ -370,8 +393,11 @@ def run(sizes: Sizes, workdir: Path, log_level: str, metrics: bool) -> Results:
 
         pull_request = cri.PullImageRequest(image=cri.ImageSpec(image=ref)).SerializeToString()
         same_answers(clients, "PullImage", pull_request)
-        pull = measure("PullImage", clients, "PullImage", pull_request, sizes.pull,
-                       max(3, sizes.warmup // 20), sizes.rounds, sizes.budget_s)
+        pull = measure("PullImage back to back", clients, "PullImage", pull_request,
+                       sizes.pull, max(3, sizes.warmup // 20), sizes.rounds, sizes.budget_s)
+        spaced_pull = measure(f"PullImage {PULL_SPACING_S} s apart", clients, "PullImage",
+                              pull_request, sizes.spaced_pull, 1, sizes.rounds,
+                              sizes.budget_s, pause_s=PULL_SPACING_S)
 
         add_image_records(containerd.address, ref, registry.host, sizes.images)
         wait_until(lambda: tags_listed(direct) >= sizes.images, 30.0,
@@ -379,8 +405,8 @@ def run(sizes: Sizes, workdir: Path, log_level: str, metrics: bool) -> Results:
         list_request = cri.ListImagesRequest().SerializeToString()
         answer = clients["containerd"].call("ListImages", list_request, 30.0)
         listed = cri.ListImagesResponse.FromString(answer)
-        same_answers(clients, "ListImages", list_request)
-        listing = measure(f"ListImages ({sizes.images} images)", clients, "ListImages",
+        same_answers(clients, "ListImages", list_request, listed_names)
+        listing = measure(f"ListImages, {sizes.images} image records", clients, "ListImages",
                           list_request, sizes.listing, max(10, sizes.warmup // 4), sizes.rounds,
                           sizes.budget_s)
 
@@ -391,7 +417,7 @@ def run(sizes: Sizes, workdir: Path, log_level: str, metrics: bool) -> Results:
         ready_nk, ready_floor = start_times(workdir, containerd.address, sizes.starts, settings)
 
         return Results(
-            status=status, listing=listing, pull=pull,
+            status=status, listing=listing, pull=pull, spaced_pull=spaced_pull,
             list_tags=sum(len(i.repo_tags) for i in listed.images),
             list_images=len(listed.images), list_bytes=len(answer),
             ready_nk=ready_nk, ready_floor=ready_floor, rss_nk=rss_nk, rss_floor=rss_floor,
@@ -433,26 +459,20 @@ def table(res: Results) -> list[str]:
          f"overhead: floor {f99 - d99:+.3f} ms, nodekeeper {n99 - d99:+.3f} ms", "", ""),
     ]
 
-    li = res.listing
-    d50, f50, n50 = latency_rows(li, 50)
-    d99, f99, n99 = latency_rows(li, 99)
-    rows += [
-        (f"{li.name} p50", ms(d50), ms(f50), ms(n50),
-         f"nodekeeper/containerd {n50 / d50:.2f}x (floor {f50 / d50:.2f}x)",
-         f"<= {LIST_RATIO}x", verdict(n50 / d50 <= LIST_RATIO)),
-        (f"{li.name} p99", ms(d99), ms(f99), ms(n99),
-         f"nodekeeper/containerd {n99 / d99:.2f}x (floor {f99 / d99:.2f}x)", "", ""),
-    ]
+    def ratio_rows(lat: Latencies, target: str, ok: Callable[[float], bool] | None) -> None:
+        d50, f50, n50 = latency_rows(lat, 50)
+        d99, f99, n99 = latency_rows(lat, 99)
+        rows.extend([
+            (f"{lat.name} p50", ms(d50), ms(f50), ms(n50),
+             f"nodekeeper/containerd {n50 / d50:.2f}x (floor {f50 / d50:.2f}x)",
+             target, "" if ok is None else verdict(ok(n50 / d50))),
+            (f"{lat.name} p99", ms(d99), ms(f99), ms(n99),
+             f"nodekeeper/containerd {n99 / d99:.2f}x (floor {f99 / d99:.2f}x)", "", ""),
+        ])
 
-    pu = res.pull
-    d50, f50, n50 = latency_rows(pu, 50)
-    d99, f99, n99 = latency_rows(pu, 99)
-    rows += [
-        ("PullImage, image present, p50", ms(d50), ms(f50), ms(n50),
-         f"nodekeeper/containerd {n50 / d50:.2f}x (floor {f50 / d50:.2f}x)", "(none)", ""),
-        ("PullImage, image present, p99", ms(d99), ms(f99), ms(n99),
-         f"nodekeeper/containerd {n99 / d99:.2f}x (floor {f99 / d99:.2f}x)", "", ""),
-    ]
+    ratio_rows(res.listing, f"<= {LIST_RATIO}x", lambda ratio: ratio <= LIST_RATIO)
+    ratio_rows(res.pull, "(none)", None)
+    ratio_rows(res.spaced_pull, "(none)", None)
 
     nk_med, nk_max = statistics.median(res.ready_nk), max(res.ready_nk)
     fl_med, fl_max = statistics.median(res.ready_floor), max(res.ready_floor)
@@ -485,13 +505,14 @@ def report(res: Results, sizes: Sizes, args: argparse.Namespace) -> str:
     def counts(lat: Latencies) -> str:
         n = lat.count("nodekeeper")
         note = " (cut short by the time budget)" if lat.cut_short else ""
-        return f"{lat.name}: {n} calls per target in {sizes.rounds} rounds{note}"
+        return f"{lat.name} {n} in {lat.rounds} rounds{note}"
 
     lines = ["## nodekeeper shim benchmark", "", *machine_info(res.load_at_start),
              f"- nodekeeper: log level {args.log_level}, format json, metrics "
              f"{'on' if args.metrics else 'off'}",
-             f"- mode: {'quick' if args.quick else 'full'}; {counts(res.status)}; "
-             f"{counts(res.pull)}; {counts(res.listing)}",
+             f"- mode: {'quick' if args.quick else 'full'}; timed calls per target, after "
+             f"a warm-up: {counts(res.status)}; {counts(res.pull)}; "
+             f"{counts(res.spaced_pull)}; {counts(res.listing)}",
              f"- ListImages answer: {res.list_images} CRI image(s) carrying {res.list_tags} "
              f"names, {res.list_bytes} bytes",
              f"- start to READY=1 (s): nodekeeper {seconds(res.ready_nk)}; "
