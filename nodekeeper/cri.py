@@ -113,8 +113,8 @@ class ImageService:
             auth.registry_token) if parsed.HasField("auth") else None
         try:
             outcome = await self._puller.pull(PullRequest(image, request, credentials))
-        except NodekeeperError:
-            fields["decision"] = "error"
+        except PullFailed as failure:
+            fields.update(failure.details)
             raise
         fields.update(outcome.fields())
         fields["image_ref"] = outcome.image_ref

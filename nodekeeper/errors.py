@@ -34,12 +34,17 @@ class RequestError(NodekeeperError):
 
 
 class PullFailed(NodekeeperError):
-    """PullImage has no image to answer with; the message says what was tried."""
+    """PullImage has no image to answer with; the message says what was tried.
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    `details` carries what was decided on the way (rule, reason, digests) for the log.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 details: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.details = details or {}
 
 
 class ContainerdError(NodekeeperError):

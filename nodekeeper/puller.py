@@ -117,8 +117,13 @@ class Puller:
         try:
             outcome, shared = await self._flights.run(
                 (str(ref), who), lambda: self._decide(ref, request, who))
-        except (PullFailed, ContainerdError) as failure:
-            self._record(Outcome(request.image, str(ref), reason=str(failure)), started)
+        except PullFailed as failure:
+            details = failure.details
+            self._record(Outcome(request.image, str(ref), str(details.get("rule", "")),
+                                 reason=failure.message,
+                                 local_digest=str(details.get("local_digest", "")),
+                                 upstream_digest=str(details.get("upstream_digest", ""))),
+                         started)
             raise
         if shared:
             outcome = dataclasses.replace(outcome, image=request.image, shared=True)
@@ -137,6 +142,17 @@ class Puller:
     async def _decide(self, ref: Reference, request: PullRequest, who: str) -> Outcome:
         rule = self._policy().rule_for(ref)
         outcome = Outcome(request.image, str(ref), rule.label)
+        try:
+            return await self._decide_with(outcome, rule, ref, request, who)
+        except PullFailed as failure:
+            outcome.reason = outcome.reason or failure.message
+            raise PullFailed(failure.code, failure.message, outcome.fields()) from None
+        except ContainerdError as failure:
+            outcome.reason = failure.message
+            raise PullFailed(failure.code, failure.message, outcome.fields()) from None
+
+    async def _decide_with(self, outcome: Outcome, rule: Rule, ref: Reference,
+                           request: PullRequest, who: str) -> Outcome:
         local = await self._containerd.local_image(str(ref))
         if local:
             outcome.local_digest = local.digest
