@@ -24,7 +24,7 @@ from nodekeeper.cri import ImageService
 from nodekeeper.errors import SettingsError
 from nodekeeper.policyfile import PolicyFile
 from nodekeeper.puller import Puller
-from nodekeeper.registry import Prober
+from nodekeeper.registry import Prober, Session
 from nodekeeper.state import State
 from nodekeeper.systemd import Notifier
 
@@ -63,7 +63,8 @@ class Daemon:
 
         # What PullImage decides with: state, the registry prober, the policy in force.
         state = State(config.state_dir)
-        prober = Prober(config.containerd.hosts_dir)
+        session = Session()
+        prober = Prober(config.containerd.hosts_dir, session)
         puller = Puller(containerd, prober, state, self._policy.get)
 
         # The CRI image service the kubelet talks to, on our unix socket.
@@ -102,7 +103,7 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await containerd.close()
-        await prober.close()
+        await session.close()
         state.close()
         listener.remove(config.listen, identity)
         _log.info("stopped")

@@ -31,7 +31,7 @@ from nodekeeper.credentials import ANONYMOUS, Credentials, fingerprint
 from nodekeeper.errors import ContainerdError, PullFailed, RequestError
 from nodekeeper.policy import Policy, Rule, plan
 from nodekeeper.reference import InvalidReference, Reference, parse
-from nodekeeper.registry import ProbeFailure, Prober, ProbeResult
+from nodekeeper.registry import Prober, ProbeResult, RegistryError
 from nodekeeper.singleflight import SingleFlight
 from nodekeeper.state import Decision, State
 
@@ -171,7 +171,7 @@ class Puller:
         try:
             result = await self._prober.probe(ref, request.credentials,
                                               rule.settings.probe_timeout)
-        except ProbeFailure as failure:
+        except RegistryError as failure:
             outcome.probe_ms = round((self._clock() - probe_started) * 1000, 1)
             self._state.record_check(str(ref), failure.kind)
             return self._fall_back(outcome, ref, rule, local, who, failure.kind, failure.detail)

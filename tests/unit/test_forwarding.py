@@ -21,7 +21,7 @@ from nodekeeper.containerd import CHANNEL_OPTIONS, Containerd
 from nodekeeper.cri import ImageService
 from nodekeeper.policy import parse as parse_policy
 from nodekeeper.puller import Puller
-from nodekeeper.registry import Prober
+from nodekeeper.registry import Prober, Session
 from nodekeeper.settings import Document
 from nodekeeper.state import State
 
@@ -100,7 +100,8 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
 
 def make_puller(containerd: Containerd, tmp_path: Path) -> Puller:
     policy = parse_policy(Document("policy.yaml", "defaults: {update: always}"))
-    return Puller(containerd, Prober(str(tmp_path / "certs.d")), State(tmp_path / "state"),
+    prober = Prober(str(tmp_path / "certs.d"), Session())
+    return Puller(containerd, prober, State(tmp_path / "state"),
                   lambda: policy)
 
 

@@ -20,8 +20,7 @@ import pytest
 from nodekeeper.credentials import Credentials
 from nodekeeper.puller import classify_pull_error
 from nodekeeper.reference import Reference, parse
-from nodekeeper.registry import ProbeFailure, Prober, ProbeResult
-from nodekeeper.registry.hosts import Endpoint
+from nodekeeper.registry import Prober, ProbeResult, RegistryError, Session
 
 # The four manifest types containerd accepts (FACTS.md, "Registry protocol").
 MANIFEST_TYPES = (
@@ -119,21 +118,15 @@ class FakeRegistry:
 
 
 class MockProber(Prober):
-    """A Prober whose every HTTP client talks to `handler` instead of the network."""
+    """A Prober whose session talks to `handler` instead of the network."""
 
     def __init__(self, hosts_dir: str, handler: Handler,
                  clock: Callable[[], float] = time.monotonic, per_registry: int = 8) -> None:
-        super().__init__(hosts_dir, per_registry=per_registry, clock=clock)
-        self.mock = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        self.endpoints_used: list[Endpoint] = []
-
-    def _client(self, endpoint: Endpoint) -> httpx.AsyncClient:
-        self.endpoints_used.append(endpoint)
-        return self.mock
+        self.session = Session(clock=clock, transport=httpx.MockTransport(handler))
+        super().__init__(hosts_dir, self.session, per_registry=per_registry, clock=clock)
 
     async def close(self) -> None:
-        await self.mock.aclose()
-        await super().close()
+        await self.session.close()
 
 
 class Clock:
@@ -169,8 +162,8 @@ async def probe(prober: Prober, image: str = IMAGE, creds: Credentials | None = 
 
 
 async def failure(prober: Prober, image: str = IMAGE, creds: Credentials | None = None,
-                  timeout: float = TIMEOUT) -> ProbeFailure:
-    with pytest.raises(ProbeFailure) as info:
+                  timeout: float = TIMEOUT) -> RegistryError:
+    with pytest.raises(RegistryError) as info:
         await probe(prober, image, creds, timeout)
     return info.value
 
@@ -573,7 +566,7 @@ async def test_hosts_toml_headers_are_sent(make_prober: MakeProber, tmp_path: Pa
 async def test_no_resolving_endpoint_is_a_probe_failure(make_prober: MakeProber,
                                                         tmp_path: Path) -> None:
     hosts_toml(tmp_path, HOST, 'capabilities = ["pull"]\n')
-    with pytest.raises(ProbeFailure):
+    with pytest.raises(RegistryError):
         await probe(make_prober(FakeRegistry()))
 
 
