@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
+from nodekeeper.addresses import is_loopback, split_host_port
 from nodekeeper.errors import SettingsError
 from nodekeeper.settings import Document, Section
 
 DEFAULT_PATH = "/etc/nodekeeper/config.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
+_PREFIX = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,26 @@ class ContainerdConfig:
     address: str = "/run/containerd/containerd.sock"
     namespace: str = "k8s.io"
     hosts_dir: str = "/etc/containerd/certs.d"
+
+
+@dataclass(frozen=True)
+class BackingConfig:
+    """The cluster-wide registry that keeps a copy of every image a node pulled."""
+
+    url: str = ""  # empty: no backing registry
+    prefix: str = "cache"
+    credentials_file: str = ""
+    ca: str = ""
+    allow_http: bool = False
+    read: bool = True
+    write: bool = True
+    max_concurrent_copies: int = 2
+    timeout: float = 2.0
+    copy_timeout: float = 1800.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
 
 
 @dataclass(frozen=True)
@@ -40,6 +64,7 @@ class Config:
     metrics_address: str = ""
     log: LogConfig = field(default_factory=LogConfig)
     shutdown_grace: float = 10.0
+    backing: BackingConfig = field(default_factory=BackingConfig)
     # Where the settings came from, for messages; empty when no file was read.
     source: str = ""
 
@@ -98,6 +123,7 @@ def parse(doc: Document) -> Config:
         format=log_section.choice("format", LOG_FORMATS, defaults.log.format),
     )
     log_section.finish()
+    backing = _backing(root.section("backing"))
     config = Config(
         listen=_socket(root, "listen", defaults.listen),
         containerd=containerd,
@@ -106,10 +132,44 @@ def parse(doc: Document) -> Config:
         metrics_address=_host_port(root, "metrics_address", defaults.metrics_address),
         log=log,
         shutdown_grace=root.duration("shutdown_grace", defaults.shutdown_grace),
+        backing=backing,
         source=doc.path,
     )
     root.finish()
     return config
+
+
+def _backing(section: Section) -> BackingConfig:
+    default = BackingConfig()
+    url = section.string("url", default.url).rstrip("/")
+    allow_http = section.boolean("allow_http", default.allow_http)
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            raise section.error("url", f"expected https://host[:port], got {url!r}")
+        if parts.scheme == "http" and not (allow_http or is_loopback(parts.netloc)):
+            raise section.error("url", "plain http is allowed only for loopback registries "
+                                       "or with allow_http: true")
+    prefix = section.string("prefix", default.prefix).strip("/")
+    if prefix and not _PREFIX.match(prefix):
+        raise section.error("prefix", f"expected lowercase path segments, got {prefix!r}")
+    backing = BackingConfig(
+        url=url,
+        prefix=prefix,
+        credentials_file=_absolute(section, "credentials_file", "", optional=True),
+        ca=_absolute(section, "ca", "", optional=True),
+        allow_http=allow_http,
+        read=section.boolean("read", default.read),
+        write=section.boolean("write", default.write),
+        max_concurrent_copies=section.integer("max_concurrent_copies",
+                                              default.max_concurrent_copies, minimum=1),
+        timeout=section.duration("timeout", default.timeout),
+        copy_timeout=section.duration("copy_timeout", default.copy_timeout),
+    )
+    if backing.timeout <= 0:
+        raise section.error("timeout", "expected a duration above 0")
+    section.finish()
+    return backing
 
 
 def _apply(config: Config, flags: Overrides) -> Config:
@@ -134,14 +194,6 @@ def _apply(config: Config, flags: Overrides) -> Config:
     )
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """'127.0.0.1:9745' or '[::1]:9745' -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected host:port such as 127.0.0.1:9745, got {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def _socket(section: Section, name: str, default: str) -> str:
     value = section.string(name, default)
     try:
@@ -150,8 +202,10 @@ def _socket(section: Section, name: str, default: str) -> str:
         raise section.error(name, str(exc)) from None
 
 
-def _absolute(section: Section, name: str, default: str) -> str:
+def _absolute(section: Section, name: str, default: str, optional: bool = False) -> str:
     value = section.string(name, default)
+    if optional and not value:
+        return value
     if not value.startswith("/"):
         raise section.error(name, f"expected an absolute path, got {value!r}")
     return value

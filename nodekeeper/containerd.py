@@ -117,6 +117,47 @@ class Containerd:
         answer = await self.cri("PullImage", request)
         return str(cri.PullImageResponse.FromString(answer).image_ref)
 
+    async def pull_from(self, image: str, username: str, password: str,
+                        original: bytes) -> str:
+        """Pull `image` (another registry's name for the same content) with its own
+        credentials, keeping everything else of the original request (sandbox config)."""
+        request = cri.PullImageRequest.FromString(original)
+        request.image.image = image
+        request.ClearField("auth")
+        if username:
+            request.auth.username, request.auth.password = username, password
+        return await self.pull(request.SerializeToString())
+
+    async def alias(self, source: str, names: list[str]) -> None:
+        """Record `names` for the content the image record `source` points at, as if they
+        had been pulled under those names; then drop `source` itself."""
+        answer = await self.images("Get", ctdimg.GetImageRequest(name=source).SerializeToString())
+        found = ctdimg.GetImageResponse.FromString(answer).image
+        for name in names:
+            image = ctdimg.Image(name=name, labels=found.labels, target=found.target)
+            try:
+                await self.images("Create", ctdimg.CreateImageRequest(image=image)
+                                  .SerializeToString())
+            except ContainerdError as exc:
+                if exc.code != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+                await self.images("Update", ctdimg.UpdateImageRequest(image=image)
+                                  .SerializeToString())
+        if source not in names:
+            await self.images("Delete", ctdimg.DeleteImageRequest(name=source)
+                              .SerializeToString())
+
+    async def wait_visible(self, name: str, timeout: float = 2.0) -> LocalImage | None:
+        """The CRI plugin learns of native records through events, a few ms later; the
+        kubelet asks ImageStatus right after PullImage, so wait until it answers."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            found = await self.local_image(name)
+            if found is not None or loop.time() >= deadline:
+                return found
+            await asyncio.sleep(0.01)
+
     async def watch(self, on_change: Callable[[bool], None]) -> None:
         """Log, once per episode, when containerd becomes reachable or stops being so.
 

@@ -19,19 +19,22 @@ import grpc.aio
 
 from nodekeeper import config as configuration
 from nodekeeper import listener, logs, metrics
+from nodekeeper.backing import Backing
 from nodekeeper.containerd import CHANNEL_OPTIONS, Containerd
 from nodekeeper.cri import ImageService
 from nodekeeper.errors import SettingsError
 from nodekeeper.policyfile import PolicyFile
 from nodekeeper.puller import Puller
 from nodekeeper.registry import Prober, Session
+from nodekeeper.registry.copy import Copier
 from nodekeeper.state import State
 from nodekeeper.systemd import Notifier
 
 _log = logs.get("daemon")
 
 # Settings bound at start (sockets, directories, ports); a reload leaves them as they are.
-_RESTART_ONLY = ("listen", "containerd", "metrics_address", "state_dir", "policy_file")
+_RESTART_ONLY = ("listen", "containerd", "metrics_address", "state_dir", "policy_file",
+                 "backing")
 
 
 @dataclass
@@ -65,7 +68,10 @@ class Daemon:
         state = State(config.state_dir)
         session = Session()
         prober = Prober(config.containerd.hosts_dir, session)
-        puller = Puller(containerd, prober, state, self._policy.get)
+        # The cluster-wide backing registry, when configured.
+        backing = (Backing(config.backing, session, Copier(session))
+                   if config.backing.enabled else None)
+        puller = Puller(containerd, prober, state, self._policy.get, backing)
 
         # The CRI image service the kubelet talks to, on our unix socket.
         service = ImageService(containerd, puller)
@@ -102,6 +108,8 @@ class Daemon:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        if backing is not None:
+            await backing.close()
         await containerd.close()
         await session.close()
         state.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodekeeper.config import split_host_port
+from nodekeeper.addresses import split_host_port
 
 
 class _Off:
@@ -37,12 +37,17 @@ PROBE_SECONDS: Any = _OFF
 UPSTREAM_REQUESTS: Any = _OFF
 POLICY_VALID: Any = _OFF
 POLICY_LOADED: Any = _OFF
+BACKING_UP: Any = _OFF
+BACKING_READS: Any = _OFF
+COPIES: Any = _OFF
+COPY_BYTES: Any = _OFF
 
 
 def enable() -> None:
     """Create the real metrics. Call once, before anything records a value."""
     global RPCS, RPC_SECONDS, CONTAINERD_UP, DECISIONS, FALLBACKS, PROBE_SECONDS
-    global UPSTREAM_REQUESTS, POLICY_VALID, POLICY_LOADED
+    global UPSTREAM_REQUESTS, POLICY_VALID, POLICY_LOADED, BACKING_UP, BACKING_READS, COPIES
+    global COPY_BYTES
     from prometheus_client import Counter, Gauge, Histogram
 
     RPCS = Counter(
@@ -79,6 +84,19 @@ def enable() -> None:
     )
     POLICY_LOADED = Gauge(
         "nodekeeper_policy_loaded_timestamp_seconds", "When the policy in force was loaded",
+    )
+    BACKING_UP = Gauge(
+        "nodekeeper_backing_up", "0 while the backing registry is considered down, else 1",
+    )
+    BACKING_READS = Counter(
+        "nodekeeper_backing_reads", "Backing registry lookups on the pull path", ["result"],
+    )
+    COPIES = Counter(
+        "nodekeeper_backing_copies", "Copies to the backing registry, by stage",
+        ["result"],
+    )
+    COPY_BYTES = Counter(
+        "nodekeeper_backing_copy_bytes", "Blob bytes copied to the backing registry",
     )
 
 

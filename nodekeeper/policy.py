@@ -24,6 +24,7 @@ from nodekeeper.settings import Document, Section
 
 UPDATE_MODES = ("always", "interval", "never")
 AUTH_FALLBACK = ("known-credentials", "never")
+BACKING_PRIVATE_FALLBACK = ("deny", "allow")
 # Upstream failures a rule may choose to cover with the node's copy. `unauthorized` is not
 # among them: 401/403 fall back only under auth_fallback, for credentials seen to work.
 FALLBACK_REASONS = ("unreachable", "timeout", "server_error", "rate_limited", "not_found",
@@ -37,6 +38,9 @@ class Settings:
     probe_timeout: float = 2.0
     fallback_on: frozenset[str] = frozenset(FALLBACK_REASONS)
     auth_fallback: str = "known-credentials"
+    # A node without a copy may take backing's copy while upstream is down only for
+    # repositories seen pullable anonymously, unless this says allow.
+    backing_private_fallback: str = "deny"
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,10 @@ def _settings(section: Section, base: Settings) -> Settings:
                 f"expected one of {', '.join(FALLBACK_REASONS)}, got {reason!r}",
             )
     auth_fallback = section.choice("auth_fallback", AUTH_FALLBACK, base.auth_fallback)
-    return Settings(update, interval, probe_timeout, frozenset(fallback_on), auth_fallback)
+    backing_private = section.choice("backing_private_fallback", BACKING_PRIVATE_FALLBACK,
+                                     base.backing_private_fallback)
+    return Settings(update, interval, probe_timeout, frozenset(fallback_on), auth_fallback,
+                    backing_private)
 
 
 # -- deciding --------------------------------------------------------------------------------

@@ -26,12 +26,14 @@ from dataclasses import dataclass
 import grpc
 
 from nodekeeper import logs, metrics
+from nodekeeper.backing import Backing
 from nodekeeper.containerd import Containerd, LocalImage
 from nodekeeper.credentials import ANONYMOUS, Credentials, fingerprint
 from nodekeeper.errors import ContainerdError, PullFailed, RequestError
 from nodekeeper.policy import Policy, Rule, plan
 from nodekeeper.reference import InvalidReference, Reference, parse
 from nodekeeper.registry import Prober, ProbeResult, RegistryError
+from nodekeeper.registry.copy import Location
 from nodekeeper.singleflight import SingleFlight
 from nodekeeper.state import Decision, State
 
@@ -96,8 +98,10 @@ class Outcome:
 
 class Puller:
     def __init__(self, containerd: Containerd, prober: Prober, state: State,
-                 policy: Callable[[], Policy], clock: Callable[[], float] = time.time) -> None:
+                 policy: Callable[[], Policy], backing: Backing | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._containerd = containerd
+        self._backing = backing
         self._prober = prober
         self._state = state
         self._policy = policy
@@ -163,7 +167,13 @@ class Puller:
         if step.action == "local" and local is not None:
             return self._answer(outcome, local, step.decision, step.reason)
         if step.action == "pull":
-            outcome.image_ref = await self._containerd.pull(request.raw)
+            try:
+                outcome.image_ref = await self._containerd.pull(request.raw)
+            except ContainerdError as exc:
+                kind = classify_pull_error(exc.message)
+                if kind not in _UNAVAILABLE:
+                    raise
+                return await self._fall_back(outcome, ref, rule, None, who, kind, exc.message)
             outcome.decision, outcome.reason = "pulled", step.reason
             return outcome
 
@@ -174,50 +184,61 @@ class Puller:
         except RegistryError as failure:
             outcome.probe_ms = round((self._clock() - probe_started) * 1000, 1)
             self._state.record_check(str(ref), failure.kind)
-            return self._fall_back(outcome, ref, rule, local, who, failure.kind, failure.detail)
+            return await self._fall_back(outcome, ref, rule, local, who, failure.kind,
+                                         failure.detail)
         outcome.probe_ms = round((self._clock() - probe_started) * 1000, 1)
         outcome.upstream_digest = result.digest
         self._state.record_access(ref.name, who if result.authenticated else ANONYMOUS)
         if local is not None and local.digest == result.digest:
             self._state.record_check(str(ref), "ok", result.digest)
+            self._write_through(ref, result.digest, request, result)
             return self._answer(outcome, local, "fresh", step.reason or "digest unchanged")
         if result.pull_quota_spent and local is not None:
-            return self._fall_back(outcome, ref, rule, local, who, "rate_limited",
-                                   "Docker Hub's pull quota is spent (ratelimit-remaining: 0)")
+            return await self._fall_back(
+                outcome, ref, rule, local, who, "rate_limited",
+                "Docker Hub's pull quota is spent (ratelimit-remaining: 0)")
         return await self._pull_update(outcome, ref, rule, request, local, who, result)
 
     async def _pull_update(self, outcome: Outcome, ref: Reference, rule: Rule,
                            request: PullRequest, local: LocalImage | None, who: str,
                            result: ProbeResult) -> Outcome:
+        if self._backing is not None and await self._backing.holds(ref, result.digest):
+            # Upstream confirmed the digest and this pod's credentials; the bytes can come
+            # from inside the cluster.
+            try:
+                outcome.image_ref = await self._pull_from_backing(ref, result.digest,
+                                                                  request.raw)
+            except ContainerdError as exc:
+                _log.warning("pull from backing failed; pulling from upstream",
+                             image=str(ref), error=exc.message)
+            else:
+                self._state.record_check(str(ref), "ok", result.digest)
+                outcome.decision, outcome.reason = "backing", "digest held by backing"
+                return outcome
         try:
             outcome.image_ref = await self._containerd.pull(request.raw)
         except ContainerdError as exc:
             kind = classify_pull_error(exc.message)
-            if local is None:
-                if kind in _UNAVAILABLE:
-                    raise PullFailed(grpc.StatusCode.UNAVAILABLE,
-                                     f"RegistryUnavailable: {exc.message}") from None
+            if local is None and kind not in _UNAVAILABLE:
                 raise
-            return self._fall_back(outcome, ref, rule, local, who, kind,
-                                   f"pull after a good probe failed: {exc.message}")
+            return await self._fall_back(outcome, ref, rule, local, who, kind,
+                                         f"pull after a good probe failed: {exc.message}")
         pulled = await self._containerd.target_digest(str(ref))
         if pulled and pulled != result.digest:
             _log.warning("upstream moved during the pull", image=str(ref),
                          probed=result.digest, pulled=pulled)
         self._state.record_check(str(ref), "ok", pulled or result.digest)
+        self._write_through(ref, pulled or result.digest, request, result)
         outcome.decision = "updated" if local is not None else "pulled"
         outcome.reason = "digest changed" if local is not None else "not on the node"
         return outcome
 
-    def _fall_back(self, outcome: Outcome, ref: Reference, rule: Rule,
-                   local: LocalImage | None, who: str, kind: str, detail: str) -> Outcome:
+    async def _fall_back(self, outcome: Outcome, ref: Reference, rule: Rule,
+                         local: LocalImage | None, who: str, kind: str,
+                         detail: str) -> Outcome:
         outcome.reason = kind
         if local is None:
-            prefix = "RegistryUnavailable: " if kind in _UNAVAILABLE else ""
-            raise PullFailed(
-                _CODES.get(kind, grpc.StatusCode.UNKNOWN),
-                f"{prefix}{ref}: upstream {kind}: {detail}; the node has no copy to fall "
-                "back to")
+            return await self._fall_back_to_backing(outcome, ref, rule, kind, detail)
         refusal = self._refusal(ref, rule, who, kind)
         if refusal:
             raise PullFailed(
@@ -232,6 +253,61 @@ class Puller:
                      reason=kind, detail=detail, cached_digest=local.digest,
                      cached_age=age, rule=rule.label)
         return self._answer(outcome, local, "fallback", kind)
+
+    async def _fall_back_to_backing(self, outcome: Outcome, ref: Reference, rule: Rule,
+                                    kind: str, detail: str) -> Outcome:
+        """No copy on the node: backing's copy, if the rules allow, else a clear error."""
+        prefix = "RegistryUnavailable: " if kind in _UNAVAILABLE else ""
+        problem = f"{prefix}{ref}: upstream {kind}: {detail}"
+        code = _CODES.get(kind, grpc.StatusCode.UNKNOWN)
+        backing = self._backing
+        if backing is None or kind not in rule.settings.fallback_on:
+            raise PullFailed(code, f"{problem}; the node has no copy to fall back to")
+        check = self._state.check(str(ref))
+        digest = ref.digest or (check.digest if check else "") or await backing.resolve_tag(ref)
+        if not digest or not await backing.holds(ref, digest):
+            raise PullFailed(code, f"{problem}; neither the node nor the backing registry "
+                                   "has a copy")
+        if (rule.settings.backing_private_fallback != "allow"
+                and not await backing.is_public(ref)):
+            raise PullFailed(code, f"{problem}; the backing registry has a copy, but "
+                                   f"{ref.name} was never seen pullable without credentials "
+                                   "(backing_private_fallback: deny)")
+        try:
+            outcome.image_ref = await self._pull_from_backing(ref, digest, request_raw=None)
+        except ContainerdError as exc:
+            raise PullFailed(code, f"{problem}; pulling the backing registry's copy failed "
+                                   f"too: {exc.message}") from None
+        metrics.FALLBACKS.labels(kind).inc()
+        _log.warning("upstream failed; answering with the backing registry's copy",
+                     image=str(ref), reason=kind, detail=detail, digest=digest,
+                     rule=rule.label)
+        outcome.upstream_digest = digest
+        outcome.decision, outcome.reason = "backing-fallback", kind
+        return outcome
+
+    async def _pull_from_backing(self, ref: Reference, digest: str,
+                                 request_raw: bytes | None) -> str:
+        """containerd pulls backing's copy, then records it under the original names, so
+        ImageStatus for what the pod asked for answers as if it came from upstream."""
+        assert self._backing is not None
+        backing = self._backing
+        creds = backing.credentials
+        image_id = await self._containerd.pull_from(
+            backing.name(ref, digest), creds.username if creds else "",
+            creds.password if creds else "", request_raw or b"")
+        names = [str(ref.with_digest(digest))] + ([str(ref)] if ref.tag else [])
+        await self._containerd.alias(backing.name(ref, digest), names)
+        await self._containerd.wait_visible(str(ref))
+        return image_id
+
+    def _write_through(self, ref: Reference, digest: str, request: PullRequest,
+                       result: ProbeResult) -> None:
+        if self._backing is None or result.source is None:
+            return
+        creds = request.credentials if result.authenticated else None
+        self._backing.write_through(ref, digest, Location(result.source, ref.path, creds),
+                                    public=not result.authenticated)
 
     def _refusal(self, ref: Reference, rule: Rule, who: str, kind: str) -> str:
         """Why the node's copy may not stand in for upstream here ('' when it may)."""

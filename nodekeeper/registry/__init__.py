@@ -1,8 +1,11 @@
 """Talking to registries over HTTP: where to send a request (hosts), authenticated
-requests (session), and asking for a tag's current digest (probe)."""
+requests (session), asking for a tag's current digest (probe), and copying images
+between registries (copy)."""
 
+from nodekeeper.registry.copy import Copier, CopyReport, Location
 from nodekeeper.registry.hosts import Endpoint, endpoints
 from nodekeeper.registry.probe import Prober, ProbeResult
 from nodekeeper.registry.session import RegistryError, Session
 
-__all__ = ["Endpoint", "ProbeResult", "Prober", "RegistryError", "Session", "endpoints"]
+__all__ = ["Copier", "CopyReport", "Endpoint", "Location", "ProbeResult", "Prober",
+           "RegistryError", "Session", "endpoints"]

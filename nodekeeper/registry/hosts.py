@@ -8,7 +8,6 @@ registries are plain HTTP.
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from nodekeeper.addresses import is_loopback
 from nodekeeper.errors import SettingsError
 
 DOCKER_HUB_SERVER = "https://registry-1.docker.io"
@@ -37,17 +37,6 @@ class Endpoint:
     # Mirrors are told which registry is meant, as containerd does (?ns=docker.io).
     namespace: str = ""
     capabilities: frozenset[str] = field(default=frozenset({"pull", "resolve", "push"}))
-
-
-def is_loopback(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-    name = name.strip("[]")
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def _default_server(domain: str) -> str:

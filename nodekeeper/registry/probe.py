@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nodekeeper import metrics
 from nodekeeper.credentials import Credentials
@@ -39,6 +39,8 @@ class ProbeResult:
     authenticated: bool
     # Docker Hub says the pull quota is spent: a HEAD still works, a pull would not.
     pull_quota_spent: bool = False
+    # Where the answer came from, for copying the image elsewhere afterwards.
+    source: Endpoint | None = field(default=None, compare=False)
 
 
 class Prober:
@@ -104,4 +106,4 @@ class Prober:
             raise RegistryError("invalid", f"{endpoint.host} answered {digest} for {ref.digest}")
         remaining = response.headers.get("ratelimit-remaining", "").split(";", 1)[0].strip()
         return ProbeResult(digest, endpoint.host, authenticated=creds is not None,
-                           pull_quota_spent=remaining == "0")
+                           pull_quota_spent=remaining == "0", source=endpoint)

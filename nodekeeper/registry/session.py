@@ -2,7 +2,10 @@
 
 One httpx client per (host, trust settings), kept alive between requests. A 401 is
 answered once, with a Bearer token (fetched from the challenge's realm, cached until it
-expires, per host, scope and credential) or with Basic auth. Every failure becomes a
+expires, per host, scope and credential) or with Basic auth (then sent up front on later
+requests for the same host, scope and credential). A streamed request body cannot be sent
+twice, so its caller first makes a request of the same scope with no body (the copier's
+POST before a blob PUT), which leaves the answer cached. Every failure becomes a
 RegistryError of one class, because the class decides what nodekeeper does next:
 
     unreachable   no connection (refused, reset, DNS, TLS)
@@ -22,7 +25,7 @@ import hashlib
 import re
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +52,7 @@ class RegistryError(Exception):
 
 @dataclass
 class _Token:
-    value: str
+    header: str  # the whole Authorization value: "Bearer …" or "Basic …"
     expires: float
 
 
@@ -72,24 +75,29 @@ class Session:
                       creds: Credentials | None, scope: str,
                       params: Mapping[str, str] | None = None,
                       headers: Mapping[str, str] | None = None,
-                      content: bytes | None = None, stream: bool = False) -> httpx.Response:
+                      content: bytes | AsyncIterable[bytes] | None = None,
+                      stream: bool = False) -> httpx.Response:
         """One request, answering a 401 challenge once with a token or Basic auth.
 
         Raises RegistryError for any answer of 300 or more. With `stream`, the body is
-        not read: the caller iterates it and closes the response.
+        not read: the caller iterates it and closes the response. A streamed `content`
+        is sent once: a 401 to it is answered (and cached) but raised, not retried.
         """
         creds = creds if creds and creds.applies_to(endpoint.host) else None
         sent = {**dict(endpoint.headers), **(headers or {})}
         token_key = (endpoint.host, scope, _identity(creds))
         cached = self._tokens.get(token_key)
         if cached is not None and cached.expires > self._clock():
-            sent["Authorization"] = f"Bearer {cached.value}"
+            sent["Authorization"] = cached.header
         response = await self._send(method, endpoint, url, params, sent, content, stream)
         if response.status_code == 401:
             await response.aclose()
             challenge = response.headers.get("www-authenticate", "")
             sent["Authorization"] = await self._answer(endpoint, challenge, creds, scope,
                                                        token_key)
+            if content is not None and not isinstance(content, bytes):
+                raise RegistryError("unauthorized", f"{endpoint.host} challenged a streamed "
+                                                   "upload, which cannot be sent again")
             response = await self._send(method, endpoint, url, params, sent, content, stream)
         if response.status_code >= 300:
             await response.aread()
@@ -106,15 +114,19 @@ class Session:
                 raise RegistryError("unauthorized", f"{endpoint.host} wants credentials and "
                                                    "none were given for it")
             pair = f"{creds.username}:{creds.password}".encode()
-            return f"Basic {base64.b64encode(pair).decode()}"
+            header = f"Basic {base64.b64encode(pair).decode()}"
+            self._tokens[token_key] = _Token(header, float("inf"))
+            return header
         if scheme != "bearer" or "realm" not in fields:
             raise RegistryError("invalid", f"{endpoint.host} sent an unusable challenge "
                                           f"{challenge[:120]!r}")
         if creds is not None and creds.registry_token:
-            return f"Bearer {creds.registry_token}"
+            header = f"Bearer {creds.registry_token}"
+            self._tokens[token_key] = _Token(header, float("inf"))
+            return header
         token = await self._fetch_token(endpoint, fields, creds, fields.get("scope") or scope)
         self._tokens[token_key] = token
-        return f"Bearer {token.value}"
+        return token.header
 
     async def _fetch_token(self, endpoint: Endpoint, fields: dict[str, str],
                            creds: Credentials | None, scope: str) -> _Token:
@@ -153,11 +165,12 @@ class Session:
         if not isinstance(value, str) or not value:
             raise RegistryError("invalid", f"token service {realm} sent no token")
         # Renew a little early, so a token never expires between our check and its use.
-        return _Token(value, self._clock() + max(lifetime - 5.0, 1.0))
+        return _Token(f"Bearer {value}", self._clock() + max(lifetime - 5.0, 1.0))
 
     async def _send(self, method: str, endpoint: Endpoint, url: str,
                     params: Mapping[str, str] | None, headers: dict[str, str],
-                    content: bytes | None, stream: bool) -> httpx.Response:
+                    content: bytes | AsyncIterable[bytes] | None,
+                    stream: bool) -> httpx.Response:
         client = self._client(endpoint)
         request = client.build_request(method, url, params=params, headers=headers,
                                        content=content)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from nodekeeper.addresses import is_loopback
 from nodekeeper.errors import SettingsError
-from nodekeeper.registry.hosts import Endpoint, endpoints, is_loopback
+from nodekeeper.registry.hosts import Endpoint, endpoints
 
 
 def hosts_file(hosts_dir: Path, domain: str, text: str) -> Path:

@@ -1,0 +1,230 @@
+"""The cluster-wide backing registry: a copy of every image any node pulled.
+
+Images live at `<backing>/<prefix>/<source registry>/<repository>`, digests unchanged.
+
+- Write-through: a digest a node obtained upstream and backing lacks is copied there in
+  the background, registry to registry; the kubelet's pull never waits for it.
+- Read: containerd pulls from backing when backing holds the digest a pull needs, or when
+  upstream fails and the node has no copy (subject to the rule below).
+- Anonymous marker: when the copying node found the repository pullable without
+  credentials, it tags a tiny marker manifest `nodekeeper.public` beside the image. Other
+  nodes, which cannot check a pod's credentials while upstream is down, fall back to
+  backing only for repositories carrying that marker, or where the policy rule says
+  `backing_private_fallback: allow`.
+- Isolation: every call on the pull path is bounded by `timeout`. A failure marks backing
+  down for DOWN_SECONDS, logged once; meanwhile pulls go straight upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from nodekeeper import logs, metrics
+from nodekeeper.config import BackingConfig
+from nodekeeper.credentials import Credentials
+from nodekeeper.errors import SettingsError
+from nodekeeper.reference import Reference
+from nodekeeper.registry import Endpoint, RegistryError, Session
+from nodekeeper.registry.copy import Copier, Location
+from nodekeeper.registry.probe import ACCEPT
+
+PUBLIC_TAG = "nodekeeper.public"
+DOWN_SECONDS = 30.0
+_EMPTY = b"{}"
+_EMPTY_DIGEST = "sha256:" + hashlib.sha256(_EMPTY).hexdigest()
+_MARKER = json.dumps({
+    "schemaVersion": 2,
+    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+               "digest": _EMPTY_DIGEST, "size": len(_EMPTY)},
+    "layers": [],
+    "annotations": {"dev.nodekeeper.public": "true"},
+}, separators=(",", ":"), sort_keys=True).encode()
+
+_log = logs.get("backing")
+
+
+def read_credentials(path: str) -> Credentials | None:
+    """`username:` and `password:` from a YAML file readable by root only."""
+    if not path:
+        return None
+    try:
+        document = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"{path}: cannot read backing credentials: "
+                            f"{type(exc).__name__}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("username"), str):
+        raise SettingsError(f"{path}: expected 'username:' and 'password:'")
+    return Credentials(document["username"], str(document.get("password", "")))
+
+
+class Backing:
+    def __init__(self, config: BackingConfig, session: Session, copier: Copier,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.host = urlsplit(config.url).netloc
+        self.endpoint = Endpoint(base=f"{config.url}/v2", host=self.host,
+                                 ca=(config.ca,) if config.ca else ())
+        self.credentials = read_credentials(config.credentials_file)
+        self._session = session
+        self._copier = copier
+        self._clock = clock
+        self._slots = asyncio.Semaphore(config.max_concurrent_copies)
+        self._known: set[tuple[str, str]] = set()   # (repository, digest) seen in backing
+        self._copying: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._down_until = 0.0
+        self.down_reason = ""
+
+    # -- naming ----------------------------------------------------------------------------
+
+    def repository(self, ref: Reference) -> str:
+        # A registry host may carry a port; ':' is not allowed in a repository path.
+        source = ref.domain.replace(":", "_")
+        return "/".join(part for part in (self.config.prefix, source, ref.path) if part)
+
+    def name(self, ref: Reference, digest: str) -> str:
+        """containerd's reference for backing's copy of `digest`."""
+        return f"{self.host}/{self.repository(ref)}@{digest}"
+
+    def _location(self, ref: Reference) -> Location:
+        return Location(self.endpoint, self.repository(ref), self.credentials)
+
+    # -- the pull path: bounded, never raises ---------------------------------------------
+
+    async def holds(self, ref: Reference, digest: str) -> bool:
+        if not self.config.read or self._down():
+            return False
+        key = (self.repository(ref), digest)
+        if key in self._known:
+            return True
+        found = await self._bounded(self._copier.has_manifest(self._location(ref), digest))
+        if found:
+            self._known.add(key)
+        return bool(found)
+
+    async def resolve_tag(self, ref: Reference) -> str:
+        """The digest backing holds under `ref`'s tag ('' when none or unknown)."""
+        if not self.config.read or self._down() or not ref.tag:
+            return ""
+        response = await self._bounded(self._head(ref, ref.tag))
+        return response.get("docker-content-digest", "") if response else ""
+
+    async def is_public(self, ref: Reference) -> bool:
+        """Did a node that copied this repository find it pullable without credentials?"""
+        if self._down():
+            return False
+        return bool(await self._bounded(self._head(ref, PUBLIC_TAG)))
+
+    async def _head(self, ref: Reference, tag: str) -> dict[str, str]:
+        url = f"{self.endpoint.base}/{self.repository(ref)}/manifests/{tag}"
+        try:
+            response = await self._session.request(
+                "HEAD", self.endpoint, url, creds=self.credentials,
+                scope=f"repository:{self.repository(ref)}:pull", headers={"Accept": ACCEPT})
+        except RegistryError as exc:
+            if exc.kind == "not_found":
+                return {}
+            raise
+        return dict(response.headers)
+
+    async def _bounded(self, call: Any) -> Any:
+        try:
+            answer = await asyncio.wait_for(call, self.config.timeout)
+        except asyncio.TimeoutError:
+            self._mark_down(f"no answer within {self.config.timeout:g}s")
+            return None
+        except RegistryError as exc:
+            self._mark_down(str(exc))
+            return None
+        self._mark_up()
+        metrics.BACKING_READS.labels("ok").inc()
+        return answer
+
+    def _down(self) -> bool:
+        return self._clock() < self._down_until
+
+    def _mark_down(self, reason: str) -> None:
+        metrics.BACKING_READS.labels("failed").inc()
+        if not self.down_reason:
+            _log.warning("backing registry unavailable; pulls use upstream only",
+                         backing=self.host, reason=reason, retry_after_s=DOWN_SECONDS)
+            metrics.BACKING_UP.set(0)
+        self.down_reason = reason
+        self._down_until = self._clock() + DOWN_SECONDS
+
+    def _mark_up(self) -> None:
+        if self.down_reason:
+            _log.info("backing registry available again", backing=self.host)
+        self.down_reason = ""
+        metrics.BACKING_UP.set(1)
+
+    # -- write-through: in the background --------------------------------------------------
+
+    def write_through(self, ref: Reference, digest: str, source: Location,
+                      public: bool) -> None:
+        """Copy `digest` (obtained from `source`) to backing unless it is there already."""
+        key = (self.repository(ref), digest)
+        if not self.config.write or key in self._known or key in self._copying:
+            return
+        self._copying.add(key)
+        task = asyncio.create_task(self._copy(ref, digest, source, public, key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _copy(self, ref: Reference, digest: str, source: Location, public: bool,
+                    key: tuple[str, str]) -> None:
+        dest = self._location(ref)
+        fields = {"image": str(ref), "digest": digest, "backing": f"{self.host}/{dest.repository}"}
+        try:
+            async with self._slots:
+                if await self._copier.has_manifest(dest, digest):
+                    self._known.add(key)
+                    metrics.COPIES.labels("skipped").inc()
+                    if public:
+                        await self._mark_public(dest)
+                    return
+                metrics.COPIES.labels("started").inc()
+                started = self._clock()
+                report = await asyncio.wait_for(
+                    self._copier.copy(source, dest, digest, ref.tag or None),
+                    self.config.copy_timeout)
+                if public:
+                    await self._mark_public(dest)
+            self._known.add(key)
+            metrics.COPIES.labels("finished").inc()
+            metrics.COPY_BYTES.inc(report.bytes_copied)
+            _log.info("copied to backing", **fields, bytes=report.bytes_copied,
+                      blobs_copied=report.blobs_copied, blobs_skipped=report.blobs_skipped,
+                      blobs_mounted=report.blobs_mounted, public=public,
+                      seconds=round(self._clock() - started, 3))
+        except (RegistryError, asyncio.TimeoutError) as exc:
+            metrics.COPIES.labels("failed").inc()
+            _log.warning("copy to backing failed; the next pull of this image retries it",
+                         **fields, error=str(exc) or "copy_timeout")
+        finally:
+            self._copying.discard(key)
+
+    async def _mark_public(self, dest: Location) -> None:
+        scope = f"repository:{dest.repository}:pull,push"
+        base = f"{self.endpoint.base}/{dest.repository}"
+        await self._copier.push_blob(dest, _EMPTY)
+        await self._session.request(
+            "PUT", self.endpoint, f"{base}/manifests/{PUBLIC_TAG}", creds=self.credentials,
+            scope=scope, content=_MARKER,
+            headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+
+    async def close(self) -> None:
+        """Stop copies in flight; the next pull of each image completes it."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

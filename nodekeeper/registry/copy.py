@@ -1,0 +1,469 @@
+"""Copying an image from one registry to another, digests unchanged.
+
+`Copier.copy(source, dest, digest, tag)`:
+
+1. GET the manifest or index `digest` from source, with every manifest type in Accept,
+   and check its hash: the bytes are copied as fetched, never re-serialized.
+2. For an index, GET every child the same way (all platforms; nested indexes too). A
+   child the source lacks fails the copy, naming the child.
+3. Copy every blob the manifests name (configs and layers), `parallel_blobs` at a time:
+       HEAD in dest         present: skipped
+       mount                POST …/blobs/uploads/?mount=&from= for each `mount_from`
+                            repository: 201 mounted; 202 the upload it opened is used
+       upload               POST …/blobs/uploads/, then GET source | PUT dest?digest=,
+                            streamed in chunks and hashed on the way: a blob that does not
+                            match its digest or size is cut off before its last byte.
+4. PUT every manifest by digest, children before their index (distribution 2.8 refuses
+   an index naming manifests it lacks), with the media type it was served with.
+5. PUT the top manifest under `tag`, last: a tag never names a partial image.
+
+Every step is idempotent: an interrupted copy is completed by calling copy() again (it
+skips what dest holds), and two nodes copying one digest at once write the same bytes
+under the same names. Failures are RegistryErrors (classes in session.py).
+
+Authorization: a streamed PUT cannot be answered again after a 401, so it goes out under
+the same scope string as the POST that opened its upload just before, whose challenge
+Session answered and cached. Session caches a token under our scope string but fetches
+it for the challenge's scope, so each scope string here is used only for requests whose
+challenge asks the same access (distribution: GET/HEAD pull; POST/PUT pull,push; DELETE
+delete; a mount adds pull on its source): a pull-only token never lands under the key a
+PUT relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import AsyncGenerator, AsyncIterable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from nodekeeper.credentials import Credentials
+from nodekeeper.registry.hosts import Endpoint
+from nodekeeper.registry.probe import ACCEPT
+from nodekeeper.registry.session import RegistryError, Session
+
+INDEX_TYPES = frozenset({
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+})
+IMAGE_TYPES = frozenset({
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+})
+# Layers that registries do not hold: whoever pulls fetches them from their `urls`.
+FOREIGN_LAYER_TYPES = frozenset({
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+})
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_MANIFESTS = 256       # per copy: an index and its children
+MAX_DEPTH = 4             # indexes inside indexes
+_HASHES = {"sha256": 64, "sha512": 128}
+_DIGEST = re.compile(r"^([a-z0-9]+):([a-f0-9]+)$")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A repository on one registry, e.g. ("cache/docker.io/library/postgres")."""
+
+    endpoint: Endpoint
+    repository: str
+    credentials: Credentials | None = None
+
+    @property
+    def base(self) -> str:
+        return f"{self.endpoint.base}/{self.repository}"
+
+    def __str__(self) -> str:
+        return f"{self.endpoint.host}/{self.repository}"
+
+
+@dataclass
+class CopyReport:
+    manifests: int = 0       # manifests and indexes PUT by digest (the tag not counted)
+    blobs_copied: int = 0    # streamed from source
+    blobs_skipped: int = 0   # dest had them
+    blobs_mounted: int = 0   # cross-repository mounts
+    bytes_copied: int = 0    # blob bytes streamed
+
+
+@dataclass(frozen=True)
+class _Blob:
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    digest: str
+    media_type: str
+    body: bytes
+    blobs: tuple[_Blob, ...]
+
+
+class Copier:
+    def __init__(self, session: Session, parallel_blobs: int = 4) -> None:
+        # Each blob in flight holds a connection to source and one to dest: keep
+        # parallel_blobs at most the Session's per_host.
+        if parallel_blobs < 1:
+            raise ValueError("parallel_blobs must be at least 1")
+        self._session = session
+        self._parallel = parallel_blobs
+
+    async def has_manifest(self, where: Location, digest: str) -> bool:
+        """Whether `where` holds the manifest or index `digest` (RegistryError on failure)."""
+        _check_digest(digest)
+        try:
+            await self._session.request(
+                "HEAD", where.endpoint, f"{where.base}/manifests/{digest}",
+                creds=where.credentials, scope=_pull(where.repository),
+                params=_ns(where.endpoint), headers={"Accept": ACCEPT})
+        except RegistryError as failure:
+            if failure.kind == "not_found":
+                return False
+            raise
+        return True
+
+    async def copy(self, source: Location, dest: Location, digest: str, tag: str | None = None,
+                   mount_from: Sequence[str] = ()) -> CopyReport:
+        """Copy the manifest or index `digest`, with everything it references, then tag it."""
+        _check_digest(digest)
+        job = _Copy(self._session, source, dest, asyncio.Semaphore(self._parallel),
+                    [repo for repo in dict.fromkeys(mount_from) if repo != dest.repository])
+        manifests: list[_Manifest] = []
+        await job.fetch(digest, "", 0, manifests, set())
+        blobs = {blob.digest: blob for m in manifests for blob in m.blobs}
+        await _all([job.copy_blob(blob) for blob in blobs.values()])
+        for manifest in manifests:  # children first: fetch() appends in post-order
+            await job.put_manifest(manifest, manifest.digest)
+            job.report.manifests += 1
+        if tag:
+            await job.put_manifest(manifests[-1], tag)
+        return job.report
+
+    async def push_blob(self, where: Location, data: bytes) -> str:
+        """Store `data` as a blob in `where` unless it is there; returns its digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        job = _Copy(self._session, where, where, asyncio.Semaphore(1), [])
+        if not await job.blob_exists(digest):
+            url, scope = await job.start_upload(_Blob(digest, len(data)))
+            await job.finish_upload(url, scope, _Blob(digest, len(data)), data)
+        return digest
+
+
+class _Copy:
+    """One copy() call: its two locations, blob slots and report."""
+
+    def __init__(self, session: Session, source: Location, dest: Location,
+                 slots: asyncio.Semaphore, mount_from: list[str]) -> None:
+        self.session = session
+        self.source = source
+        self.dest = dest
+        self.slots = slots
+        self.mount_from = mount_from
+        self.report = CopyReport()
+        self.manifest_bytes = 0
+        self.push_scope = _push(dest.repository)
+
+    # -- manifests -------------------------------------------------------------------------
+
+    async def fetch(self, digest: str, parent: str, depth: int, out: list[_Manifest],
+                    seen: set[str]) -> None:
+        """Append `digest` and, for an index, its children (first) to `out`."""
+        if digest in seen:
+            return
+        if len(seen) >= MAX_MANIFESTS or depth > MAX_DEPTH:
+            raise RegistryError("invalid", f"{self.source}@{parent}: more than {MAX_MANIFESTS} "
+                                           f"manifests or {MAX_DEPTH} nested indexes")
+        seen.add(digest)
+        manifest, children = await self._get_manifest(digest, parent)
+        for child in children:
+            await self.fetch(child, digest, depth + 1, out, seen)
+        out.append(manifest)
+
+    async def _get_manifest(self, digest: str, parent: str) -> tuple[_Manifest, list[str]]:
+        try:
+            response = await self.session.request(
+                "GET", self.source.endpoint, f"{self.source.base}/manifests/{digest}",
+                creds=self.source.credentials, scope=_pull(self.source.repository),
+                params=_ns(self.source.endpoint), headers={"Accept": ACCEPT}, stream=True)
+        except RegistryError as failure:
+            if failure.kind == "not_found" and parent:
+                raise RegistryError("not_found", f"{self.source} lacks manifest {digest}, "
+                                                 f"listed in index {parent}") from None
+            raise
+        try:
+            body = await self._read_manifest(response, digest)
+        finally:
+            await response.aclose()
+        if _hash(digest, body) != digest:
+            raise RegistryError("invalid", f"{self.source} served manifest {digest} with "
+                                           "other content")
+        try:
+            document = json.loads(body)
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise RegistryError("invalid", f"{self.source}@{digest} is not a JSON object")
+        served = response.headers.get("content-type", "").split(";", 1)[0].strip()
+        declared = document.get("mediaType")
+        media_type = declared if isinstance(declared, str) and declared else served
+        where = f"{self.source}@{digest}"
+        if media_type in INDEX_TYPES:
+            children = [d.digest for d in _descriptors(document, "manifests", where)]
+            return _Manifest(digest, media_type, body, ()), children
+        if media_type not in IMAGE_TYPES:
+            raise RegistryError("invalid", f"{where} has unsupported media type {media_type!r}")
+        config = _descriptors({"c": [document.get("config")]}, "c", where)
+        layers = _descriptors(document, "layers", where, skip_foreign=True)
+        return _Manifest(digest, media_type, body, (*config, *layers)), []
+
+    async def _read_manifest(self, response: httpx.Response, digest: str) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                self.manifest_bytes += len(chunk)
+                if size > MAX_MANIFEST_BYTES or self.manifest_bytes > 4 * MAX_MANIFEST_BYTES:
+                    raise RegistryError("invalid", f"{self.source}@{digest}: manifests over "
+                                                   "the size limit")
+                chunks.append(chunk)
+        except httpx.TransportError as exc:
+            raise RegistryError("unreachable", f"{self.source.endpoint.host}: reading "
+                                               f"{digest}: {_describe(exc)}") from None
+        return b"".join(chunks)
+
+    async def put_manifest(self, manifest: _Manifest, reference: str) -> None:
+        response = await self.session.request(
+            "PUT", self.dest.endpoint, f"{self.dest.base}/manifests/{reference}",
+            creds=self.dest.credentials, scope=self.push_scope,
+            headers={"Content-Type": manifest.media_type}, content=manifest.body)
+        stored = response.headers.get("docker-content-digest", manifest.digest)
+        if stored != manifest.digest:
+            raise RegistryError("invalid", f"{self.dest} stored {manifest.digest} as {stored}")
+
+    # -- blobs -----------------------------------------------------------------------------
+
+    async def copy_blob(self, blob: _Blob) -> None:
+        async with self.slots:
+            if await self.blob_exists(blob.digest):
+                self.report.blobs_skipped += 1
+                return
+            mounted, upload = await self._mount(blob)
+            if mounted:
+                self.report.blobs_mounted += 1
+                return
+            await self._transfer(blob, upload)
+            self.report.blobs_copied += 1
+            self.report.bytes_copied += blob.size
+
+    async def blob_exists(self, digest: str) -> bool:
+        try:
+            await self.session.request(
+                "HEAD", self.dest.endpoint, f"{self.dest.base}/blobs/{digest}",
+                creds=self.dest.credentials, scope=_pull(self.dest.repository))
+        except RegistryError as failure:
+            if failure.kind == "not_found":
+                return False
+            raise
+        return True
+
+    async def _mount(self, blob: _Blob) -> tuple[bool, tuple[httpx.URL, str] | None]:
+        """(True, None) when mounted; else the upload the last refused mount opened, if any
+        (a mount that fails opens an ordinary upload: it is used, not left behind)."""
+        for number, repository in enumerate(self.mount_from, 1):
+            scope = f"{self.push_scope} {_pull(repository)}"
+            try:
+                response = await self.session.request(
+                    "POST", self.dest.endpoint, f"{self.dest.base}/blobs/uploads/",
+                    creds=self.dest.credentials, scope=scope,
+                    params={"mount": blob.digest, "from": repository})
+            except RegistryError as failure:
+                # No access to that repository, or no mounting here: upload instead.
+                if failure.kind in ("unauthorized", "not_found", "invalid"):
+                    continue
+                raise
+            if response.status_code == 201:
+                return True, None
+            upload = self._upload_url(response)
+            if number == len(self.mount_from):
+                return False, (upload, scope)
+            await self._cancel(upload)  # the next candidate opens its own
+        return False, None
+
+    async def start_upload(self, blob: _Blob) -> tuple[httpx.URL, str]:
+        response = await self.session.request(
+            "POST", self.dest.endpoint, f"{self.dest.base}/blobs/uploads/",
+            creds=self.dest.credentials, scope=self.push_scope)
+        if response.status_code != 202:
+            raise RegistryError("invalid", f"{self.dest} answered {response.status_code} to "
+                                           f"an upload of {blob.digest}")
+        return self._upload_url(response), self.push_scope
+
+    def _upload_url(self, response: httpx.Response) -> httpx.URL:
+        location = response.headers.get("location")
+        if not location:
+            raise RegistryError("invalid", f"{self.dest} opened an upload without a Location")
+        url = response.url.join(location)
+        base = httpx.URL(self.dest.endpoint.base)
+        # Our Authorization header goes with it: never to another origin.
+        if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port):
+            raise RegistryError("invalid", f"{self.dest} sent its upload to another host "
+                                           f"{url.host}")
+        return url
+
+    async def _transfer(self, blob: _Blob, upload: tuple[httpx.URL, str] | None) -> None:
+        """Stream the blob from source into `upload`, or into an upload opened here."""
+        try:
+            source = await self.session.request(
+                "GET", self.source.endpoint, f"{self.source.base}/blobs/{blob.digest}",
+                creds=self.source.credentials, scope=_pull(self.source.repository),
+                params=_ns(self.source.endpoint), headers={"Accept-Encoding": "identity"},
+                stream=True)
+            body = _verified(source, blob, str(self.source))
+            try:
+                _check_blob_response(source, blob, str(self.source))
+                # Opened once the source answers, so the authorization its POST leaves
+                # cached is as fresh as can be for the PUT.
+                upload = upload or await self.start_upload(blob)
+                await self.finish_upload(*upload, blob, body)
+            finally:
+                await body.aclose()
+                await source.aclose()
+        except RegistryError:
+            if upload is not None:
+                await self._cancel(upload[0])
+            raise
+
+    async def finish_upload(self, upload: httpx.URL, scope: str, blob: _Blob,
+                            body: bytes | AsyncIterable[bytes]) -> None:
+        """Complete an upload in one PUT (existing query parameters, e.g. _state, kept)."""
+        response = await self.session.request(
+            "PUT", self.dest.endpoint, str(upload.copy_merge_params({"digest": blob.digest})),
+            creds=self.dest.credentials, scope=scope, content=body,
+            headers={"Content-Type": "application/octet-stream",
+                     "Content-Length": str(blob.size)})
+        if response.status_code != 201:
+            raise RegistryError("invalid", f"{self.dest} answered {response.status_code} to "
+                                           f"the upload of {blob.digest}")
+
+    async def _cancel(self, upload: httpx.URL) -> None:
+        """Best effort: the registry purges abandoned uploads itself eventually."""
+        with contextlib.suppress(RegistryError):
+            await self.session.request("DELETE", self.dest.endpoint, str(upload),
+                                       creds=self.dest.credentials,
+                                       scope=f"repository:{self.dest.repository}:delete")
+
+
+def _check_blob_response(response: httpx.Response, blob: _Blob, where: str) -> None:
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise RegistryError("invalid", f"{where} served blob {blob.digest} with "
+                                       f"Content-Encoding {encoding}")
+    length = response.headers.get("content-length")
+    if length is not None and length.strip() != str(blob.size):
+        raise RegistryError("invalid", f"{where} served blob {blob.digest} as {length} bytes, "
+                                       f"its manifest says {blob.size}")
+
+
+async def _verified(response: httpx.Response, blob: _Blob,
+                    where: str) -> AsyncGenerator[bytes, None]:
+    """The blob's bytes as they arrive; fails before the last byte if they are not the blob."""
+    algorithm, _, expected = blob.digest.partition(":")
+    hasher = hashlib.new(algorithm)
+    remaining = blob.size
+    try:
+        async for chunk in response.aiter_bytes():  # identity: see _check_blob_response
+            remaining -= len(chunk)
+            if remaining < 0:
+                raise RegistryError("invalid", f"{where}: blob {blob.digest} is longer than "
+                                               f"its {blob.size} bytes")
+            hasher.update(chunk)
+            if remaining == 0 and hasher.hexdigest() != expected:
+                raise RegistryError("invalid", f"{where}: blob {blob.digest} does not match "
+                                               "its digest")
+            yield chunk
+    except httpx.TransportError as exc:
+        raise RegistryError("unreachable", f"{where}: reading blob {blob.digest}: "
+                                           f"{_describe(exc)}") from None
+    if remaining:
+        raise RegistryError("invalid", f"{where}: blob {blob.digest} ended {remaining} bytes "
+                                       "short")
+    if blob.size == 0 and hasher.hexdigest() != expected:
+        raise RegistryError("invalid", f"{where}: blob {blob.digest} does not match its digest")
+
+
+def _descriptors(document: dict[str, Any], key: str, where: str,
+                 skip_foreign: bool = False) -> list[_Blob]:
+    entries = document.get(key)
+    if not isinstance(entries, list):
+        raise RegistryError("invalid", f"{where}: {key!r} is not a list")
+    found = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise RegistryError("invalid", f"{where}: a descriptor in {key!r} is not an object")
+        digest, size = entry.get("digest"), entry.get("size")
+        if (not isinstance(digest, str) or not _valid_digest(digest)
+                or not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise RegistryError("invalid", f"{where}: bad descriptor {str(entry)[:200]}")
+        if skip_foreign and entry.get("urls") and entry.get("mediaType") in FOREIGN_LAYER_TYPES:
+            continue
+        found.append(_Blob(digest, size))
+    return found
+
+
+def _valid_digest(digest: str) -> bool:
+    match = _DIGEST.match(digest)
+    return match is not None and _HASHES.get(match[1]) == len(match[2])
+
+
+def _check_digest(digest: str) -> None:
+    if not _valid_digest(digest):
+        raise RegistryError("invalid", f"{digest!r} is not a sha256 or sha512 digest")
+
+
+def _hash(digest: str, data: bytes) -> str:
+    algorithm = digest.partition(":")[0]
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def _pull(repository: str) -> str:
+    return f"repository:{repository}:pull"
+
+
+def _push(repository: str) -> str:
+    return f"repository:{repository}:pull,push"
+
+
+def _ns(endpoint: Endpoint) -> dict[str, str] | None:
+    return {"ns": endpoint.namespace} if endpoint.namespace else None
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _all(coroutines: list[Coroutine[Any, Any, None]]) -> None:
+    """Run them all; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    if not tasks:
+        return
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:
+            raise failure

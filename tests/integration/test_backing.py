@@ -1,0 +1,204 @@
+"""The backing registry with two real nodes (containerd + nodekeeper each), a real
+upstream and a real backing registry: what one node pulled, every node can get."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from nodekeeper._proto import cri_image_pb2 as cri
+from nodekeeper.puller import COALESCE_SECONDS
+from tests.conftest import MakeNodekeeper, MakeRegistry
+from tests.harness import (
+    Containerd,
+    CriClient,
+    FaultProxy,
+    Registry,
+    image_ref,
+    multi_platform,
+    push,
+    push_new,
+    resolve,
+)
+from tests.harness.nodekeeper import Nodekeeper
+
+pytestmark = pytest.mark.integration
+
+ALWAYS = "defaults:\n  update: always\n"
+
+
+@dataclass
+class Node:
+    containerd: Containerd
+    nodekeeper: Nodekeeper
+
+    def pull(self, ref: str, auth: cri.AuthConfig | None = None
+             ) -> str | tuple[grpc.StatusCode, str]:
+        with CriClient(self.nodekeeper.socket) as kubelet:
+            try:
+                return kubelet.pull(ref, auth=auth)
+            except grpc.RpcError as exc:
+                return exc.code(), exc.details()  # type: ignore[attr-defined]
+            finally:
+                time.sleep(COALESCE_SECONDS + 0.05)
+
+    def decisions(self) -> list[str]:
+        return [e["decision"] for e in self.nodekeeper.events()
+                if e.get("rpc") == "PullImage" and "decision" in e]
+
+
+MakeNode = Callable[..., Node]
+
+
+@pytest.fixture
+def backing(make_registry: MakeRegistry) -> Registry:
+    return make_registry()
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, make_nodekeeper: MakeNodekeeper
+              ) -> Iterator[MakeNode]:
+    started: list[Containerd] = []
+
+    def make(backing_url: str, policy: str = ALWAYS, **backing: object) -> Node:
+        containerd = Containerd(tmp_path / f"node{len(started)}-containerd")
+        started.append(containerd)
+        containerd.start()
+        daemon = make_nodekeeper(containerd.address, policy=policy, settings={
+            "backing": {"url": backing_url, "timeout": "1s", **backing}})
+        return Node(containerd, daemon)
+
+    try:
+        yield make
+    finally:
+        for containerd in started:
+            containerd.close()
+
+
+def backing_repo(upstream: Registry, repo: str) -> str:
+    return f"cache/{upstream.host.replace(':', '_')}/{repo}"
+
+
+def wait_in_backing(backing: Registry, repo: str, reference: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        digest = resolve(backing.url, repo, reference)
+        if digest:
+            return digest
+        time.sleep(0.1)
+    raise AssertionError(f"{repo}:{reference} never appeared in backing")
+
+
+def test_a_pull_is_copied_to_backing_with_every_platform_and_the_tag(
+    registry: Registry, backing: Registry, make_node: MakeNode
+) -> None:
+    node_a = make_node(backing.url)
+    index = multi_platform("multi", [("linux", "amd64"), ("linux", "arm64"), ("linux", "s390x")])
+    digest = push(registry.url, "team/app", "v1", index)
+    assert isinstance(node_a.pull(image_ref(registry.host, "team/app", "v1")), str)
+    repo = backing_repo(registry, "team/app")
+    assert wait_in_backing(backing, repo, "v1") == digest
+    for child in index.images:
+        assert resolve(backing.url, repo, child.digest) == child.digest
+    assert resolve(backing.url, repo, "nodekeeper.public")  # found anonymously pullable
+    copied = [e for e in node_a.nodekeeper.events() if e.get("event") == "copied to backing"]
+    assert copied
+    assert copied[0]["bytes"] > 0
+
+
+def test_a_node_that_never_had_the_image_gets_it_from_backing_while_upstream_is_down(
+    registry: Registry, backing: Registry, make_node: MakeNode
+) -> None:
+    node_a, node_b = make_node(backing.url), make_node(backing.url)
+    image = push_new(registry.url, "app", "v1", seed="scale-out")
+    ref = image_ref(registry.host, "app", "v1")
+    assert node_a.pull(ref) == image.config_digest
+    wait_in_backing(backing, backing_repo(registry, "app"), "v1")
+    registry.stop()
+    assert node_b.pull(ref) == image.config_digest
+    assert node_b.decisions() == ["backing-fallback"]
+    with CriClient(node_b.nodekeeper.socket) as kubelet:
+        status = kubelet.status(ref).image
+    assert status.id == image.config_digest
+    assert f"{registry.host}/app:v1" in status.repo_tags
+    assert f"{registry.host}/app@{image.digest}" in status.repo_digests
+
+
+def test_backing_serves_the_bytes_when_it_holds_the_digest(
+    registry: Registry, backing: Registry, make_node: MakeNode
+) -> None:
+    node_a, node_b = make_node(backing.url), make_node(backing.url)
+    image = push_new(registry.url, "app", "v1", seed="in-cluster")
+    ref = image_ref(registry.host, "app", "v1")
+    node_a.pull(ref)
+    wait_in_backing(backing, backing_repo(registry, "app"), "v1")
+    registry.clear_requests()
+    assert node_b.pull(ref) == image.config_digest
+    assert node_b.decisions() == ["backing"]
+    assert registry.requests("GET", "/blobs/") == []  # no blob bytes from upstream
+    assert len(registry.requests("HEAD", "/manifests/")) == 1  # the probe, nothing else
+
+
+def test_a_dead_backing_never_breaks_an_upstream_pull(
+    registry: Registry, backing: Registry, make_node: MakeNode
+) -> None:
+    node = make_node(backing.url)
+    backing.freeze()  # accepts connections, never answers
+    try:
+        first = push_new(registry.url, "app", "v1", seed="one")
+        started = time.monotonic()
+        assert node.pull(image_ref(registry.host, "app", "v1")) == first.config_digest
+        second = push_new(registry.url, "app", "v1", seed="two")
+        assert node.pull(image_ref(registry.host, "app", "v1")) == second.config_digest
+        elapsed = time.monotonic() - started
+    finally:
+        backing.thaw()
+    assert node.decisions() == ["pulled", "updated"]
+    assert elapsed < 1.0 + 2.0  # one backing timeout (1 s) per episode, then upstream only
+    down = [e for e in node.nodekeeper.events()
+            if e.get("event", "").startswith("backing registry unavailable")]
+    assert len(down) == 1
+
+
+def test_an_interrupted_copy_is_completed_by_the_next_pull(
+    registry: Registry, backing: Registry, make_node: MakeNode
+) -> None:
+    with FaultProxy(backing.url) as proxy:
+        node = make_node(proxy.url)
+        image = push_new(registry.url, "app", "v1", seed="interrupted")
+        ref = image_ref(registry.host, "app", "v1")
+        proxy.respond(500, path_contains="/blobs/uploads/", method="PUT", times=1)
+        node.pull(ref)
+        deadline = time.monotonic() + 10
+        while ("copy to backing failed" not in node.nodekeeper.log_text()
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert "copy to backing failed" in node.nodekeeper.log_text()
+        assert resolve(backing.url, backing_repo(registry, "app"), "v1") is None
+        node.pull(ref)
+        assert wait_in_backing(backing, backing_repo(registry, "app"), "v1") == image.digest
+
+
+def test_private_images_do_not_leak_through_backing(
+    make_registry: MakeRegistry, backing: Registry, make_node: MakeNode
+) -> None:
+    upstream = make_registry(htpasswd={"alice": "alice-pw"})
+    node_a, node_b = make_node(backing.url), make_node(backing.url)
+    allowing = make_node(backing.url, policy=ALWAYS + "  backing_private_fallback: allow\n")
+    image = push_new(upstream.url, "private/app", "1", seed="secret", auth=("alice", "alice-pw"))
+    ref = image_ref(upstream.host, "private/app", "1")
+    alice = cri.AuthConfig(username="alice", password="alice-pw")
+    assert node_a.pull(ref, alice) == image.config_digest
+    repo = backing_repo(upstream, "private/app")
+    wait_in_backing(backing, repo, "1")
+    assert resolve(backing.url, repo, "nodekeeper.public") is None  # needed credentials
+    upstream.stop()
+    refused = node_b.pull(ref)
+    assert isinstance(refused, tuple)
+    assert "backing_private_fallback: deny" in refused[1]
+    assert allowing.pull(ref) == image.config_digest  # the rule opted in
