@@ -69,8 +69,10 @@ def read_credentials(path: str) -> Credentials | None:
 
 class Backing:
     def __init__(self, config: BackingConfig, session: Session, copier: Copier,
+                 on_health: Callable[[str], None] = lambda _: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self._on_health = on_health
         self.host = urlsplit(config.url).netloc
         self.endpoint = Endpoint(base=f"{config.url}/v2", host=self.host,
                                  ca=(config.ca,) if config.ca else ())
@@ -159,12 +161,14 @@ class Backing:
             _log.warning("backing registry unavailable; pulls use upstream only",
                          backing=self.host, reason=reason, retry_after_s=DOWN_SECONDS)
             metrics.BACKING_UP.set(0)
+            self._on_health(f"down: {reason}")
         self.down_reason = reason
         self._down_until = self._clock() + DOWN_SECONDS
 
     def _mark_up(self) -> None:
         if self.down_reason:
             _log.info("backing registry available again", backing=self.host)
+            self._on_health("up")
         self.down_reason = ""
         metrics.BACKING_UP.set(1)
 

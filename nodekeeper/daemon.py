@@ -69,7 +69,8 @@ class Daemon:
         session = Session()
         prober = Prober(config.containerd.hosts_dir, session)
         # The cluster-wide backing registry, when configured.
-        backing = (Backing(config.backing, session, Copier(session))
+        backing = (Backing(config.backing, session, Copier(session),
+                           on_health=lambda health: state.set_meta("backing", health))
                    if config.backing.enabled else None)
         puller = Puller(containerd, prober, state, self._policy.get, backing)
 

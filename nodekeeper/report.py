@@ -12,11 +12,14 @@ import time
 from pathlib import Path
 
 from nodekeeper import policy as policies
+from nodekeeper.backing import Backing
 from nodekeeper.config import Config
 from nodekeeper.containerd import Containerd, LocalImage
 from nodekeeper.credentials import ANONYMOUS
 from nodekeeper.errors import NodekeeperError, SettingsError
-from nodekeeper.reference import parse
+from nodekeeper.reference import Reference, parse
+from nodekeeper.registry import Session
+from nodekeeper.registry.copy import Copier
 from nodekeeper.state import DB_NAME, read_only
 
 
@@ -68,6 +71,7 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
         f"{local.id} (points at {local.digest or 'unknown digest'})" if local else "no copy")))
     db = _db(config)
     last_ok = None
+    last_digest = ""
     public = False
     if db is None:
         lines.append("last check:  none recorded (no state database yet)")
@@ -75,7 +79,7 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
         row = db.execute("SELECT checked_at, result, ok_at, digest FROM checks "
                          "WHERE reference = ?", (str(ref),)).fetchone()
         if row:
-            last_ok = row[2]
+            last_ok, last_digest = row[2], row[3]
             ok = f"; last success {_age(time.time() - row[2])}" if row[2] else ""
             lines.append(f"last check:  {_age(time.time() - row[0])}: {row[1]}{ok}"
                          + (f", upstream {row[3]}" if row[3] else ""))
@@ -98,6 +102,8 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
         "pull": "hand the pull to containerd (nothing on the node to compare with)",
     }[step.action]
     lines.append(f"would:       {doing}  [for a pull without credentials]")
+    if config.backing.enabled:
+        lines.append("backing:     " + _backing_view(config, ref, last_digest))
     if local is None:
         fallback = "nothing to fall back to: the pull fails with the upstream error"
     elif public:
@@ -108,6 +114,33 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
         fallback = "serve the node's copy only to credentials recorded as having worked"
     lines.append(f"if upstream fails: {fallback}")
     return "\n".join(lines)
+
+
+def _backing_view(config: Config, ref: Reference, digest: str) -> str:
+    """What the backing registry holds for `ref` (one or two HEADs to backing)."""
+
+    async def ask() -> str:
+        session = Session()
+        backing = Backing(config.backing, session, Copier(session))
+        try:
+            tagged = await backing.resolve_tag(ref)
+            held = bool(digest) and await backing.holds(ref, digest)
+            public = await backing.is_public(ref)
+        finally:
+            await session.close()
+        if backing.down_reason:
+            return f"unreachable ({backing.down_reason})"
+        where = f"{backing.host}/{backing.repository(ref)}"
+        found = [f"tag -> {tagged}"] if tagged else []
+        if digest:
+            found.append(f"last known digest {'held' if held else 'not held'}")
+        marker = "marked public" if public else "not marked public (private or never copied)"
+        return f"{where}: {', '.join(found) or 'nothing under this tag'}; {marker}"
+
+    try:
+        return asyncio.run(ask())
+    except (NodekeeperError, OSError) as exc:
+        return f"unknown ({exc})"
 
 
 def status(config: Config, limit: int = 20) -> str:
@@ -123,6 +156,13 @@ def status(config: Config, limit: int = 20) -> str:
         lines.append(f"state:   no database in {config.state_dir} yet")
         return "\n".join(lines)
     now = time.time()
+    if config.backing.enabled:
+        try:
+            row = db.execute("SELECT value, at FROM meta WHERE key = 'backing'").fetchone()
+        except sqlite3.Error:  # a database from before the daemon's last upgrade
+            row = None
+        health = f"{row[0]} (since {_age(now - row[1])})" if row else "no problem recorded"
+        lines.append(f"backing: {config.backing.url}: {health}")
     lines.append(f"\nrecent decisions (newest first, at most {limit}):")
     for at, image, decision, reason, ms in db.execute(
             "SELECT at, image, decision, reason, duration_ms FROM decisions "

@@ -5,6 +5,7 @@
 - access:    per repository, the keyed fingerprints of credentials (or `anonymous`) seen
              to work upstream. Fallbacks read it; it never holds a credential.
 - decisions: the most recent PullImage decisions, for `nodekeeper status`.
+- meta:      the daemon's view of things `status` reports (the backing registry's health).
 
 Reads come from memory (loaded at start); writes go through to SQLite in WAL mode, one
 transaction each. A database that cannot be opened or is corrupt is moved aside and
@@ -40,6 +41,11 @@ CREATE TABLE IF NOT EXISTS access (
     first_ok    REAL NOT NULL,
     last_ok     REAL NOT NULL,
     PRIMARY KEY (repository, fingerprint)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    at    REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS decisions (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -149,6 +155,11 @@ class State:
             self._since_trim = 0
             self._write("DELETE FROM decisions WHERE id <= (SELECT MAX(id) FROM decisions) - ?",
                         (KEEP_DECISIONS,))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._write("INSERT INTO meta (key, value, at) VALUES (?, ?, ?) ON CONFLICT(key) "
+                    "DO UPDATE SET value = excluded.value, at = excluded.at",
+                    (key, value, time.time()))
 
     def _write(self, sql: str, params: tuple[object, ...]) -> None:
         try:

@@ -3,6 +3,8 @@ upstream and a real backing registry: what one node pulled, every node can get."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -202,3 +204,28 @@ def test_private_images_do_not_leak_through_backing(
     assert isinstance(refused, tuple)
     assert "backing_private_fallback: deny" in refused[1]
     assert allowing.pull(ref) == image.config_digest  # the rule opted in
+
+
+def test_explain_and_status_show_backing(
+    registry: Registry, backing: Registry, make_node: MakeNode
+) -> None:
+    node = make_node(backing.url)
+    image = push_new(registry.url, "app", "v1", seed="explain")
+    ref = image_ref(registry.host, "app", "v1")
+    node.pull(ref)
+    wait_in_backing(backing, backing_repo(registry, "app"), "v1")
+    cli = [sys.executable, "-m", "nodekeeper"]
+    config = str(node.nodekeeper.config_path)
+    explain = subprocess.run([*cli, "explain", ref, "--config", config], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    assert f"tag -> {image.digest}" in explain
+    assert "last known digest held" in explain
+    assert "marked public" in explain
+    backing.freeze()
+    try:
+        node.pull(image_ref(registry.host, "other", "v1"))  # a pull that consults backing
+    finally:
+        backing.thaw()
+    status = subprocess.run([*cli, "status", "--config", config], capture_output=True,
+                            text=True, timeout=30, check=True).stdout
+    assert f"backing: {backing.url}: down" in status
