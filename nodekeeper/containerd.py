@@ -91,15 +91,16 @@ class Containerd:
         metadata = (("containerd-namespace", self.namespace),)
         return await self.call(f"/{IMAGES_SERVICE}/{method}", request, timeout, metadata)
 
+    async def image_id(self, name: str) -> str:
+        """The ID of the image containerd holds under `name` ('' when none)."""
+        request = cri.ImageStatusRequest(image=cri.ImageSpec(image=name)).SerializeToString()
+        answer = await self.cri("ImageStatus", request)
+        return str(cri.ImageStatusResponse.FromString(answer).image.id)
+
     async def local_image(self, name: str) -> LocalImage | None:
         """What containerd holds under `name` (a normalized reference), if anything."""
-        status_request = cri.ImageStatusRequest(image=cri.ImageSpec(image=name))
-        status, digest = await asyncio.gather(
-            self.cri("ImageStatus", status_request.SerializeToString()),
-            self.target_digest(name),
-        )
-        image = cri.ImageStatusResponse.FromString(status).image
-        return LocalImage(image.id, digest) if image.id else None
+        image_id, digest = await asyncio.gather(self.image_id(name), self.target_digest(name))
+        return LocalImage(image_id, digest) if image_id else None
 
     async def target_digest(self, name: str) -> str:
         """The digest an image record points at ('' when there is no such record)."""

@@ -157,15 +157,20 @@ class Puller:
 
     async def _decide_with(self, outcome: Outcome, rule: Rule, ref: Reference,
                            request: PullRequest, who: str) -> Outcome:
-        local = await self._containerd.local_image(str(ref))
-        if local:
-            outcome.local_digest = local.digest
+        # One ImageStatus decides whether the node has a copy; what the name points at is
+        # asked only when a probe will compare it, keeping answers without network quick.
+        image_id = await self._containerd.image_id(str(ref))
         check = self._state.check(str(ref))
         verified = self._verified(ref, who)
-        step = plan(rule.settings, ref, local is not None,
+        step = plan(rule.settings, ref, bool(image_id),
                     check.ok_at if check else None, self._clock(), verified)
-        if step.action == "local" and local is not None:
-            return self._answer(outcome, local, step.decision, step.reason)
+        if step.action == "local":
+            known = ref.digest or (check.digest if check else "")
+            return self._answer(outcome, LocalImage(image_id, known), step.decision, step.reason)
+        local = (LocalImage(image_id, await self._containerd.target_digest(str(ref)))
+                 if image_id else None)
+        if local:
+            outcome.local_digest = local.digest
         if step.action == "pull":
             try:
                 outcome.image_ref = await self._containerd.pull(request.raw)
@@ -331,6 +336,7 @@ class Puller:
     @staticmethod
     def _answer(outcome: Outcome, local: LocalImage, decision: str, reason: str) -> Outcome:
         outcome.image_ref = local.id
+        outcome.local_digest = local.digest
         outcome.decision, outcome.reason = decision, reason
         return outcome
 
