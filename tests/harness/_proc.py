@@ -12,8 +12,10 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 _LIVE: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -132,3 +134,34 @@ class ManagedProcess:
 
     def tail(self, max_bytes: int = 6000) -> str:
         return log_tail(self.log_path, max_bytes)
+
+
+class Service:
+    """Something the harness runs: started on entering `with`, closed on leaving it."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _S) -> _S:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+_S = TypeVar("_S", bound=Service)
+_R = TypeVar("_R")
+
+
+def wait_for_count(read: Callable[[], list[_R]], count: int, timeout: float) -> list[_R]:
+    """Poll `read` until it returns at least `count` items, or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = read()
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)

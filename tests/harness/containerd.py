@@ -7,11 +7,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 import grpc
 
-from tests.harness._proc import ManagedProcess
+from tests.harness._proc import ManagedProcess, Service
 from tests.harness.cri import CriClient
 
 CONTAINERD_BIN = "/usr/bin/containerd"
@@ -57,7 +56,7 @@ def tls_hosts_toml(host: str, ca_file: str | Path) -> str:
     )
 
 
-class Containerd:
+class Containerd(Service):
     """One containerd daemon private to a test.
 
     ``start()`` returns once the CRI plugin answers ImageFsInfo; ``stop()`` ends the daemon
@@ -232,14 +231,3 @@ class Containerd:
         """A new CRI client on this daemon's socket (close it, or use ``with``)."""
         return CriClient(self.address)
 
-    def __enter__(self) -> Containerd:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -29,10 +29,10 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Literal, NamedTuple
 from urllib.parse import urlsplit
 
+from tests.harness._proc import Service, wait_for_count
 from tests.harness.registry import HARNESS_USER_AGENT
 
 _CHUNK = 64 * 1024
@@ -107,7 +107,7 @@ class _Logged:
     user_agent: str
 
 
-class FaultProxy:
+class FaultProxy(Service):
     """A reverse proxy from ``url`` (http://127.0.0.1:PORT) to ``target_url``.
 
     It serves from construction until ``close()``; ``refuse()`` / ``start()`` toggle
@@ -203,16 +203,6 @@ class FaultProxy:
         self._closed = True
         self.refuse()
 
-    def __enter__(self) -> FaultProxy:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _cut_connections(self) -> None:
         """Shut down every tracked socket until every handler thread has ended. Rounds,
@@ -415,12 +405,8 @@ class FaultProxy:
         timeout: float = 5.0,
     ) -> list[ProxyRequest]:
         """Poll until at least ``count`` matching requests are logged; return them all."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.requests(method, path_contains, status=status)
-            if len(found) >= count or time.monotonic() > deadline:
-                return found
-            time.sleep(0.02)
+        return wait_for_count(
+            lambda: self.requests(method, path_contains, status=status), count, timeout)
 
     def clear(self) -> None:
         with self._cond:

@@ -12,13 +12,12 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import bcrypt
 import httpx
 
-from tests.harness._proc import ManagedProcess
+from tests.harness._proc import ManagedProcess, Service, wait_for_count
 
 if TYPE_CHECKING:
     from tests.harness.tokenauth import TokenServer
@@ -120,7 +119,7 @@ def _q(value: str | Path) -> str:
     return json.dumps(str(value))
 
 
-class Registry:
+class Registry(Service):
     """One registry private to a test: filesystem storage, deletes enabled, own log.
 
     The port is chosen once, so ``stop()`` then ``start()`` (or ``restart()``) brings the same
@@ -297,17 +296,6 @@ class Registry:
     def log_tail(self, max_bytes: int = 6000) -> str:
         return self._proc.tail(max_bytes)
 
-    def __enter__(self) -> Registry:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- observation and tampering -------------------------------------------------------
 
@@ -372,12 +360,8 @@ class Registry:
         timeout: float = 5.0,
     ) -> list[RegistryRequest]:
         """Poll until at least ``count`` matching requests are logged; return them all."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.requests(method, path_contains, status=status)
-            if len(found) >= count or time.monotonic() > deadline:
-                return found
-            time.sleep(0.02)
+        return wait_for_count(
+            lambda: self.requests(method, path_contains, status=status), count, timeout)
 
     def remove_tag(self, repo: str, tag: str) -> None:
         """Delete one tag in storage, leaving its manifest and other tags (the HTTP API of

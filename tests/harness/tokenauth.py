@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Literal, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 
+from tests.harness._proc import Service
 from tests.harness.oci import Auth, Image, Index, Verify, build_image, push
 from tests.harness.registry import free_port
 
@@ -104,7 +104,7 @@ class TokenRequest:
         return self.user is None
 
 
-class TokenServer:
+class TokenServer(Service):
     """A registry token service on 127.0.0.1 (``GET /token``, and ``POST /token`` OAuth2).
 
     Users (``users``: name -> password, sent as HTTP Basic on GET or as the password grant on
@@ -201,17 +201,6 @@ class TokenServer:
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
-    def __enter__(self) -> TokenServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- tokens --------------------------------------------------------------------------
 
