@@ -271,8 +271,9 @@ class Puller:
         check = self._state.check(str(ref))
         digest = ref.digest or (check.digest if check else "") or await backing.resolve_tag(ref)
         if not digest or not await backing.holds(ref, digest):
-            raise PullFailed(code, f"{problem}; neither the node nor the backing registry "
-                                   "has a copy")
+            where = (f"the backing registry is unavailable ({backing.down_reason})"
+                     if backing.down_reason else "neither has the backing registry")
+            raise PullFailed(code, f"{problem}; the node has no copy, and {where}")
         if (rule.settings.backing_private_fallback != "allow"
                 and not await backing.is_public(ref)):
             raise PullFailed(code, f"{problem}; the backing registry has a copy, but "

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import random
 import re
 from collections.abc import AsyncGenerator, AsyncIterable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ FOREIGN_LAYER_TYPES = frozenset({
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_MANIFESTS = 256       # per copy: an index and its children
 MAX_DEPTH = 4             # indexes inside indexes
+MANIFEST_ATTEMPTS = 3     # a manifest PUT answered 400: see put_manifest
 _HASHES = {"sha256": 64, "sha512": 128}
 _DIGEST = re.compile(r"^([a-z0-9]+):([a-f0-9]+)$")
 
@@ -243,10 +245,21 @@ class _Copy:
         return b"".join(chunks)
 
     async def put_manifest(self, manifest: _Manifest, reference: str) -> None:
-        response = await self.session.request(
-            "PUT", self.dest.endpoint, f"{self.dest.base}/manifests/{reference}",
-            creds=self.dest.credentials, scope=self.push_scope,
-            headers={"Content-Type": manifest.media_type}, content=manifest.body)
+        for attempt in range(1, MANIFEST_ATTEMPTS + 1):
+            try:
+                response = await self.session.request(
+                    "PUT", self.dest.endpoint, f"{self.dest.base}/manifests/{reference}",
+                    creds=self.dest.credentials, scope=self.push_scope,
+                    headers={"Content-Type": manifest.media_type}, content=manifest.body)
+                break
+            except RegistryError as failure:
+                # distribution 2.8 (filesystem storage) rewrites a manifest's links on
+                # every PUT, not atomically: while another node PUTs the same manifest, an
+                # index PUT may read a child's link half-written and answer 400 (digest
+                # invalid, manifest blob unknown). Measured; a pause and a retry clear it.
+                if failure.kind != "invalid" or attempt == MANIFEST_ATTEMPTS:
+                    raise
+                await asyncio.sleep(random.uniform(0.05, 0.3))
         stored = response.headers.get("docker-content-digest", manifest.digest)
         if stored != manifest.digest:
             raise RegistryError("invalid", f"{self.dest} stored {manifest.digest} as {stored}")
