@@ -90,8 +90,9 @@ class Backing:
     # -- naming ----------------------------------------------------------------------------
 
     def repository(self, ref: Reference) -> str:
-        # A registry host may carry a port; ':' is not allowed in a repository path.
-        source = ref.domain.replace(":", "_")
+        # A registry host may carry a port, and ':' (like uppercase) is not allowed in a
+        # repository path. DNS names never contain '_', so the mapping cannot collide.
+        source = ref.domain.lower().replace(":", "_")
         return "/".join(part for part in (self.config.prefix, source, ref.path) if part)
 
     def name(self, ref: Reference, digest: str) -> str:

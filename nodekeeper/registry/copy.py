@@ -10,16 +10,18 @@
        HEAD in dest         present: skipped
        mount                POST …/blobs/uploads/?mount=&from= for each `mount_from`
                             repository: 201 mounted; 202 the upload it opened is used
-       upload               POST …/blobs/uploads/, then GET source | PUT dest?digest=,
-                            streamed in chunks and hashed on the way: a blob that does not
-                            match its digest or size is cut off before its last byte.
+       upload               GET source, POST …/blobs/uploads/, then PUT dest?digest=
+                            from the GET, streamed in chunks and hashed on the way: a blob
+                            that does not match its digest or size is cut off before its
+                            last byte. Memory stays flat whatever the blob's size.
 4. PUT every manifest by digest, children before their index (distribution 2.8 refuses
    an index naming manifests it lacks), with the media type it was served with.
 5. PUT the top manifest under `tag`, last: a tag never names a partial image.
 
 Every step is idempotent: an interrupted copy is completed by calling copy() again (it
 skips what dest holds), and two nodes copying one digest at once write the same bytes
-under the same names. Failures are RegistryErrors (classes in session.py).
+under the same names (distribution's glitches meanwhile are retried: RACE_ATTEMPTS).
+Failures are RegistryErrors (classes in session.py).
 
 Authorization: a streamed PUT cannot be answered again after a 401, so it goes out under
 the same scope string as the POST that opened its upload just before, whose challenge
@@ -38,7 +40,14 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import AsyncGenerator, AsyncIterable, Coroutine, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +76,13 @@ FOREIGN_LAYER_TYPES = frozenset({
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_MANIFESTS = 256       # per copy: an index and its children
 MAX_DEPTH = 4             # indexes inside indexes
-MANIFEST_ATTEMPTS = 3     # a manifest PUT answered 400: see put_manifest
+# distribution 2.8 (filesystem storage) rewrites a blob's or manifest's link file on every
+# upload or PUT, not atomically. While another node writes the same blob or manifest, a
+# HEAD may read the link half-written and answer 500 ("invalid checksum digest format"),
+# and an index PUT 400 (digest invalid, manifest blob unknown). Measured with four
+# concurrent copies of one image; a short random pause and a retry clear it.
+RACE_ATTEMPTS = 3
+RACE_PAUSE = (0.05, 0.3)
 _HASHES = {"sha256": 64, "sha512": 128}
 _DIGEST = re.compile(r"^([a-z0-9]+):([a-f0-9]+)$")
 
@@ -124,10 +139,10 @@ class Copier:
         """Whether `where` holds the manifest or index `digest` (RegistryError on failure)."""
         _check_digest(digest)
         try:
-            await self._session.request(
+            await _racing(lambda: self._session.request(
                 "HEAD", where.endpoint, f"{where.base}/manifests/{digest}",
                 creds=where.credentials, scope=_pull(where.repository),
-                params=_ns(where.endpoint), headers={"Accept": ACCEPT})
+                params=_ns(where.endpoint), headers={"Accept": ACCEPT}), "server_error")
         except RegistryError as failure:
             if failure.kind == "not_found":
                 return False
@@ -245,21 +260,10 @@ class _Copy:
         return b"".join(chunks)
 
     async def put_manifest(self, manifest: _Manifest, reference: str) -> None:
-        for attempt in range(1, MANIFEST_ATTEMPTS + 1):
-            try:
-                response = await self.session.request(
-                    "PUT", self.dest.endpoint, f"{self.dest.base}/manifests/{reference}",
-                    creds=self.dest.credentials, scope=self.push_scope,
-                    headers={"Content-Type": manifest.media_type}, content=manifest.body)
-                break
-            except RegistryError as failure:
-                # distribution 2.8 (filesystem storage) rewrites a manifest's links on
-                # every PUT, not atomically: while another node PUTs the same manifest, an
-                # index PUT may read a child's link half-written and answer 400 (digest
-                # invalid, manifest blob unknown). Measured; a pause and a retry clear it.
-                if failure.kind != "invalid" or attempt == MANIFEST_ATTEMPTS:
-                    raise
-                await asyncio.sleep(random.uniform(0.05, 0.3))
+        response = await _racing(lambda: self.session.request(
+            "PUT", self.dest.endpoint, f"{self.dest.base}/manifests/{reference}",
+            creds=self.dest.credentials, scope=self.push_scope,
+            headers={"Content-Type": manifest.media_type}, content=manifest.body), "invalid")
         stored = response.headers.get("docker-content-digest", manifest.digest)
         if stored != manifest.digest:
             raise RegistryError("invalid", f"{self.dest} stored {manifest.digest} as {stored}")
@@ -281,9 +285,9 @@ class _Copy:
 
     async def blob_exists(self, digest: str) -> bool:
         try:
-            await self.session.request(
+            await _racing(lambda: self.session.request(
                 "HEAD", self.dest.endpoint, f"{self.dest.base}/blobs/{digest}",
-                creds=self.dest.credentials, scope=_pull(self.dest.repository))
+                creds=self.dest.credentials, scope=_pull(self.dest.repository)), "server_error")
         except RegistryError as failure:
             if failure.kind == "not_found":
                 return False
@@ -463,6 +467,19 @@ def _ns(endpoint: Endpoint) -> dict[str, str] | None:
 
 def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _racing(call: Callable[[], Awaitable[httpx.Response]],
+                  kind: str) -> httpx.Response:
+    """call(), again after a pause when it fails with `kind` (see RACE_ATTEMPTS)."""
+    for _ in range(RACE_ATTEMPTS - 1):
+        try:
+            return await call()
+        except RegistryError as failure:
+            if failure.kind != kind:
+                raise
+        await asyncio.sleep(random.uniform(*RACE_PAUSE))
+    return await call()
 
 
 async def _all(coroutines: list[Coroutine[Any, Any, None]]) -> None:

@@ -52,6 +52,8 @@ class FakeRegistry:
     uploads: dict[str, str] = field(default_factory=dict)  # upload id -> repository
     requests: list[httpx.Request] = field(default_factory=list)
     challenged: list[httpx.Request] = field(default_factory=list)
+    # (method, path substring, status): answered once each instead of the real thing
+    glitches: list[tuple[str, str, int]] = field(default_factory=list)
     in_flight: int = 0
     most_in_flight: int = 0
 
@@ -73,6 +75,10 @@ class FakeRegistry:
         refused = self._refuse(request)
         if refused is not None:
             return refused
+        for glitch in self.glitches:
+            if request.method == glitch[0] and glitch[1] in request.url.path:
+                self.glitches.remove(glitch)
+                return httpx.Response(glitch[2])
         match = _PATH.match(request.url.path)
         if match is None:
             return httpx.Response(404)
@@ -322,6 +328,35 @@ async def test_manifest_with_other_content_is_invalid(make_world: MakeWorld) -> 
     with pytest.raises(RegistryError) as failure:
         await world.copier.copy(world.src(), world.dst(), image.digest)
     assert failure.value.kind == "invalid"
+
+
+async def test_concurrent_writer_glitches_are_retried(make_world: MakeWorld) -> None:
+    """distribution's answers while another node writes the same image: a HEAD 500, an
+    index PUT 400 (see copy.RACE_ATTEMPTS)."""
+    world = make_world()
+    index = three_platforms()
+    world.source.add_image("library/app", index)
+    config = index.images[0].config_digest
+    world.dest.glitches += [("HEAD", f"/blobs/{config}", 500),
+                            ("PUT", f"/manifests/{index.digest}", 400),
+                            ("PUT", "/manifests/v1", 400), ("PUT", "/manifests/v1", 400)]
+
+    report = await world.copier.copy(world.src(), world.dst(), index.digest, "v1")
+
+    assert report.blobs_copied == 9
+    assert world.dest.manifests["cache/app", "v1"] == (index.media_type, index.manifest)
+    assert not world.dest.glitches
+
+
+async def test_persistent_manifest_refusal_fails(make_world: MakeWorld) -> None:
+    world = make_world()
+    image = build_image(seed="a")
+    world.source.add_image("library/app", image)
+    world.dest.glitches += [("PUT", "/manifests/", 400)] * 3
+
+    with pytest.raises(RegistryError, match="invalid"):
+        await world.copier.copy(world.src(), world.dst(), image.digest)
+    assert not world.dest.glitches
 
 
 # -- blob transfers ------------------------------------------------------------------------
