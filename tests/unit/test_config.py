@@ -62,6 +62,14 @@ log: {level: debug, format: console}
         ("- a\n- b\n", ":1: (top level): expected a mapping of settings"),
         ("listen: [\n", "not valid YAML"),
         ("log: {}\nlog: {}\n", ":2: log: key given twice"),
+        ("backing:\n  url: http://registry.example\n", ":2: backing.url: plain http is"),
+        ("backing:\n  url: ftp://x\n", ":2: backing.url: expected https://host"),
+        ("backing:\n  url: https://x/path\n", ":2: backing.url: expected https://host"),
+        ("backing:\n  prefix: Cache\n", ":2: backing.prefix: expected lowercase"),
+        ("backing:\n  timeout: 0s\n", ":2: backing.timeout: expected a duration above 0"),
+        ("backing:\n  max_concurrent_copies: 0\n", ":2: backing.max_concurrent_copies"),
+        ("backing:\n  credentials_file: creds.yaml\n", ":2: backing.credentials_file: expected"
+         " an absolute path"),
     ],
 )
 def test_bad_values_name_file_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -69,6 +77,22 @@ def test_bad_values_name_file_line_and_key(tmp_path: Path, text: str, expected: 
         load_text(tmp_path, text)
     assert str(tmp_path / "config.yaml") in str(caught.value)
     assert expected in str(caught.value)
+
+
+def test_backing_settings(tmp_path: Path) -> None:
+    loaded = load_text(tmp_path, """
+backing:
+  url: http://registry.internal:5000/
+  allow_http: true
+  prefix: nodes/cache
+  copy_timeout: 5m
+""")
+    assert loaded.backing.enabled
+    assert loaded.backing.url == "http://registry.internal:5000"
+    assert loaded.backing.prefix == "nodes/cache"
+    assert loaded.backing.copy_timeout == 300
+    assert load_text(tmp_path, "backing:\n  url: http://127.0.0.1:5000\n").backing.enabled
+    assert not config.Config().backing.enabled
 
 
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
