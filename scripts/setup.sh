@@ -7,7 +7,10 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-APT_PACKAGES=(containerd docker-registry skopeo python3-venv ca-certificates)
+# containerd, docker-registry: the integration tests' real parts; skopeo: the copy
+# benchmark's yardstick; binutils, lintian, rpm, rpmlint: building and checking packages.
+APT_PACKAGES=(containerd docker-registry skopeo python3-venv ca-certificates
+              binutils lintian rpm rpmlint)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
