@@ -181,6 +181,8 @@ class Backing:
         key = (self.repository(ref), digest)
         if not self.config.write or key in self._known or key in self._copying:
             return
+        if self._down():
+            return  # during an outage; the first pull of this image after it copies it
         self._copying.add(key)
         task = asyncio.create_task(self._copy(ref, digest, source, public, key))
         self._tasks.add(task)
