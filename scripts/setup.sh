@@ -8,9 +8,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # containerd, docker-registry: the integration tests' real parts; skopeo: the copy
-# benchmark's yardstick; binutils, lintian, rpm, rpmlint: building and checking packages.
+# benchmark's yardstick; binutils, lintian, rpm, rpmlint: building and checking packages;
+# debootstrap, systemd-container: the system test boots Debian 12 under systemd-nspawn.
 APT_PACKAGES=(containerd docker-registry skopeo python3-venv ca-certificates
-              binutils lintian rpm rpmlint)
+              binutils lintian rpm rpmlint debootstrap systemd-container)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

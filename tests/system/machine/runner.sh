@@ -1,0 +1,86 @@
+#!/bin/bash
+# Inside the booted Debian 12 machine: install nodekeeper's .deb under the real systemd
+# and check what an operator relies on. One line per check goes to /out/results
+# ("NAME ok|fail DETAIL"); then the machine powers off.
+exec >/out/runner.log 2>&1
+set -x
+results=/out/results
+: > "$results"
+check() {  # check NAME CONDITION-EXIT-CODE DETAIL
+    if [ "$2" -eq 0 ]; then echo "$1 ok $3" >> "$results"; else echo "$1 fail $3" >> "$results"; fi
+}
+client() { /usr/bin/python3 -s -E /opt/systest/client.py "$@"; }
+active() { [ "$(systemctl is-active "$1")" = active ]; }
+image=127.0.0.1:5000/demo/app:latest
+
+# containerd: the native snapshotter works wherever overlay mounts are not allowed.
+mkdir -p /etc/containerd
+containerd config default | sed 's/snapshotter = "overlayfs"/snapshotter = "native"/' \
+    > /etc/containerd/config.toml
+systemctl restart containerd
+# The registry listens on loopback only.
+cat > /etc/docker/registry/config.yml <<'YAML'
+version: 0.1
+storage:
+  filesystem:
+    rootdirectory: /var/lib/docker-registry
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:5000
+YAML
+systemctl restart docker-registry
+
+apt-get install -y /opt/systest/nodekeeper.deb
+check install $? "apt-get install ./nodekeeper.deb"
+for _ in $(seq 50); do active nodekeeper && break; sleep 0.1; done
+active containerd; check containerd_active $? "$(systemctl is-active containerd)"
+active nodekeeper; check nodekeeper_active $? "$(systemctl is-active nodekeeper)"
+status=$(systemctl show -p StatusText --value nodekeeper)
+[[ "$status" == Serving* ]]; check ready_status $? "$status"
+
+pushed=$(client push 127.0.0.1:5000 demo/app latest)
+pulled=$(client pull /run/nodekeeper/cri.sock "$image")
+[ -n "$pushed" ] && [ "$pulled" = "$pushed" ]; check pull $? "pushed=$pushed pulled=$pulled"
+
+systemctl stop docker-registry
+sleep 0.5  # past the 0.2 s in which identical pulls share one decision
+cached=$(client pull /run/nodekeeper/cri.sock "$image")
+[ -n "$pushed" ] && [ "$cached" = "$pushed" ]; check fallback_pull $? "answered=$cached"
+journalctl -u nodekeeper -p warning --no-pager | grep -q "answering with the node's copy"
+check journal_fallback $? "journalctl -u nodekeeper -p warning"
+
+printf 'defaults:\n  update: never\n' > /etc/nodekeeper/policy.yaml
+systemctl reload nodekeeper
+reloaded=$?
+sleep 0.5
+journalctl -u nodekeeper --no-pager | grep '"policy loaded"' | grep -q '"trigger": "SIGHUP"'
+loaded=$?
+[ "$reloaded" = 0 ] && [ "$loaded" = 0 ]
+check reload $? "systemctl reload exit $reloaded; SIGHUP reload logged: $loaded"
+sleep 0.3
+client pull /run/nodekeeper/cri.sock "$image" >/dev/null
+journalctl -u nodekeeper --no-pager | grep '"rpc": "PullImage"' | tail -1 | grep -q local-pinned
+check reload_applied $? "the pull after the reload followed update: never"
+
+old=$(systemctl show -p MainPID --value nodekeeper)
+[ "$old" -gt 1 ] && kill -9 "$old"  # never "kill -9 0": that is this whole process group
+start=$(date +%s%N)
+back=1
+for _ in $(seq 100); do
+    pid=$(systemctl show -p MainPID --value nodekeeper)
+    if active nodekeeper && [ "$pid" != 0 ] && [ "$pid" != "$old" ]; then back=0; break; fi
+    sleep 0.05
+done
+elapsed_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+[ "$back" = 0 ] && [ "$elapsed_ms" -le 2000 ]; check restart_after_sigkill $? "${elapsed_ms}ms"
+
+apt-get remove -y nodekeeper
+! active nodekeeper && [ -d /var/lib/nodekeeper ]
+check remove_keeps_state $? "$(systemctl is-active nodekeeper); $(ls -ld /var/lib/nodekeeper)"
+apt-get purge -y nodekeeper
+[ ! -e /var/lib/nodekeeper ]; check purge_removes_state $? "$(ls -ld /var/lib/nodekeeper 2>&1)"
+
+journalctl -u nodekeeper --no-pager > /out/nodekeeper.journal
+echo done > /out/done
+systemctl poweroff
