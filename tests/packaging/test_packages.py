@@ -81,3 +81,15 @@ def test_runs_on_the_distribution_python_without_pip(packages: tuple[Path, Path]
     output = run("/usr/bin/python3", "-s", "-E", "-c", code,
                  str(tmp_path / "etc/nodekeeper/policy.yaml"))
     assert "OK, 2 rules" in output
+
+
+def test_rpm_installs_into_a_scratch_root(packages: tuple[Path, Path], tmp_path: Path) -> None:
+    """rpm itself lays the files down (no scripts, and the root has no Python to depend on)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    run("rpm", "--root", str(root), "--initdb")
+    run("rpm", "--root", str(root), "-i", "--nodeps", "--noscripts", str(packages[1]))
+    assert (root / "usr/bin/nodekeeper").stat().st_mode & 0o111
+    assert (root / "etc/nodekeeper/policy.yaml").read_text() == (
+        REPO / "etc/policy.yaml").read_text()
+    assert (root / "usr/lib/nodekeeper/vendor/grpc/_cython").is_dir()

@@ -19,7 +19,9 @@ CACHE = Path(os.environ.get("NODEKEEPER_SYSTEST_CACHE", "/var/cache/nodekeeper-s
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = "systemd,systemd-sysv,dbus,containerd,docker-registry,python3,ca-certificates"
 CHECKS = ("install", "containerd_active", "nodekeeper_active", "ready_status", "pull",
-          "fallback_pull", "journal_fallback", "reload", "reload_applied", "restart_after_sigkill",
+          "fallback_pull", "journal_fallback", "reload", "reload_applied",
+          "upgrade_with_broken_config", "without_containerd", "missing_policy",
+          "restart_after_sigkill",
           "remove_keeps_state", "purge_removes_state")
 
 pytestmark = pytest.mark.integration

@@ -63,6 +63,37 @@ client pull /run/nodekeeper/cri.sock "$image" >/dev/null
 journalctl -u nodekeeper --no-pager | grep '"rpc": "PullImage"' | tail -1 | grep -q local-pinned
 check reload_applied $? "the pull after the reload followed update: never"
 
+# An upgrade over a broken, locally edited config keeps the running daemon and says why.
+before=$(systemctl show -p MainPID --value nodekeeper)
+cp /etc/nodekeeper/config.yaml /tmp/config.yaml
+echo "bogus_key: 1" >> /etc/nodekeeper/config.yaml
+upgrade=$(apt-get install --reinstall -y /opt/systest/nodekeeper.deb 2>&1)
+after=$(systemctl show -p MainPID --value nodekeeper)
+grep -q "bogus_key: unknown key" <<<"$upgrade" && [ "$before" = "$after" ] && active nodekeeper
+check upgrade_with_broken_config $? "pid $before -> $after"
+cp /tmp/config.yaml /etc/nodekeeper/config.yaml
+
+# containerd gone: nodekeeper keeps running and says so.
+systemctl stop containerd
+sleep 1
+active nodekeeper && journalctl -u nodekeeper --no-pager | grep -q "containerd unreachable"
+check without_containerd $? "$(systemctl is-active nodekeeper)"
+systemctl start containerd
+
+# A missing policy file: a clear error, and restarts no faster than RestartSec (1 s).
+mv /etc/nodekeeper/policy.yaml /tmp/policy.yaml
+restarts_before=$(systemctl show -p NRestarts --value nodekeeper)
+systemctl restart nodekeeper
+sleep 3
+restarts=$(( $(systemctl show -p NRestarts --value nodekeeper) - restarts_before ))
+journalctl -u nodekeeper --no-pager | grep -q "/etc/nodekeeper/policy.yaml: cannot read" \
+    && [ "$restarts" -le 3 ]
+check missing_policy $? "$restarts restarts in 3 s"
+mv /tmp/policy.yaml /etc/nodekeeper/policy.yaml
+systemctl reset-failed nodekeeper
+systemctl restart nodekeeper
+for _ in $(seq 50); do active nodekeeper && break; sleep 0.1; done
+
 old=$(systemctl show -p MainPID --value nodekeeper)
 [ "$old" -gt 1 ] && kill -9 "$old"  # never "kill -9 0": that is this whole process group
 start=$(date +%s%N)
