@@ -18,6 +18,7 @@ Images live at `<backing>/<prefix>/<source registry>/<repository>`, digests unch
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import time
@@ -39,6 +40,7 @@ from nodekeeper.registry.probe import ACCEPT
 
 PUBLIC_TAG = "nodekeeper.public"
 DOWN_SECONDS = 30.0
+MOUNT_CANDIDATES = 3
 _EMPTY = b"{}"
 _EMPTY_DIGEST = "sha256:" + hashlib.sha256(_EMPTY).hexdigest()
 _MARKER = json.dumps({
@@ -82,6 +84,9 @@ class Backing:
         self._clock = clock
         self._slots = asyncio.Semaphore(config.max_concurrent_copies)
         self._known: set[tuple[str, str]] = set()   # (repository, digest) seen in backing
+        # Repositories this node filled lately: images share base layers, so a blob missing
+        # in one repository is often in these, and backing can mount it without a copy.
+        self._recent: collections.deque[str] = collections.deque(maxlen=MOUNT_CANDIDATES)
         self._copying: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._down_until = 0.0
@@ -202,12 +207,16 @@ class Backing:
                     return
                 metrics.COPIES.labels("started").inc()
                 started = self._clock()
+                candidates = [repo for repo in self._recent if repo != dest.repository]
                 report = await asyncio.wait_for(
-                    self._copier.copy(source, dest, digest, ref.tag or None),
+                    self._copier.copy(source, dest, digest, ref.tag or None, candidates),
                     self.config.copy_timeout)
                 if public:
                     await self._mark_public(dest)
             self._known.add(key)
+            if dest.repository in self._recent:
+                self._recent.remove(dest.repository)
+            self._recent.appendleft(dest.repository)
             metrics.COPIES.labels("finished").inc()
             metrics.COPY_BYTES.inc(report.bytes_copied)
             _log.info("copied to backing", **fields, bytes=report.bytes_copied,

@@ -229,3 +229,18 @@ def test_explain_and_status_show_backing(
     status = subprocess.run([*cli, "status", "--config", config], capture_output=True,
                             text=True, timeout=30, check=True).stdout
     assert f"backing: {backing.url}: down" in status
+
+
+def test_blobs_backing_already_holds_are_mounted_not_copied(
+    registry: Registry, backing: Registry, make_node: MakeNode
+) -> None:
+    node = make_node(backing.url)
+    image = push_new(registry.url, "first", "v1", seed="shared-layers")
+    push(registry.url, "second", "v1", image)  # the same blobs under another name
+    node.pull(image_ref(registry.host, "first", "v1"))
+    wait_in_backing(backing, backing_repo(registry, "first"), "v1")
+    node.pull(image_ref(registry.host, "second", "v1"))
+    wait_in_backing(backing, backing_repo(registry, "second"), "v1")
+    copies = [e for e in node.nodekeeper.events() if e.get("event") == "copied to backing"]
+    assert [c["blobs_mounted"] for c in copies] == [0, len(image.blobs)]
+    assert copies[1]["bytes"] == 0
