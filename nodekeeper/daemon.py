@@ -1,6 +1,12 @@
 """nodekeeper serve: wiring and lifecycle, in the order things start.
 
-    kubelet ──CRI──> [listener socket] ── cri.ImageService ──> containerd (CRI + images API)
+    kubelet ──CRI──> [listener socket] ── cri.ImageService ──────> containerd
+                                              │ PullImage                ▲
+                                              ▼                          │ pull, alias
+                                       puller.Puller ── policy (policyfile), state (SQLite)
+                                              │
+                           registry.Prober ───┴─── backing.Backing (registry.Copier)
+                       (upstream digest probe)     (cluster-wide copy of every pull)
 
 Signals: SIGTERM/SIGINT stop gracefully (stop accepting, let in-flight RPCs finish within
 shutdown_grace, cancel the rest); a second one stops at once. SIGHUP reloads what can
