@@ -87,13 +87,21 @@ def source_revision() -> str:
     return f"{commit}{dirty}{where}"
 
 
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the checkout when inside it."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def machine_info(load: str) -> list[str]:
     return [
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- nproc: {len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}), "
         f"load average at start: {load}",
         f"- kernel: {platform.release()}",
-        f"- python: {platform.python_version()} ({sys.executable})",
+        f"- python: {platform.python_version()} ({_shown(Path(sys.executable))})",
         f"- grpcio: {grpc.__version__}",
         f"- containerd: {containerd_version()}",
         f"- nodekeeper source: {source_revision()}",
