@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the harness lives in tests/, which is not installed
     sys.path.insert(0, str(ROOT))
 
+from tests.harness._proc import ManagedProcess  # noqa: E402
+from tests.harness.nodekeeper import NotifySocket  # noqa: E402
+
+BARE_PROXY = Path(__file__).resolve().parent / "bare_proxy.py"
 CRI = "/runtime.v1.ImageService"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CLIENT_OPTIONS = [
@@ -219,3 +223,49 @@ def work_directory(keep: bool) -> Iterator[Path]:
             print(f"work directory kept: {path}", file=sys.stderr)
         else:
             shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the floor as a subprocess -----------------------------------------------------------
+
+
+class BareProxy:
+    """bench/bare_proxy.py run as a child process, ready when start() returns.
+
+    With `answer_pull`, it answers every PullImage at once with that image ID: the floor for
+    a PullImage answered without asking anyone."""
+
+    def __init__(self, workdir: Path, containerd_address: str, answer_pull: str = "") -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.socket = str(workdir / "bare.sock")
+        self._notify_path = workdir / "notify.sock"
+        extra = ["--answer-pull", answer_pull] if answer_pull else []
+        # env(1) execs the interpreter, so the PID stays the proxy's own.
+        self._proc = ManagedProcess(
+            ["/usr/bin/env", f"NOTIFY_SOCKET={self._notify_path}", sys.executable,
+             str(BARE_PROXY), "--listen", self.socket, "--containerd", containerd_address,
+             *extra],
+            workdir / "bare_proxy.log",
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self._proc.pid is not None
+        return self._proc.pid
+
+    def start(self, timeout: float = 15.0) -> float:
+        """Start it; return seconds from start to READY=1."""
+        self._notify_path.unlink(missing_ok=True)
+        notify = NotifySocket(self._notify_path)
+        try:
+            started = time.monotonic()
+            self._proc.start()
+            try:
+                return notify.wait_for("READY=1", timeout) - started
+            except TimeoutError:
+                raise RuntimeError(f"bare proxy not ready:\n{self._proc.tail()}") from None
+        finally:
+            notify.close()
+
+    def stop(self) -> None:
+        self._proc.stop(10.0)

@@ -4,7 +4,10 @@ Every /runtime.v1.ImageService/* call is forwarded as raw bytes (no serializers,
 no logging, no metrics) over one shared channel with the same 16 MiB message limits as
 nodekeeper. Whatever nodekeeper costs above this is the cost of nodekeeper itself.
 
-    python bench/bare_proxy.py --listen SOCK --containerd SOCK
+    python bench/bare_proxy.py --listen SOCK --containerd SOCK [--answer-pull IMAGE_ID]
+
+With --answer-pull, PullImage is not forwarded but answered at once with IMAGE_ID: the floor
+for a PullImage that nodekeeper answers from what it knows (inside an `interval`).
 
 Sends READY=1 to $NOTIFY_SOCKET once listening (when set); SIGTERM or SIGINT stops it.
 """
@@ -38,9 +41,12 @@ MethodHandler: TypeAlias = "grpc.RpcMethodHandler[bytes, bytes]"
 class _Forward(grpc.GenericRpcHandler):
     """Answers every ImageService method by sending the same bytes to containerd."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, answer_pull: str) -> None:
         self._channel = channel
         self._handlers: dict[str, MethodHandler] = {}
+        if answer_pull:
+            self._handlers[SERVICE_PREFIX + "PullImage"] = grpc.unary_unary_rpc_method_handler(
+                _answer(_pull_response(answer_pull)))
 
     def service(self, details: grpc.HandlerCallDetails) -> MethodHandler | None:
         method: str = details.method
@@ -65,6 +71,24 @@ class _Forward(grpc.GenericRpcHandler):
         return forward
 
 
+def _pull_response(image_id: str) -> bytes:
+    """PullImageResponse{image_ref = image_id}, encoded by hand to keep protobuf out."""
+    value = image_id.encode()
+    length, varint = len(value), bytearray()
+    while length >= 0x80:
+        varint.append(length & 0x7F | 0x80)
+        length >>= 7
+    varint.append(length)
+    return b"\x0a" + bytes(varint) + value  # field 1, length-delimited
+
+
+def _answer(response: bytes) -> Callable[[bytes, Context], Awaitable[bytes]]:
+    async def answer(request: bytes, context: Context) -> bytes:
+        return response
+
+    return answer
+
+
 def _notify_ready() -> None:
     address = os.environ.get("NOTIFY_SOCKET", "")
     if not address:
@@ -75,10 +99,10 @@ def _notify_ready() -> None:
         sock.sendto(b"READY=1", address)
 
 
-async def _serve(listen: str, containerd: str) -> None:
+async def _serve(listen: str, containerd: str, answer_pull: str) -> None:
     channel = grpc.aio.insecure_channel(f"unix://{containerd}", options=OPTIONS)
     server = grpc.aio.server(options=OPTIONS)
-    server.add_generic_rpc_handlers((_Forward(channel),))
+    server.add_generic_rpc_handlers((_Forward(channel, answer_pull),))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(listen)
     server.add_insecure_port(f"unix://{listen}")
@@ -100,8 +124,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--listen", required=True, help="unix socket to serve on")
     parser.add_argument("--containerd", required=True, help="containerd's socket")
+    parser.add_argument("--answer-pull", default="", metavar="IMAGE_ID",
+                        help="answer PullImage at once with this image ID")
     args = parser.parse_args()
-    asyncio.run(_serve(args.listen, args.containerd))
+    asyncio.run(_serve(args.listen, args.containerd, args.answer_pull))
 
 
 if __name__ == "__main__":

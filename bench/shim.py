@@ -30,6 +30,7 @@ from typing import Any
 
 from _common import (
     PULL_SPACING_S,
+    BareProxy,
     Latencies,
     RawClient,
     load_average,
@@ -52,10 +53,8 @@ from tests.harness import (
     image_ref,
     push_new,
 )
-from tests.harness._proc import ManagedProcess
-from tests.harness.nodekeeper import Nodekeeper, NotifySocket
+from tests.harness.nodekeeper import Nodekeeper
 
-BARE_PROXY = Path(__file__).resolve().parent / "bare_proxy.py"
 TARGETS = ("containerd", "floor", "nodekeeper")
 
 # Targets from the brief.
@@ -97,47 +96,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024 / 1e6
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-# -- the floor as a subprocess -----------------------------------------------------------
-
-
-class BareProxy:
-    """bench/bare_proxy.py run as a child process, ready when start() returns."""
-
-    def __init__(self, workdir: Path, containerd_address: str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
-        self.socket = str(workdir / "bare.sock")
-        self._notify_path = workdir / "notify.sock"
-        # env(1) execs the interpreter, so the PID stays the proxy's own.
-        self._proc = ManagedProcess(
-            ["/usr/bin/env", f"NOTIFY_SOCKET={self._notify_path}", sys.executable,
-             str(BARE_PROXY), "--listen", self.socket, "--containerd", containerd_address],
-            workdir / "bare_proxy.log",
-        )
-
-    @property
-    def pid(self) -> int:
-        assert self._proc.pid is not None
-        return self._proc.pid
-
-    def start(self, timeout: float = 15.0) -> float:
-        """Start it; return seconds from start to READY=1."""
-        self._notify_path.unlink(missing_ok=True)
-        notify = NotifySocket(self._notify_path)
-        try:
-            started = time.monotonic()
-            self._proc.start()
-            try:
-                return notify.wait_for("READY=1", timeout) - started
-            except TimeoutError:
-                raise RuntimeError(f"bare proxy not ready:\n{self._proc.tail()}") from None
-        finally:
-            notify.close()
-
-    def stop(self) -> None:
-        self._proc.stop(10.0)
 
 
 def listed_names(answer: bytes) -> list[tuple[str, list[str]]]:
