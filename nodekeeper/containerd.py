@@ -1,4 +1,5 @@
-"""The only code that talks to containerd: its CRI image service and native images API.
+"""The only code that talks to containerd: its CRI image service, native images API and
+image events.
 
 One gRPC channel to containerd's socket, shared by every call. The channel reconnects by
 itself with a short back-off, so containerd may start after nodekeeper, or restart under
@@ -13,16 +14,24 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from nodekeeper import logs
+from nodekeeper._proto import containerd_events_pb2 as ctdevents
 from nodekeeper._proto import containerd_images_pb2 as ctdimg
 from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.errors import ContainerdError, ContainerdUnavailable
+from nodekeeper.presence import Presence
 
 # The kubelet's own limit; a ListImages answer for a very full node can be large.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CRI_SERVICE = "runtime.v1.ImageService"
 IMAGES_SERVICE = "containerd.services.images.v1.Images"
+EVENTS_SUBSCRIBE = "/containerd.services.events.v1.Events/Subscribe"
+# containerd registers a subscription as soon as the request arrives, but says nothing back
+# until the first event; names are kept only once the stream has stood this long.
+SUBSCRIBE_SETTLE_SECONDS = 0.5
+RESUBSCRIBE_SECONDS = 1.0
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -54,6 +63,7 @@ class Containerd:
         self.namespace = namespace
         self._channel = grpc.aio.insecure_channel(f"unix://{address}", options=CHANNEL_OPTIONS)
         self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
+        self.presence = Presence()
 
     def _method(self, path: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         method = self._methods.get(path)
@@ -96,6 +106,16 @@ class Containerd:
         request = cri.ImageStatusRequest(image=cri.ImageSpec(image=name)).SerializeToString()
         answer = await self.cri("ImageStatus", request)
         return str(cri.ImageStatusResponse.FromString(answer).image.id)
+
+    async def held_image_id(self, name: str) -> str:
+        """image_id(), answered from what image events have kept true where possible."""
+        known = self.presence.image_id(name)
+        if known:
+            return known
+        generation = self.presence.generation
+        image_id = await self.image_id(name)
+        self.presence.learn(name, image_id, generation)
+        return image_id
 
     async def local_image(self, name: str) -> LocalImage | None:
         """What containerd holds under `name` (a normalized reference), if anything."""
@@ -180,6 +200,43 @@ class Containerd:
                 on_change(now)
             await self._channel.wait_for_state_change(state)
             state = self._channel.get_state(try_to_connect=True)
+
+    async def follow_images(self) -> None:
+        """Keep `presence` true by following the image events of our namespace.
+
+        Runs until cancelled. While the stream is down, presence keeps nothing, so every
+        answer asks containerd; containerd down is logged by watch(), not here.
+        """
+        loop = asyncio.get_running_loop()
+        subscribe = self._channel.unary_stream(
+            EVENTS_SUBSCRIBE, request_serializer=ctdevents.SubscribeRequest.SerializeToString,
+            response_deserializer=ctdevents.Envelope.FromString)
+        request = ctdevents.SubscribeRequest(
+            filters=[f'namespace=="{self.namespace}",topic~="^/images/"'])
+        while True:
+            stream = subscribe(request)
+            settled = loop.call_later(SUBSCRIBE_SETTLE_SECONDS, self._following)
+            try:
+                async for envelope in stream:
+                    try:
+                        name = ctdevents.ImageEvent.FromString(envelope.event.value).name
+                    except DecodeError:
+                        self.presence.follow(True)  # some name changed: forget them all
+                    else:
+                        self.presence.changed(name)
+            except grpc.aio.AioRpcError as exc:
+                if self.presence.live and exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    _log.warning("containerd's image events stopped; asking containerd on "
+                                 "every pull until they are back", error=exc.details())
+            finally:
+                settled.cancel()
+                self.presence.follow(False)
+                stream.cancel()
+            await asyncio.sleep(RESUBSCRIBE_SECONDS)
+
+    def _following(self) -> None:
+        self.presence.follow(True)
+        _log.info("following containerd's image events", namespace=self.namespace)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -99,11 +99,12 @@ class Daemon:
             loop.add_signal_handler(number, signals.on_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
 
-        # Background tasks: the systemd watchdog, containerd's reachability, and the policy
-        # file (a local stat; nothing here polls a registry).
+        # Background tasks: the systemd watchdog, containerd's reachability and image
+        # events, and the policy file (a local stat; nothing here polls a registry).
         background = [
             asyncio.create_task(self._notifier.watchdog(), name="watchdog"),
             asyncio.create_task(containerd.watch(self._on_containerd), name="containerd-watch"),
+            asyncio.create_task(containerd.follow_images(), name="containerd-images"),
             asyncio.create_task(self._policy.watch(), name="policy-watch"),
         ]
         self._notifier.ready(self._status())

@@ -157,9 +157,10 @@ class Puller:
 
     async def _decide_with(self, outcome: Outcome, rule: Rule, ref: Reference,
                            request: PullRequest, who: str) -> Outcome:
-        # One ImageStatus decides whether the node has a copy; what the name points at is
+        # One ImageStatus, or what containerd's image events kept true since the last one
+        # (presence.py), decides whether the node has a copy; what the name points at is
         # asked only when a probe will compare it, keeping answers without network quick.
-        image_id = await self._containerd.image_id(str(ref))
+        image_id = await self._containerd.held_image_id(str(ref))
         check = self._state.check(str(ref))
         verified = self._verified(ref, who)
         step = plan(rule.settings, ref, bool(image_id),

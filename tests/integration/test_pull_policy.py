@@ -31,6 +31,7 @@ from tests.harness import (
     tls_hosts_toml,
     write_htpasswd,
 )
+from tests.harness._proc import wait_for_count
 from tests.harness.nodekeeper import Nodekeeper
 
 pytestmark = pytest.mark.integration
@@ -101,6 +102,40 @@ def test_interval_skips_upstream_until_it_elapses(
     registry.wait_for_requests(1, "HEAD")
     assert manifest_heads(registry, "app") == 1
     assert decisions(daemon)[1:] == ["local-interval"] * 5 + ["fresh"]
+
+
+def following_events(daemon: Nodekeeper, count: int = 1) -> None:
+    """Wait until nodekeeper has (re)subscribed to containerd's image events `count` times."""
+    seen = wait_for_count(lambda: [e for e in daemon.events()
+                                   if e.get("event") == "following containerd's image events"],
+                          count, 15.0)
+    assert len(seen) >= count, daemon.log_text()
+
+
+def test_interval_answer_notices_images_removed_behind_its_back(
+    registry: Registry, containerd: Containerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    # Inside the interval the node's copy is answered from what containerd's image events
+    # kept true: a removal that bypasses nodekeeper must still be seen, also after
+    # containerd restarted under it.
+    daemon = make_nodekeeper(containerd.address, policy=policy(update="interval", interval="1h"))
+    following_events(daemon)
+    ref = image_ref(registry.host, "app", "v1")
+    image = push_new(registry.url, "app", "v1", seed="removed-out-of-band")
+    with CriClient(daemon.socket) as kubelet:
+        for restart in (False, True):
+            if restart:
+                containerd.restart()
+                following_events(daemon, 2)
+            assert pull(kubelet, ref)[0] == image.config_digest
+            assert pull(kubelet, ref)[0] == image.config_digest
+            with CriClient(containerd.address) as direct:
+                direct.remove(ref)
+                assert direct.status(ref).image.id == ""
+                assert pull(kubelet, ref)[0] == image.config_digest
+                assert direct.status(ref).image.id == image.config_digest
+    assert decisions(daemon) == ["pulled", "local-interval", "pulled",
+                                 "local-interval", "local-interval", "pulled"]
 
 
 def test_never_sends_nothing_upstream(
