@@ -15,9 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -154,7 +155,11 @@ class Latencies:
         return len(self.samples[target])
 
 
-def measure(name: str, clients: dict[str, RawClient], method: str, request: bytes,
+class Caller(Protocol):
+    def call(self, method: str, request: bytes, timeout: float) -> bytes: ...
+
+
+def measure(name: str, clients: Mapping[str, Caller], method: str, request: bytes,
             calls: int, warmup: int, rounds: int, budget_s: float,
             timeout: float = 30.0, pause_s: float = 0.0,
             before: Callable[[str], None] | None = None) -> Latencies:
@@ -232,14 +237,17 @@ class BareProxy:
     """bench/bare_proxy.py run as a child process, ready when start() returns.
 
     With `answer_pull`, it answers every PullImage at once with that image ID: the floor for
-    a PullImage answered without asking anyone."""
+    a PullImage answered without asking anyone. With `libraries`, it imports nodekeeper's
+    runtime libraries too: the memory floor of anything built from them."""
 
-    def __init__(self, workdir: Path, containerd_address: str, answer_pull: str = "") -> None:
+    def __init__(self, workdir: Path, containerd_address: str, answer_pull: str = "",
+                 libraries: bool = False) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.socket = str(workdir / "bare.sock")
         self._notify_path = workdir / "notify.sock"
         extra = ["--answer-pull", answer_pull] if answer_pull else []
+        extra += ["--with-libraries"] if libraries else []
         # env(1) execs the interpreter, so the PID stays the proxy's own.
         self._proc = ManagedProcess(
             ["/usr/bin/env", f"NOTIFY_SOCKET={self._notify_path}", sys.executable,

@@ -5,9 +5,12 @@ no logging, no metrics) over one shared channel with the same 16 MiB message lim
 nodekeeper. Whatever nodekeeper costs above this is the cost of nodekeeper itself.
 
     python bench/bare_proxy.py --listen SOCK --containerd SOCK [--answer-pull IMAGE_ID]
+                               [--with-libraries]
 
 With --answer-pull, PullImage is not forwarded but answered at once with IMAGE_ID: the floor
 for a PullImage that nodekeeper answers from what it knows (inside an `interval`).
+With --with-libraries, it also imports the runtime libraries nodekeeper is built on (and
+uses none of them): the memory floor for any daemon built from those parts.
 
 Sends READY=1 to $NOTIFY_SOCKET once listening (when set); SIGTERM or SIGINT stops it.
 """
@@ -17,9 +20,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
@@ -89,6 +94,21 @@ def _answer(response: bytes) -> Callable[[bytes, Context], Awaitable[bytes]]:
     return answer
 
 
+# Beside grpcio: the runtime dependencies nodekeeper's design prescribes, the standard
+# library modules it keeps state and fingerprints with, and its generated protobuf modules.
+LIBRARIES = ("httpx", "structlog", "yaml", "sdnotify", "sqlite3", "hmac", "hashlib",
+             "google.protobuf", "nodekeeper._proto.cri_image_pb2",
+             "nodekeeper._proto.containerd_images_pb2",
+             "nodekeeper._proto.containerd_events_pb2")
+
+
+def _import_libraries() -> None:
+    bench = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.dirname(bench))  # the checkout, for nodekeeper._proto
+    for name in LIBRARIES:
+        importlib.import_module(name)
+
+
 def _notify_ready() -> None:
     address = os.environ.get("NOTIFY_SOCKET", "")
     if not address:
@@ -126,7 +146,11 @@ def main() -> None:
     parser.add_argument("--containerd", required=True, help="containerd's socket")
     parser.add_argument("--answer-pull", default="", metavar="IMAGE_ID",
                         help="answer PullImage at once with this image ID")
+    parser.add_argument("--with-libraries", action="store_true",
+                        help="import nodekeeper's runtime libraries, unused")
     args = parser.parse_args()
+    if args.with_libraries:
+        _import_libraries()
     asyncio.run(_serve(args.listen, args.containerd, args.answer_pull))
 
 

@@ -14,6 +14,10 @@ and measures, for containerd's socket and nodekeeper's socket alike:
   up to date     sequential PullImage of a present, unchanged tag (`update: always`);
   interval       the same for a tag checked a moment ago (`update: interval`), and, as its
                  floor, bench/bare_proxy.py answering PullImage at once with the image ID;
+  interval, back to back
+                 one pull each of many such tags (`hourly-N`), each right after the
+                 previous answer, as when many pods start at once; no tag is pulled twice,
+                 so no pull shares an earlier decision;
   burst          N concurrent PullImage of one tag from one grpc.aio channel, counting the
                  manifest requests the registry logged;
   moved tag      a new image is pushed under the tag before every timed PullImage;
@@ -33,7 +37,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +48,7 @@ from _common import (
     CRI,
     PULL_SPACING_S,
     BareProxy,
+    Caller,
     Latencies,
     RawClient,
     load_average,
@@ -70,7 +75,7 @@ defaults:
   probe_timeout: {PROBE_TIMEOUT_S:g}s
 rules:
   - match: "**"
-    tags: ["{TAG_INTERVAL}"]
+    tags: ["{TAG_INTERVAL}(-[0-9]+)?"]
     update: interval
     interval: 1h
 """
@@ -92,6 +97,7 @@ class Sizes:
     """Timed calls per target and benchmark; every benchmark also has a time budget."""
 
     spaced: int        # up to date, and inside the interval
+    rotating: int      # inside the interval, back to back: one pull per tag, this many tags
     rounds: int
     moved: int
     fallback: int      # nodekeeper's pulls against the black hole
@@ -101,9 +107,10 @@ class Sizes:
     budget_s: float = 60.0
 
 
-FULL = Sizes(spaced=50, rounds=10, moved=10, fallback=20, hang_tries=2, burst=50, bursts=3)
-QUICK = Sizes(spaced=10, rounds=2, moved=4, fallback=5, hang_tries=1, burst=50, bursts=1,
-              budget_s=20.0)
+FULL = Sizes(spaced=50, rotating=400, rounds=10, moved=10, fallback=20, hang_tries=2,
+             burst=50, bursts=3)
+QUICK = Sizes(spaced=10, rotating=80, rounds=2, moved=4, fallback=5, hang_tries=1, burst=50,
+              bursts=1, budget_s=20.0)
 
 
 # -- nodekeeper's own account ------------------------------------------------------------
@@ -151,6 +158,21 @@ class Phases:
 
 
 # -- the benchmarks that measure() does not cover ----------------------------------------
+
+
+class Rotating:
+    """A client that sends the next of `requests` in turn, whatever it is asked to send:
+    each call of measure() is then a pull of another tag."""
+
+    def __init__(self, client: RawClient, requests: Sequence[bytes]) -> None:
+        self._client = client
+        self._requests = requests
+        self._next = 0
+
+    def call(self, method: str, request: bytes, timeout: float) -> bytes:
+        request = self._requests[self._next % len(self._requests)]
+        self._next += 1
+        return self._client.call(method, request, timeout)
 
 
 @dataclass
@@ -255,6 +277,7 @@ def black_hole(registry: Registry, clients: dict[str, RawClient], request: bytes
 class Results:
     up_to_date: Latencies
     interval: Latencies
+    back_to_back: Latencies
     moved: Latencies
     bursts: dict[str, list[Burst]]
     hole: BlackHole
@@ -268,7 +291,7 @@ def pull_request(ref: str) -> bytes:
     return cri.PullImageRequest(image=cri.ImageSpec(image=ref)).SerializeToString()
 
 
-def warm_up(clients: dict[str, RawClient], request: bytes, count: int = 2) -> None:
+def warm_up(clients: Mapping[str, Caller], request: bytes, count: int = 2) -> None:
     for client in clients.values():
         for _ in range(count):
             client.call("PullImage", request, 30.0)
@@ -325,13 +348,45 @@ def run(sizes: Sizes, workdir: Path) -> Results:
                              pause_s=PULL_SPACING_S)
         phases.take("up to date (update: always)")
 
-        same_answers(with_floor, "PullImage", requests[TAG_INTERVAL])
-        warm_up(with_floor, requests[TAG_INTERVAL])
+        # Inside the interval, containerd pulls tags of its own (`hourly-c`, `hourly-cN`):
+        # its PullImage rewrites the image record, and the image event that follows
+        # rightly makes nodekeeper ask containerd again about that name. With every pull
+        # through nodekeeper, as on a node, nothing else rewrites them.
+        def interval_tags(count: int | None) -> dict[str, list[bytes]]:
+            suffixes = [""] if count is None else [f"-{i}" for i in range(count)]
+            tags = {target: [f"{TAG_INTERVAL}{'-c' if target == 'containerd' else ''}{x}"
+                             for x in suffixes] for target in with_floor}
+            for tag in {*tags["containerd"], *tags["nodekeeper"]}:
+                push(registry.url, REPO, tag, image)
+                direct.pull(image_ref(registry.host, REPO, tag))
+            time.sleep(PULL_SPACING_S)  # containerd's image events reach nodekeeper
+            requests = {target: [pull_request(image_ref(registry.host, REPO, tag))
+                                 for tag in found] for target, found in tags.items()}
+            # Checked once through nodekeeper (`fresh`), so the timed pulls are all
+            # `local-interval`; every target answers with the same image.
+            for request in requests["nodekeeper"]:
+                answers = {target: with_floor[target].call("PullImage", request, 30.0)
+                           for target in ("nodekeeper", "floor")}
+                if answers["nodekeeper"] != answers["floor"]:
+                    raise RuntimeError("PullImage: nodekeeper answered another image")
+            return requests
+
+        spaced = interval_tags(None)
+        callers = {target: Rotating(with_floor[target], spaced[target]) for target in with_floor}
+        warm_up(callers, b"")
         phases.mark()
-        interval = measure("interval", with_floor, "PullImage", requests[TAG_INTERVAL],
-                           sizes.spaced, 0, sizes.rounds, sizes.budget_s,
-                           pause_s=PULL_SPACING_S)
+        interval = measure("interval", callers, "PullImage", b"", sizes.spaced, 0,
+                           sizes.rounds, sizes.budget_s, pause_s=PULL_SPACING_S)
         phases.take("inside the interval")
+
+        many = interval_tags(sizes.rotating)
+        phases.mark()
+        back_to_back = measure("interval, back to back",
+                               {target: Rotating(with_floor[target], many[target])
+                                for target in with_floor},
+                               "PullImage", b"", sizes.rotating, 0, sizes.rounds,
+                               sizes.budget_s)
+        phases.take(f"inside the interval, back to back over {sizes.rotating} tags")
 
         bursts: dict[str, list[Burst]] = {target: [] for target in TARGETS}
         phases.mark()
@@ -360,7 +415,8 @@ def run(sizes: Sizes, workdir: Path) -> Results:
         hole = black_hole(registry, clients, requests[TAG_ALWAYS], sizes)
         phases.take("black hole")
 
-        return Results(up_to_date=up_to_date, interval=interval, moved=moved, bursts=bursts,
+        return Results(up_to_date=up_to_date, interval=interval, back_to_back=back_to_back,
+                       moved=moved, bursts=bursts,
                        hole=hole, phases=phases.seen, own_ms=phases.own_ms,
                        load_at_start=load,
                        elapsed_s=time.monotonic() - started)
@@ -393,6 +449,8 @@ def table(res: Results) -> list[str]:
     latency_rows("PullImage, up to date, `update: always`", res.up_to_date, UP_TO_DATE_RATIO)
     latency_rows("PullImage inside the interval, `update: interval` 1h", res.interval,
                  INTERVAL_RATIO)
+    latency_rows("PullImage inside the interval, back to back, a new tag each time",
+                 res.back_to_back, INTERVAL_RATIO)
 
     hole = res.hole
     codes = {code for code, _ in hole.containerd}
@@ -464,6 +522,7 @@ def report(res: Results, args: argparse.Namespace) -> str:
         "`update: interval`, `interval: 1h`",
         f"- mode: {'quick' if args.quick else 'full'}; timed pulls per target, "
         f"{PULL_SPACING_S} s apart: {calls(res.up_to_date)}; {calls(res.interval)}; "
+        f"back to back: {calls(res.back_to_back)}; "
         f"{calls(res.moved)}; black hole: nodekeeper {len(hole.nodekeeper_s)}"
         f"{' (cut short by the time budget)' if hole.cut_short else ''}, "
         f"containerd {len(hole.containerd)}",

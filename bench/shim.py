@@ -62,6 +62,8 @@ STATUS_OVERHEAD_VS_FLOOR = 1.25
 LIST_RATIO = 1.2
 READY_S = 1.0
 RSS_MB = 45.0
+# Calls of each kind the floor-with-libraries gets before its RSS is read.
+LIBRARY_CALLS = 200
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class Results:
     ready_floor: list[float]
     rss_nk: float
     rss_floor: float
+    rss_libraries: float
     load_at_start: str = ""
     elapsed_s: float = 0.0
 
@@ -221,9 +224,21 @@ def run(sizes: Sizes, workdir: Path, log_level: str, metrics: bool) -> Results:
                           list_request, sizes.listing, max(10, sizes.warmup // 4), sizes.rounds,
                           sizes.budget_s)
 
+        # The floor with nodekeeper's libraries imported, given the same kinds of calls.
+        libraries = BareProxy(workdir / "bare-libraries", containerd.address, libraries=True)
+        stack.callback(libraries.stop)
+        libraries.start()
+        with_libraries = RawClient(libraries.socket)
+        stack.callback(with_libraries.close)
+        for method, request in (("ImageStatus", status_request.SerializeToString()),
+                                ("PullImage", pull_request), ("ListImages", list_request)):
+            for _ in range(LIBRARY_CALLS):
+                with_libraries.call(method, request, 30.0)
+
         time.sleep(2.0)  # idle, after the warm-up and all of the above
         assert daemon.proc is not None
         rss_nk, rss_floor = rss_mb(daemon.proc.pid), rss_mb(bare.pid)
+        rss_libraries = rss_mb(libraries.pid)
 
         ready_nk, ready_floor = start_times(workdir, containerd.address, sizes.starts, settings)
 
@@ -232,6 +247,7 @@ def run(sizes: Sizes, workdir: Path, log_level: str, metrics: bool) -> Results:
             list_tags=sum(len(i.repo_tags) for i in listed.images),
             list_images=len(listed.images), list_bytes=len(answer),
             ready_nk=ready_nk, ready_floor=ready_floor, rss_nk=rss_nk, rss_floor=rss_floor,
+            rss_libraries=rss_libraries,
             load_at_start=load, elapsed_s=time.monotonic() - started,
         )
 
@@ -299,6 +315,10 @@ def table(res: Results) -> list[str]:
         ("idle RSS (VmRSS)", "", f"{res.rss_floor:.1f} MB", f"{res.rss_nk:.1f} MB",
          f"nodekeeper - floor {res.rss_nk - res.rss_floor:+.1f} MB", f"<= {RSS_MB:.0f} MB",
          verdict(res.rss_nk <= RSS_MB)),
+        ("idle RSS of the floor with nodekeeper's libraries imported", "",
+         f"{res.rss_libraries:.1f} MB", "",
+         f"floor + libraries - floor {res.rss_libraries - res.rss_floor:+.1f} MB; "
+         f"nodekeeper - it {res.rss_nk - res.rss_libraries:+.1f} MB", "", ""),
     ]
 
     header = ("metric", "containerd", "floor (bare proxy)", "nodekeeper", "ratio / overhead",

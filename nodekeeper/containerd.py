@@ -107,6 +107,11 @@ class Containerd:
         answer = await self.cri("ImageStatus", request)
         return str(cri.ImageStatusResponse.FromString(answer).image.id)
 
+    def known_image_id(self, name: str) -> str:
+        """The image ID image events vouch for under `name` ('' when containerd must be
+        asked): see presence.py."""
+        return self.presence.image_id(name)
+
     async def held_image_id(self, name: str) -> str:
         """image_id(), answered from what image events have kept true where possible."""
         known = self.presence.image_id(name)

@@ -10,13 +10,15 @@
                    failed otherwise           -> a clear error     error
       pull   ->  a digest reference the node lacks: containerd pulls     pulled
 
-Concurrent pulls of one reference with the same credentials share one probe and one
-containerd pull. The security rule: the node's copy of a repository that needs
+A `local` answer for a copy that containerd's image events vouch for (presence.py) is
+given at once, before any of the below. Concurrent pulls of one reference with the same
+credentials share one probe and one containerd pull. The security rule: the node's copy of a repository that needs
 credentials is handed out only to credentials recorded as having worked upstream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
@@ -30,7 +32,7 @@ from nodekeeper.backing import Backing
 from nodekeeper.containerd import Containerd, LocalImage
 from nodekeeper.credentials import ANONYMOUS, Credentials, fingerprint
 from nodekeeper.errors import ContainerdError, PullFailed, RequestError
-from nodekeeper.policy import Policy, Rule, plan
+from nodekeeper.policy import Plan, Policy, Rule, plan
 from nodekeeper.reference import InvalidReference, Reference, parse
 from nodekeeper.registry import Prober, ProbeResult, RegistryError
 from nodekeeper.registry.copy import Location
@@ -118,6 +120,10 @@ class Puller:
             raise RequestError(f"invalid image reference {request.image!r}: {exc}") from None
         who = fingerprint(self._state.key, ref.name, request.credentials)
         started = self._clock()
+        known = self._answer_known(ref, request, who)
+        if known is not None:
+            self._record(known, started)
+            return known
         try:
             outcome, shared = await self._flights.run(
                 (str(ref), who), lambda: self._decide(ref, request, who))
@@ -138,10 +144,31 @@ class Puller:
         metrics.DECISIONS.labels(outcome.decision, _reason_class(outcome)).inc()
         if outcome.shared:
             return  # the caller that ran the work recorded it
-        self._state.record_decision(Decision(
+        # Written once the answer is on its way: the kubelet need not wait for the disk.
+        asyncio.get_running_loop().call_soon(self._state.record_decision, Decision(
             started, outcome.image, outcome.rule, outcome.decision, outcome.reason,
             outcome.local_digest, outcome.upstream_digest,
             round((self._clock() - started) * 1000, 3)))
+
+    def _answer_known(self, ref: Reference, request: PullRequest, who: str) -> Outcome | None:
+        """The node's copy, when image events vouch for it and the rule needs no network:
+        answered at once, without containerd, a task or a shared flight."""
+        image_id = self._containerd.known_image_id(str(ref))
+        if not image_id:
+            return None
+        rule = self._policy().rule_for(ref)
+        step, known = self._plan(rule, ref, image_id, who)
+        if step.action != "local":
+            return None
+        return self._answer(Outcome(request.image, str(ref), rule.label),
+                            LocalImage(image_id, known), step.decision, step.reason)
+
+    def _plan(self, rule: Rule, ref: Reference, image_id: str, who: str) -> tuple[Plan, str]:
+        """What to do, and the digest the node's copy is known by ('' when unknown)."""
+        check = self._state.check(str(ref))
+        step = plan(rule.settings, ref, bool(image_id), check.ok_at if check else None,
+                    self._clock(), self._verified(ref, who))
+        return step, ref.digest or (check.digest if check else "")
 
     async def _decide(self, ref: Reference, request: PullRequest, who: str) -> Outcome:
         rule = self._policy().rule_for(ref)
@@ -161,12 +188,8 @@ class Puller:
         # (presence.py), decides whether the node has a copy; what the name points at is
         # asked only when a probe will compare it, keeping answers without network quick.
         image_id = await self._containerd.held_image_id(str(ref))
-        check = self._state.check(str(ref))
-        verified = self._verified(ref, who)
-        step = plan(rule.settings, ref, bool(image_id),
-                    check.ok_at if check else None, self._clock(), verified)
+        step, known = self._plan(rule, ref, image_id, who)
         if step.action == "local":
-            known = ref.digest or (check.digest if check else "")
             return self._answer(outcome, LocalImage(image_id, known), step.decision, step.reason)
         local = (LocalImage(image_id, await self._containerd.target_digest(str(ref)))
                  if image_id else None)
