@@ -114,7 +114,7 @@ class Containerd:
 
     async def held_image_id(self, name: str) -> str:
         """image_id(), answered from what image events have kept true where possible."""
-        known = self.presence.image_id(name)
+        known = self.known_image_id(name)
         if known:
             return known
         generation = self.presence.generation
@@ -210,7 +210,8 @@ class Containerd:
         """Keep `presence` true by following the image events of our namespace.
 
         Runs until cancelled. While the stream is down, presence keeps nothing, so every
-        answer asks containerd; containerd down is logged by watch(), not here.
+        answer asks containerd. containerd itself down is logged by watch(); any other
+        failure of the stream is logged once, until it is back.
         """
         loop = asyncio.get_running_loop()
         subscribe = self._channel.unary_stream(
@@ -218,9 +219,17 @@ class Containerd:
             response_deserializer=ctdevents.Envelope.FromString)
         request = ctdevents.SubscribeRequest(
             filters=[f'namespace=="{self.namespace}",topic~="^/images/"'])
+        complained = False
+
+        def following() -> None:
+            nonlocal complained
+            complained = False
+            self.presence.follow(True)
+            _log.info("following containerd's image events", namespace=self.namespace)
+
         while True:
             stream = subscribe(request)
-            settled = loop.call_later(SUBSCRIBE_SETTLE_SECONDS, self._following)
+            settled = loop.call_later(SUBSCRIBE_SETTLE_SECONDS, following)
             try:
                 async for envelope in stream:
                     try:
@@ -230,18 +239,16 @@ class Containerd:
                     else:
                         self.presence.changed(name)
             except grpc.aio.AioRpcError as exc:
-                if self.presence.live and exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    _log.warning("containerd's image events stopped; asking containerd on "
-                                 "every pull until they are back", error=exc.details())
+                if exc.code() != grpc.StatusCode.UNAVAILABLE and not complained:
+                    complained = True
+                    _log.warning("containerd's image events are not available; every pull "
+                                 "asks containerd until they are", code=exc.code().name,
+                                 error=exc.details())
             finally:
                 settled.cancel()
                 self.presence.follow(False)
                 stream.cancel()
             await asyncio.sleep(RESUBSCRIBE_SECONDS)
-
-    def _following(self) -> None:
-        self.presence.follow(True)
-        _log.info("following containerd's image events", namespace=self.namespace)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -12,8 +12,9 @@
 
 A `local` answer for a copy that containerd's image events vouch for (presence.py) is
 given at once, before any of the below. Concurrent pulls of one reference with the same
-credentials share one probe and one containerd pull. The security rule: the node's copy of a repository that needs
-credentials is handed out only to credentials recorded as having worked upstream.
+credentials share one probe and one containerd pull. The security rule: the node's copy
+of a repository that needs credentials is handed out only to credentials recorded as
+having worked upstream.
 """
 
 from __future__ import annotations
