@@ -444,7 +444,8 @@ def table(res: Results) -> list[str]:
         if floored:
             over = lat.p("nodekeeper", 50) / lat.p("floor", 50)
             rows.append((f"{name}, p50, nodekeeper / floor", "", "", "", f"{over:.2f}x",
-                         f"<= {FLOOR_RATIO:.2f}x (FACTS.md)", verdict(over <= FLOOR_RATIO)))
+                         f"<= {FLOOR_RATIO:.2f}x (FACTS.md floor rule)",
+                         verdict(over <= FLOOR_RATIO)))
 
     latency_rows("PullImage, up to date, `update: always`", res.up_to_date, UP_TO_DATE_RATIO)
     latency_rows("PullImage inside the interval, `update: interval` 1h", res.interval,

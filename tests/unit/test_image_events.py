@@ -4,6 +4,7 @@ the stream stands, each event forgets its name, and a missing service is said on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 from collections.abc import AsyncIterator, Callable
@@ -55,6 +56,20 @@ def image_event(name: str, topic: str = "/images/delete") -> ctdevents.Envelope:
     return envelope
 
 
+@contextlib.asynccontextmanager
+async def following(containerd: Containerd, live: bool = True) -> AsyncIterator[None]:
+    """follow_images running in a task (stream up, with `live`) for the body of the with."""
+    follower = asyncio.create_task(containerd.follow_images())
+    try:
+        if live:
+            await eventually(lambda: containerd.presence.live)
+        yield
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+    assert not containerd.presence.live
+
+
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not check():
@@ -86,9 +101,7 @@ async def test_events_forget_their_names_and_the_stream_end_forgets_all(
 ) -> None:
     service, containerd, _ = events
     presence = containerd.presence
-    follower = asyncio.create_task(containerd.follow_images())
-    try:
-        await eventually(lambda: presence.live)
+    async with following(containerd):
         assert [list(s.filters) for s in service.subscriptions] == [
             ['namespace=="k8s.io",topic~="^/images/"']]
         for name in ("r/a:1", "r/b:1"):
@@ -102,10 +115,6 @@ async def test_events_forget_their_names_and_the_stream_end_forgets_all(
         assert presence.image_id("r/b:1") == ""
         await eventually(lambda: presence.live)  # subscribed again by itself
         assert len(service.subscriptions) == 2
-    finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-    assert not presence.live
 
 
 async def test_an_undecodable_event_forgets_everything(
@@ -113,18 +122,13 @@ async def test_an_undecodable_event_forgets_everything(
 ) -> None:
     service, containerd, _ = events
     presence = containerd.presence
-    follower = asyncio.create_task(containerd.follow_images())
-    try:
-        await eventually(lambda: presence.live)
+    async with following(containerd):
         presence.learn("r/a:1", ID, presence.generation)
         garbled = image_event("r/a:1")
         garbled.event.value = b"\xff\xff\xff"
         await service.queue.put(garbled)
         await eventually(lambda: len(presence) == 0)
         assert presence.live
-    finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
 
 
 async def test_no_events_service_keeps_nothing_and_says_so_once(
@@ -132,15 +136,11 @@ async def test_no_events_service_keeps_nothing_and_says_so_once(
 ) -> None:
     service, containerd, log = events
     service.refuse = grpc.StatusCode.UNIMPLEMENTED
-    follower = asyncio.create_task(containerd.follow_images())
-    try:
+    async with following(containerd, live=False):
         await eventually(lambda: len(service.subscriptions) >= 4)
         assert not containerd.presence.live
         containerd.presence.learn("r/a:1", ID, containerd.presence.generation)
         assert containerd.presence.image_id("r/a:1") == ""
-    finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
     warnings = [json.loads(line) for line in log.getvalue().splitlines()
                 if '"warning"' in line]
     assert [w["code"] for w in warnings] == ["UNIMPLEMENTED"]
