@@ -16,7 +16,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-from nodekeeper import logs
+from nodekeeper import logs, metrics
 from nodekeeper._proto import containerd_events_pb2 as ctdevents
 from nodekeeper._proto import containerd_images_pb2 as ctdimg
 from nodekeeper._proto import cri_image_pb2 as cri
@@ -225,6 +225,7 @@ class Containerd:
             nonlocal complained
             complained = False
             self.presence.follow(True)
+            metrics.IMAGE_EVENTS.set(1)
             _log.info("following containerd's image events", namespace=self.namespace)
 
         while True:
@@ -247,6 +248,7 @@ class Containerd:
             finally:
                 settled.cancel()
                 self.presence.follow(False)
+                metrics.IMAGE_EVENTS.set(0)
                 stream.cancel()
             await asyncio.sleep(RESUBSCRIBE_SECONDS)
 

@@ -31,6 +31,7 @@ _OFF = _Off()
 RPCS: Any = _OFF
 RPC_SECONDS: Any = _OFF
 CONTAINERD_UP: Any = _OFF
+IMAGE_EVENTS: Any = _OFF
 DECISIONS: Any = _OFF
 FALLBACKS: Any = _OFF
 PROBE_SECONDS: Any = _OFF
@@ -45,7 +46,7 @@ COPY_BYTES: Any = _OFF
 
 def enable() -> None:
     """Create the real metrics. Call once, before anything records a value."""
-    global RPCS, RPC_SECONDS, CONTAINERD_UP, DECISIONS, FALLBACKS, PROBE_SECONDS
+    global RPCS, RPC_SECONDS, CONTAINERD_UP, IMAGE_EVENTS, DECISIONS, FALLBACKS, PROBE_SECONDS
     global UPSTREAM_REQUESTS, POLICY_VALID, POLICY_LOADED, BACKING_UP, BACKING_READS, COPIES
     global COPY_BYTES
     from prometheus_client import Counter, Gauge, Histogram
@@ -60,6 +61,10 @@ def enable() -> None:
     )
     CONTAINERD_UP = Gauge(
         "nodekeeper_containerd_reachable", "1 while containerd's socket answers, else 0",
+    )
+    IMAGE_EVENTS = Gauge(
+        "nodekeeper_containerd_image_events",
+        "1 while containerd's image events are followed, else 0 (every pull asks containerd)",
     )
     DECISIONS = Counter(
         "nodekeeper_pull_decisions", "PullImage decisions, by decision and reason class",

@@ -321,3 +321,5 @@ def test_metrics_endpoint(make_nodekeeper: MakeNodekeeper, containerd: Container
     body = httpx.get(f"http://{address}/metrics", timeout=5).text
     assert 'nodekeeper_rpcs_total{code="OK",rpc="ImageStatus"} 1.0' in body
     assert "nodekeeper_containerd_reachable 1.0" in body
+    eventually(lambda: "nodekeeper_containerd_image_events 1.0"
+               in httpx.get(f"http://{address}/metrics", timeout=5).text)
