@@ -17,7 +17,8 @@ and measures, for containerd's socket and nodekeeper's socket alike:
   interval, back to back
                  one pull each of many such tags (`hourly-N`), each right after the
                  previous answer, as when many pods start at once; no tag is pulled twice,
-                 so no pull shares an earlier decision;
+                 so no pull shares an earlier decision. Inside the interval containerd
+                 pulls tags of its own (see run());
   burst          N concurrent PullImage of one tag from one grpc.aio channel, counting the
                  manifest requests the registry logged;
   moved tag      a new image is pushed under the tag before every timed PullImage;
@@ -348,7 +349,7 @@ def run(sizes: Sizes, workdir: Path) -> Results:
                              pause_s=PULL_SPACING_S)
         phases.take("up to date (update: always)")
 
-        # Inside the interval, containerd pulls tags of its own (`hourly-c`, `hourly-cN`):
+        # Inside the interval, containerd pulls tags of its own (`hourly-c`, `hourly-c-N`):
         # its PullImage rewrites the image record, and the image event that follows
         # rightly makes nodekeeper ask containerd again about that name. With every pull
         # through nodekeeper, as on a node, nothing else rewrites them.
@@ -362,8 +363,8 @@ def run(sizes: Sizes, workdir: Path) -> Results:
             time.sleep(PULL_SPACING_S)  # containerd's image events reach nodekeeper
             requests = {target: [pull_request(image_ref(registry.host, REPO, tag))
                                  for tag in found] for target, found in tags.items()}
-            # Checked once through nodekeeper (`fresh`), so the timed pulls are all
-            # `local-interval`; every target answers with the same image.
+            # Pulled once through nodekeeper, so the timed pulls are all `local-interval`;
+            # nodekeeper answers with the image the floor answers with.
             for request in requests["nodekeeper"]:
                 answers = {target: with_floor[target].call("PullImage", request, 30.0)
                            for target in ("nodekeeper", "floor")}

@@ -11,7 +11,9 @@ then times the same raw-bytes calls, from the same kind of synchronous gRPC clie
 
 Each latency is p50/p99 over sequential calls after a warm-up, taken in rounds that rotate
 the order of the targets, so that noise on a shared machine spreads over all of them.
-It also times process start to READY=1 and reads idle RSS. Prints a markdown table.
+It also times process start to READY=1 and reads idle RSS, beside that of the floor with
+nodekeeper's runtime libraries imported (bare_proxy.py --with-libraries). ListImages lists
+500 distinct images pulled through CRI. Prints a markdown table.
 See docs/benchmarks.md.
 """
 
