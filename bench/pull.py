@@ -67,6 +67,7 @@ from tests.harness import Containerd, CriClient, Registry, image_ref, push, push
 from tests.harness.nodekeeper import Nodekeeper
 
 TARGETS = ("containerd", "nodekeeper")
+STATUS = "containerd ImageStatus"  # a reference target of the interval benchmark
 REPO = "bench/app"
 TAG_ALWAYS, TAG_INTERVAL, TAG_MOVING = "v1", "hourly", "moving"
 PROBE_TIMEOUT_S = 1.0
@@ -163,17 +164,19 @@ class Phases:
 
 class Rotating:
     """A client that sends the next of `requests` in turn, whatever it is asked to send:
-    each call of measure() is then a pull of another tag."""
+    each call of measure() is then a pull of another tag. With `method`, it calls that
+    method instead of the one asked for."""
 
-    def __init__(self, client: RawClient, requests: Sequence[bytes]) -> None:
+    def __init__(self, client: RawClient, requests: Sequence[bytes], method: str = "") -> None:
         self._client = client
         self._requests = requests
+        self._method = method
         self._next = 0
 
     def call(self, method: str, request: bytes, timeout: float) -> bytes:
         request = self._requests[self._next % len(self._requests)]
         self._next += 1
-        return self._client.call(method, request, timeout)
+        return self._client.call(self._method or method, request, timeout)
 
 
 @dataclass
@@ -374,6 +377,10 @@ def run(sizes: Sizes, workdir: Path) -> Results:
 
         spaced = interval_tags(None)
         callers = {target: Rotating(with_floor[target], spaced[target]) for target in with_floor}
+        # And containerd's cheapest answer, in the same rounds: ImageStatus of its tag.
+        status = cri.ImageStatusRequest(image=cri.ImageSpec(
+            image=image_ref(registry.host, REPO, f"{TAG_INTERVAL}-c"))).SerializeToString()
+        callers[STATUS] = Rotating(with_floor["containerd"], [status], "ImageStatus")
         warm_up(callers, b"")
         phases.mark()
         interval = measure("interval", callers, "PullImage", b"", sizes.spaced, 0,
@@ -442,6 +449,11 @@ def table(res: Results) -> list[str]:
             rows.append((f"{name}, p{q}", ms(d), floor, ms(n), f"{ratio:.2f}x",
                          "(none)" if limit is None else f"<= {limit:.1f}x",
                          "" if limit is None else verdict(ratio <= limit)))
+        if STATUS in lat.samples:
+            for q in (50, 99):
+                d, c = lat.p("containerd", q), lat.p(STATUS, q)
+                rows.append((f"containerd's own ImageStatus of that image, same rounds, p{q}",
+                             ms(c), "", "", f"{c / d:.2f}x its PullImage", "", ""))
         if floored:
             over = lat.p("nodekeeper", 50) / lat.p("floor", 50)
             rows.append((f"{name}, p50, nodekeeper / floor", "", "", "", f"{over:.2f}x",
