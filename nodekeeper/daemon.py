@@ -2,8 +2,9 @@
 
     kubelet ──CRI──> [listener socket] ── cri.ImageService ──────> containerd
                                               │ PullImage                ▲
-                                              ▼                          │ pull, alias
-                                       puller.Puller ── policy (policyfile), state (SQLite)
+                                              ▼                          │ pull, alias; image events
+                                       puller.Puller ── policy (policyfile), state (SQLite),
+                                              │                presence (what the node holds)
                                               │
                            registry.Prober ───┴─── backing.Backing (registry.Copier)
                        (upstream digest probe)     (cluster-wide copy of every pull)
