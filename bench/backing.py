@@ -48,6 +48,7 @@ from _common import (
     RawClient,
     load_average,
     machine_info,
+    markdown_table,
     percentile,
     verdict,
     work_directory,
@@ -451,11 +452,6 @@ def mb(count: float) -> str:
     return f"{count / 1e6:.1f} MB"
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def cold_table(cold: Cold) -> list[str]:
     up, back = cold.seconds("upstream"), cold.seconds("backing")
     rows: list[list[str]] = []
@@ -481,8 +477,8 @@ def cold_table(cold: Cold) -> list[str]:
     per_pull("backing", "blob_bytes")
     per_pull("backing", "manifest_heads")
     per_pull("backing", "manifest_gets")
-    return table(("metric", "from upstream (no backing)", "from backing", "ratio", "target",
-                  "result"), rows)
+    return markdown_table(("metric", "from upstream (no backing)", "from backing", "ratio",
+                           "target", "result"), rows)
 
 
 def down_table(down: Down) -> list[str]:
@@ -515,8 +511,8 @@ def down_table(down: Down) -> list[str]:
         row(f"later pulls of the episode, p{q} of {later}", values, added,
             f"~0 (<= +{LATER_PULL_ADDED_S * 1000:.0f} ms)" if q == 50 else "",
             ok if q == 50 else None)
-    return table(("metric", "no backing", "backing healthy", "backing black-holed",
-                  "added (black-holed - no backing)", "target", "result"), rows)
+    return markdown_table(("metric", "no backing", "backing healthy", "backing black-holed",
+                           "added (black-holed - no backing)", "target", "result"), rows)
 
 
 def copy_table(copied: CopyRun) -> list[str]:
@@ -535,7 +531,7 @@ def copy_table(copied: CopyRun) -> list[str]:
     growth = float(nk[4])
     rows.append(["nodekeeper RSS growth during the copy (largest)", f"{growth:.1f} MB", "",
                  f"< {COPY_RSS_GROWTH_MB:.0f} MB", verdict(growth < COPY_RSS_GROWTH_MB)])
-    return table(("metric", "value", "ratio", "target", "result"), rows)
+    return markdown_table(("metric", "value", "ratio", "target", "result"), rows)
 
 
 def counted(items: Sequence[str]) -> str:

@@ -54,6 +54,7 @@ from _common import (
     RawClient,
     load_average,
     machine_info,
+    markdown_table,
     measure,
     percentile,
     same_answers,
@@ -509,9 +510,7 @@ def table(res: Results) -> list[str]:
 
     header = ("metric", "containerd", "floor (answers at once)", "nodekeeper", "ratio",
               "target", "result")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+    return markdown_table(header, rows)
 
 
 def counted(counts: Counter[str]) -> str:

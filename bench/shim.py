@@ -38,6 +38,7 @@ from _common import (
     RawClient,
     load_average,
     machine_info,
+    markdown_table,
     measure,
     same_answers,
     verdict,
@@ -325,9 +326,7 @@ def table(res: Results) -> list[str]:
 
     header = ("metric", "containerd", "floor (bare proxy)", "nodekeeper", "ratio / overhead",
               "target", "result")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+    return markdown_table(header, rows)
 
 
 def seconds(values: Sequence[float]) -> str:
