@@ -49,8 +49,9 @@ COALESCE_SECONDS = 0.2
 # Failure classes the kubelet should report as RegistryUnavailable.
 _UNAVAILABLE = frozenset({"unreachable", "timeout"})
 _CODES = {
-    "unreachable": grpc.StatusCode.UNAVAILABLE,
-    "timeout": grpc.StatusCode.UNAVAILABLE,
+    # The kubelet recognizes RegistryUnavailable only in the message of an UNKNOWN status.
+    "unreachable": grpc.StatusCode.UNKNOWN,
+    "timeout": grpc.StatusCode.UNKNOWN,
     "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "not_found": grpc.StatusCode.NOT_FOUND,
     "unauthorized": grpc.StatusCode.PERMISSION_DENIED,
@@ -273,7 +274,7 @@ class Puller:
         if refusal:
             raise PullFailed(
                 grpc.StatusCode.PERMISSION_DENIED if kind not in _UNAVAILABLE
-                else grpc.StatusCode.UNAVAILABLE,
+                else _CODES[kind],
                 f"{'RegistryUnavailable: ' if kind in _UNAVAILABLE else ''}{ref}: upstream "
                 f"{kind}: {detail}; the node's copy is not used because {refusal}")
         check = self._state.check(str(ref))

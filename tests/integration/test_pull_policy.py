@@ -197,7 +197,7 @@ def test_no_copy_and_unreachable_says_registry_unavailable(
     registry.stop()
     with CriClient(nodekeeper.socket) as kubelet:
         code, message = pull(kubelet, ref)
-    assert code == grpc.StatusCode.UNAVAILABLE
+    assert code == grpc.StatusCode.UNKNOWN
     assert str(message).startswith("RegistryUnavailable:")
 
 
@@ -242,7 +242,7 @@ def test_credentials_decide_who_gets_the_cached_copy(
         assert pull(kubelet, ref, alice)[0] == image.config_digest  # unreachable: known creds
         for stranger in (None, bob, mallory):  # never seen to work: refused
             code, message = pull(kubelet, ref, stranger)
-            assert code == grpc.StatusCode.UNAVAILABLE
+            assert code == grpc.StatusCode.UNKNOWN
             assert "the node's copy is not used" in str(message)
     assert "alice-pw" not in daemon.log_text()
     assert "guess" not in daemon.log_text()
@@ -261,7 +261,7 @@ def test_auth_fallback_never_refuses_even_known_credentials(
         pull(kubelet, ref, alice)
         registry.stop()
         code, message = pull(kubelet, ref, alice)
-    assert code == grpc.StatusCode.UNAVAILABLE
+    assert code == grpc.StatusCode.UNKNOWN
     assert "auth_fallback is never" in str(message)
 
 
@@ -487,6 +487,6 @@ def test_token_auth_registry_with_cached_tokens(
             registry.stop()
             assert pull(kubelet, public_ref)[0] == public.config_digest  # public: anyone
             code, _ = pull(kubelet, private_ref)
-            assert code == grpc.StatusCode.UNAVAILABLE
+            assert code == grpc.StatusCode.UNKNOWN
             assert pull(kubelet, private_ref, alice)[0] == private.config_digest
         assert "alice-pw" not in daemon.log_text()
