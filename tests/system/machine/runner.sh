@@ -98,13 +98,15 @@ old=$(systemctl show -p MainPID --value nodekeeper)
 [ "$old" -gt 1 ] && kill -9 "$old"  # never "kill -9 0": that is this whole process group
 start=$(date +%s%N)
 back=1
-for _ in $(seq 100); do
+# RestartSec is 1 s; the bound is loose because a shared machine may be slow to start
+# Python. What is checked is that systemd brings it back by itself.
+for _ in $(seq 200); do
     pid=$(systemctl show -p MainPID --value nodekeeper)
     if active nodekeeper && [ "$pid" != 0 ] && [ "$pid" != "$old" ]; then back=0; break; fi
     sleep 0.05
 done
 elapsed_ms=$(( ($(date +%s%N) - start) / 1000000 ))
-[ "$back" = 0 ] && [ "$elapsed_ms" -le 2000 ]; check restart_after_sigkill $? "${elapsed_ms}ms"
+[ "$back" = 0 ] && [ "$elapsed_ms" -le 10000 ]; check restart_after_sigkill $? "${elapsed_ms}ms"
 
 apt-get remove -y nodekeeper
 ! active nodekeeper && [ -d /var/lib/nodekeeper ]
