@@ -23,18 +23,14 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from nodekeeper import logs, metrics
 from nodekeeper.config import BackingConfig
-from nodekeeper.credentials import Credentials
-from nodekeeper.errors import SettingsError
+from nodekeeper.failures import Failure, Kind
 from nodekeeper.reference import Reference
-from nodekeeper.registry import Endpoint, RegistryError, Session
+from nodekeeper.registry import Endpoint, Session
 from nodekeeper.registry.copy import Copier, Location
 from nodekeeper.registry.probe import ACCEPT
 
@@ -55,20 +51,6 @@ _MARKER = json.dumps({
 _log = logs.get("backing")
 
 
-def read_credentials(path: str) -> Credentials | None:
-    """`username:` and `password:` from a YAML file readable by root only."""
-    if not path:
-        return None
-    try:
-        document = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise SettingsError(f"{path}: cannot read backing credentials: "
-                            f"{type(exc).__name__}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("username"), str):
-        raise SettingsError(f"{path}: expected 'username:' and 'password:'")
-    return Credentials(document["username"], str(document.get("password", "")))
-
-
 class Backing:
     def __init__(self, config: BackingConfig, session: Session, copier: Copier,
                  on_health: Callable[[str], None] = lambda _: None,
@@ -78,7 +60,7 @@ class Backing:
         self.host = urlsplit(config.url).netloc
         self.endpoint = Endpoint(base=f"{config.url}/v2", host=self.host,
                                  ca=(config.ca,) if config.ca else ())
-        self.credentials = read_credentials(config.credentials_file)
+        self.credentials = config.credentials
         self._session = session
         self._copier = copier
         self._clock = clock
@@ -139,8 +121,8 @@ class Backing:
             response = await self._session.request(
                 "HEAD", self.endpoint, url, creds=self.credentials,
                 scope=f"repository:{self.repository(ref)}:pull", headers={"Accept": ACCEPT})
-        except RegistryError as exc:
-            if exc.kind == "not_found":
+        except Failure as exc:
+            if exc.kind is Kind.NOT_FOUND:
                 return {}
             raise
         return dict(response.headers)
@@ -151,7 +133,7 @@ class Backing:
         except asyncio.TimeoutError:
             self._mark_down(f"no answer within {self.config.timeout:g}s")
             return None
-        except RegistryError as exc:
+        except Failure as exc:
             self._mark_down(str(exc))
             return None
         self._mark_up()
@@ -223,7 +205,7 @@ class Backing:
                       blobs_copied=report.blobs_copied, blobs_skipped=report.blobs_skipped,
                       blobs_mounted=report.blobs_mounted, public=public,
                       seconds=round(self._clock() - started, 3))
-        except (RegistryError, asyncio.TimeoutError) as exc:
+        except (Failure, asyncio.TimeoutError) as exc:
             metrics.COPIES.labels("failed").inc()
             _log.warning("copy to backing failed; the next pull of this image retries it",
                          **fields, error=str(exc) or "copy_timeout")

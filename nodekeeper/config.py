@@ -12,7 +12,10 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import yaml
+
 from nodekeeper.addresses import is_loopback, split_host_port
+from nodekeeper.credentials import Credentials
 from nodekeeper.errors import SettingsError
 from nodekeeper.settings import Document, Section
 
@@ -26,7 +29,8 @@ _PREFIX = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9
 class ContainerdConfig:
     address: str = "/run/containerd/containerd.sock"
     namespace: str = "k8s.io"
-    hosts_dir: str = "/etc/containerd/certs.d"
+    # containerd's CRI registry config_path: roots searched in order (registry/hosts.py).
+    hosts_dir: tuple[str, ...] = ("/etc/containerd/certs.d",)
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class BackingConfig:
     url: str = ""  # empty: no backing registry
     prefix: str = "cache"
     credentials_file: str = ""
+    # Read from credentials_file when the config is loaded (check-config reads it too).
+    credentials: Credentials | None = None
     ca: str = ""
     allow_http: bool = False
     read: bool = True
@@ -114,7 +120,7 @@ def parse(doc: Document) -> Config:
     containerd = ContainerdConfig(
         address=_socket(ctd, "address", defaults.containerd.address),
         namespace=_nonempty(ctd, "namespace", defaults.containerd.namespace),
-        hosts_dir=_absolute(ctd, "hosts_dir", defaults.containerd.hosts_dir),
+        hosts_dir=_paths(ctd, "hosts_dir", defaults.containerd.hosts_dir),
     )
     ctd.finish()
     log_section = root.section("log")
@@ -153,10 +159,16 @@ def _backing(section: Section) -> BackingConfig:
     prefix = section.string("prefix", default.prefix).strip("/")
     if prefix and not _PREFIX.match(prefix):
         raise section.error("prefix", f"expected lowercase path segments, got {prefix!r}")
+    credentials_file = _absolute(section, "credentials_file", "", optional=True)
+    try:
+        credentials = read_credentials(credentials_file)
+    except SettingsError as exc:
+        raise section.error("credentials_file", str(exc)) from None
     backing = BackingConfig(
         url=url,
         prefix=prefix,
-        credentials_file=_absolute(section, "credentials_file", "", optional=True),
+        credentials_file=credentials_file,
+        credentials=credentials,
         ca=_absolute(section, "ca", "", optional=True),
         allow_http=allow_http,
         read=section.boolean("read", default.read),
@@ -170,6 +182,25 @@ def _backing(section: Section) -> BackingConfig:
         raise section.error("timeout", "expected a duration above 0")
     section.finish()
     return backing
+
+
+def read_credentials(path: str) -> Credentials | None:
+    """`username:` and `password:` from a YAML file readable by root only. Errors never
+    quote the file, which holds a secret."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(64 * 1024)
+        document = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{path}: cannot read backing credentials: "
+                            f"{type(exc).__name__}") from None
+    if (not isinstance(document, dict) or not isinstance(document.get("username"), str)
+            or not document["username"]
+            or not isinstance(document.get("password", ""), str)):
+        raise SettingsError(f"{path}: expected 'username:' and 'password:' strings")
+    return Credentials(document["username"], document.get("password", ""))
 
 
 def _apply(config: Config, flags: Overrides) -> Config:
@@ -209,6 +240,20 @@ def _absolute(section: Section, name: str, default: str, optional: bool = False)
     if not value.startswith("/"):
         raise section.error(name, f"expected an absolute path, got {value!r}")
     return value
+
+
+def _paths(section: Section, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A list of absolute paths, or one string of them joined by ':' as containerd's
+    config_path is written."""
+    value = section.raw(name, list(default))
+    if isinstance(value, str):
+        value = [part for part in value.split(":") if part]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise section.error(name, "expected a path, a list of paths, or paths joined by ':'")
+    for path in value:
+        if not path.startswith("/"):
+            raise section.error(name, f"expected absolute paths, got {path!r}")
+    return tuple(value)
 
 
 def _nonempty(section: Section, name: str, default: str) -> str:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nodekeeper.backing import Backing, read_credentials
-from nodekeeper.config import BackingConfig
+from nodekeeper.backing import Backing
+from nodekeeper.config import BackingConfig, read_credentials
 from nodekeeper.errors import SettingsError
 from nodekeeper.reference import parse
 from nodekeeper.registry import Session

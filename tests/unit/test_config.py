@@ -95,6 +95,47 @@ backing:
     assert not config.Config().backing.enabled
 
 
+def test_backing_credentials_are_read_with_the_config(tmp_path: Path) -> None:
+    creds = tmp_path / "backing.yaml"
+    creds.write_text("username: node\npassword: s3cret\n")
+    loaded = load_text(tmp_path, f"backing:\n  url: http://127.0.0.1:5000\n"
+                                 f"  credentials_file: {creds}\n")
+    assert loaded.backing.credentials is not None
+    assert loaded.backing.credentials.username == "node"
+    assert "s3cret" not in repr(loaded)
+
+
+@pytest.mark.parametrize("content", [None, "password: only\n", "username: [1]\n", "{",
+                                     "username: node\npassword: 12345\n"])
+def test_a_bad_backing_credentials_file_fails_the_config(tmp_path: Path,
+                                                         content: str | None) -> None:
+    # check-config loads the same way: an unreadable file fails it, not the first pull.
+    creds = tmp_path / "backing.yaml"
+    if content is not None:
+        creds.write_text(content)
+    with pytest.raises(SettingsError) as caught:
+        load_text(tmp_path, f"backing:\n  url: http://127.0.0.1:5000\n"
+                            f"  credentials_file: {creds}\n")
+    message = str(caught.value)
+    assert ":3: backing.credentials_file:" in message
+    assert str(creds) in message
+    assert "only" not in message and "12345" not in message
+
+
+def test_hosts_dir_takes_containerds_forms(tmp_path: Path) -> None:
+    for text, expected in [
+        ("/etc/containerd/certs.d", ("/etc/containerd/certs.d",)),
+        ("/etc/containerd/certs.d:/etc/docker/certs.d",
+         ("/etc/containerd/certs.d", "/etc/docker/certs.d")),
+        ("[/a, /b]", ("/a", "/b")),
+    ]:
+        loaded = load_text(tmp_path, f"containerd:\n  hosts_dir: {text}\n")
+        assert loaded.containerd.hosts_dir == expected
+    for bad in ("relative/dir", "[]", "[/a, 3]", "/a:relative"):
+        with pytest.raises(SettingsError, match="containerd.hosts_dir"):
+            load_text(tmp_path, f"containerd:\n  hosts_dir: {bad}\n")
+
+
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="cannot read"):
         config.load(str(tmp_path / "absent.yaml"))

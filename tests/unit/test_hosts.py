@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import structlog
 
 from nodekeeper.addresses import is_loopback
-from nodekeeper.errors import SettingsError
-from nodekeeper.registry.hosts import Endpoint, endpoints
+from nodekeeper.failures import Failure, Kind
+from nodekeeper.registry.hosts import Endpoint, Hosts
 
 
 def hosts_file(hosts_dir: Path, domain: str, text: str) -> Path:
@@ -38,14 +39,14 @@ def hosts_file(hosts_dir: Path, domain: str, text: str) -> Path:
     ],
 )
 def test_default_endpoint(tmp_path: Path, domain: str, base: str, host: str) -> None:
-    (found,) = endpoints(tmp_path, domain)
+    (found,) = Hosts([tmp_path]).endpoints(domain)
     assert found == Endpoint(base=base, host=host)
     assert "resolve" in found.capabilities
     assert found.namespace == ""
 
 
 def test_missing_hosts_dir_is_fine(tmp_path: Path) -> None:
-    (found,) = endpoints(tmp_path / "absent", "ghcr.io")
+    (found,) = Hosts([tmp_path / "absent"]).endpoints("ghcr.io")
     assert found.base == "https://ghcr.io/v2"
 
 
@@ -71,7 +72,7 @@ server = "https://registry-1.docker.io"
 [host."http://mirror-b.example:5000"]
   capabilities = ["pull", "resolve"]
 """)
-    found = endpoints(tmp_path, "docker.io")
+    found = Hosts([tmp_path]).endpoints("docker.io")
     assert [e.base for e in found] == [
         "https://mirror-a.example/v2",
         "http://mirror-b.example:5000/v2",
@@ -85,22 +86,22 @@ server = "https://registry-1.docker.io"
 
 def test_server_defaults_to_the_registry(tmp_path: Path) -> None:
     hosts_file(tmp_path, "docker.io", '[host."https://mirror.example"]\n')
-    assert [e.base for e in endpoints(tmp_path, "docker.io")] == [
+    assert [e.base for e in Hosts([tmp_path]).endpoints("docker.io")] == [
         "https://mirror.example/v2", "https://registry-1.docker.io/v2"]
     hosts_file(tmp_path, "127.0.0.1:5000", '[host."https://mirror.example"]\n')
-    assert endpoints(tmp_path, "127.0.0.1:5000")[-1].base == "http://127.0.0.1:5000/v2"
+    assert Hosts([tmp_path]).endpoints("127.0.0.1:5000")[-1].base == "http://127.0.0.1:5000/v2"
 
 
 def test_server_replaced(tmp_path: Path) -> None:
     hosts_file(tmp_path, "registry.example", 'server = "https://elsewhere.example:8443"\n')
-    (found,) = endpoints(tmp_path, "registry.example")
+    (found,) = Hosts([tmp_path]).endpoints("registry.example")
     assert (found.base, found.host) == ("https://elsewhere.example:8443/v2",
                                         "elsewhere.example:8443")
 
 
 def test_host_without_scheme_is_https(tmp_path: Path) -> None:
     hosts_file(tmp_path, "registry.example", '[host."mirror.example"]\n')
-    assert endpoints(tmp_path, "registry.example")[0].base == "https://mirror.example/v2"
+    assert Hosts([tmp_path]).endpoints("registry.example")[0].base == "https://mirror.example/v2"
 
 
 def test_hosts_without_resolve_are_skipped(tmp_path: Path) -> None:
@@ -114,7 +115,7 @@ def test_hosts_without_resolve_are_skipped(tmp_path: Path) -> None:
 [host."https://push-only.example"]
   capabilities = ["push"]
 """)
-    found = endpoints(tmp_path, "registry.example")
+    found = Hosts([tmp_path]).endpoints("registry.example")
     assert [e.host for e in found] == ["resolver.example", "registry.example"]
     assert found[0].capabilities == frozenset({"resolve"})
 
@@ -125,7 +126,7 @@ capabilities = ["pull"]
 
 [host."https://mirror.example"]
 """)
-    assert [e.host for e in endpoints(tmp_path, "registry.example")] == ["mirror.example"]
+    assert [e.host for e in Hosts([tmp_path]).endpoints("registry.example")] == ["mirror.example"]
 
 
 def test_tls_settings(tmp_path: Path) -> None:
@@ -140,7 +141,7 @@ ca = "server-ca.pem"
   ca = ["/etc/certs/a.pem", "b.pem"]
   skip_verify = true
 """)
-    relative, absolute, server = endpoints(tmp_path, "registry.example")
+    relative, absolute, server = Hosts([tmp_path]).endpoints("registry.example")
     assert relative.ca == (str(path.parent / "mirror-ca.pem"),)
     assert not relative.skip_verify
     assert absolute.ca == ("/etc/certs/a.pem", str(path.parent / "b.pem"))
@@ -156,7 +157,7 @@ def test_override_path(tmp_path: Path) -> None:
 
 [host."https://prefixed.example/prefix/"]
 """)
-    overridden, prefixed, _server = endpoints(tmp_path, "registry.example")
+    overridden, prefixed, _server = Hosts([tmp_path]).endpoints("registry.example")
     assert overridden.base == "https://mirror.example/custom/v2/registry.example"
     assert overridden.host == "mirror.example"
     assert prefixed.base == "https://prefixed.example/prefix/v2"
@@ -169,7 +170,7 @@ def test_headers(tmp_path: Path) -> None:
     x-one = "1"
     x-list = ["first", "second"]
 """)
-    mirror = endpoints(tmp_path, "registry.example")[0]
+    mirror = Hosts([tmp_path]).endpoints("registry.example")[0]
     assert dict(mirror.headers) == {"x-one": "1", "x-list": "first"}
 
 
@@ -179,21 +180,21 @@ ca = "default-ca.pem"
 
 [host."https://mirror.example"]
 """)
-    mirror, server = endpoints(tmp_path, "ghcr.io")
+    mirror, server = Hosts([tmp_path]).endpoints("ghcr.io")
     assert mirror.base == "https://mirror.example/v2"
     assert mirror.namespace == "ghcr.io"
     assert server.base == "https://ghcr.io/v2"
     assert server.ca == (str(path.parent / "default-ca.pem"),)
     # A host's own directory takes precedence over _default.
     hosts_file(tmp_path, "ghcr.io", 'server = "https://ghcr.io"\n')
-    (only,) = endpoints(tmp_path, "ghcr.io")
+    (only,) = Hosts([tmp_path]).endpoints("ghcr.io")
     assert only.base == "https://ghcr.io/v2"
 
 
 def test_directory_without_hosts_toml_uses_the_default(tmp_path: Path) -> None:
     (tmp_path / "ghcr.io").mkdir()
     (tmp_path / "ghcr.io" / "ca.crt").write_text("")
-    (found,) = endpoints(tmp_path, "ghcr.io")
+    (found,) = Hosts([tmp_path]).endpoints("ghcr.io")
     assert found.base == "https://ghcr.io/v2"
 
 
@@ -208,8 +209,8 @@ def test_directory_without_hosts_toml_uses_the_default(tmp_path: Path) -> None:
 )
 def test_malformed_toml_names_the_file(tmp_path: Path, text: str) -> None:
     path = hosts_file(tmp_path, "registry.example", text)
-    with pytest.raises(SettingsError) as info:
-        endpoints(tmp_path, "registry.example")
+    with pytest.raises(Failure) as info:
+        Hosts([tmp_path]).endpoints("registry.example")
     assert str(path) in str(info.value)
 
 
@@ -226,13 +227,105 @@ def test_malformed_toml_names_the_file(tmp_path: Path, text: str) -> None:
 )
 def test_wrong_shapes_are_settings_errors(tmp_path: Path, text: str) -> None:
     path = hosts_file(tmp_path, "registry.example", text)
-    with pytest.raises(SettingsError) as info:
-        endpoints(tmp_path, "registry.example")
+    with pytest.raises(Failure) as info:
+        Hosts([tmp_path]).endpoints("registry.example")
     assert str(path.parent) in str(info.value)
 
 
 def test_unreadable_bytes_are_a_settings_error(tmp_path: Path) -> None:
     path = hosts_file(tmp_path, "registry.example", "")
     path.write_bytes(b"server = \"\xff\xfe\"\n")
-    with pytest.raises(SettingsError, match=r"hosts\.toml"):
-        endpoints(tmp_path, "registry.example")
+    with pytest.raises(Failure, match=r"hosts\.toml"):
+        Hosts([tmp_path]).endpoints("registry.example")
+
+
+# -- containerd's order, and reading once per change -----------------------------------------
+
+def test_roots_are_searched_in_order(tmp_path: Path) -> None:
+    first, second = tmp_path / "containerd", tmp_path / "docker"
+    hosts_file(second, "ghcr.io", 'server = "https://second.example"\n')
+    assert Hosts([first, second]).endpoints("ghcr.io")[-1].host == "second.example"
+    hosts_file(first, "ghcr.io", 'server = "https://first.example"\n')
+    assert Hosts([first, second]).endpoints("ghcr.io")[-1].host == "first.example"
+
+
+def test_a_default_directory_in_an_earlier_root_wins(tmp_path: Path) -> None:
+    # As containerd: each root is asked for host_port_, host, then _default.
+    first, second = tmp_path / "a", tmp_path / "b"
+    hosts_file(first, "_default", 'server = "https://default.example"\n')
+    hosts_file(second, "ghcr.io", 'server = "https://ghcr.example"\n')
+    assert Hosts([first, second]).endpoints("ghcr.io")[-1].host == "default.example"
+
+
+def test_the_port_form_of_the_directory_comes_first(tmp_path: Path) -> None:
+    hosts_file(tmp_path, "registry.example:5000", 'server = "https://plain.example"\n')
+    hosts_file(tmp_path, "registry.example_5000_", 'server = "https://port.example"\n')
+    assert Hosts([tmp_path]).endpoints("registry.example:5000")[-1].host == "port.example"
+
+
+def test_certificates_of_a_directory_without_hosts_toml(tmp_path: Path) -> None:
+    directory = tmp_path / "registry.example"
+    directory.mkdir()
+    for name in ("ca.crt", "client.cert", "client.key", "orphan.cert"):
+        (directory / name).write_text("")
+    (found,) = Hosts([tmp_path]).endpoints("registry.example")
+    assert found.ca == (str(directory / "ca.crt"),)
+    assert found.client == ((str(directory / "client.cert"), str(directory / "client.key")),)
+
+
+@pytest.mark.parametrize(("text", "client"), [
+    ('client = "both.pem"\n', (("both.pem", ""),)),
+    ('client = ["c.pem", "k.pem"]\n', (("c.pem", "k.pem"),)),
+    ('client = [["c.pem", "k.pem"], ["d.pem"]]\n', (("c.pem", "k.pem"), ("d.pem", ""))),
+])
+def test_client_certificates(tmp_path: Path, text: str,
+                             client: tuple[tuple[str, str], ...]) -> None:
+    path = hosts_file(tmp_path, "registry.example", 'server = "https://registry.example"\n'
+                      + text)
+    (found,) = Hosts([tmp_path]).endpoints("registry.example")
+    assert found.client == tuple((str(path.parent / c), str(path.parent / k) if k else "")
+                                 for c, k in client)
+
+
+def test_a_file_is_read_once_per_change(tmp_path: Path) -> None:
+    path = hosts_file(tmp_path, "registry.example", 'server = "https://one.example"\n')
+    hosts = Hosts([tmp_path])
+    assert hosts.endpoints("registry.example")[-1].host == "one.example"
+    opened = []
+    original = Path.open
+
+    def counting(self: Path, *args: object, **kwargs: object) -> object:
+        opened.append(self)
+        return original(self, *args, **kwargs)  # type: ignore[call-overload]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "open", counting)
+        for _ in range(3):
+            assert hosts.endpoints("registry.example")[-1].host == "one.example"
+        assert opened == []
+        path.write_text('server = "https://two.example"\n')
+        opened.clear()
+        assert hosts.endpoints("registry.example")[-1].host == "two.example"
+        assert opened == [path]
+
+
+def test_a_broken_file_fails_its_registry_as_invalid_and_is_logged_once(
+        tmp_path: Path) -> None:
+    path = hosts_file(tmp_path, "registry.example", "[host.\n")
+    hosts = Hosts([tmp_path])
+    with structlog.testing.capture_logs() as logged:
+        for _ in range(3):
+            with pytest.raises(Failure) as failure:
+                hosts.endpoints("registry.example")
+            assert failure.value.kind is Kind.INVALID
+            assert str(path) in failure.value.detail
+    assert [e["event"] for e in logged].count(
+        "hosts.toml is broken; its registries fail as invalid until it is fixed") == 1
+    path.write_text('server = "https://fixed.example"\n')
+    assert hosts.endpoints("registry.example")[-1].host == "fixed.example"
+
+
+def test_an_oversized_file_is_refused(tmp_path: Path) -> None:
+    hosts_file(tmp_path, "registry.example", "# " + "x" * 300_000 + "\n")
+    with pytest.raises(Failure, match="larger than"):
+        Hosts([tmp_path]).endpoints("registry.example")
