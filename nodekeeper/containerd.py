@@ -1,5 +1,5 @@
 """The only code that talks to containerd: its CRI image service, native images API and
-image events.
+image events, and what containerd's refusals of a pull mean (`classify_pull_error`).
 
 One gRPC channel to containerd's socket, shared by every call. The channel reconnects by
 itself with a short back-off, so containerd may start after nodekeeper, or restart under
@@ -9,7 +9,8 @@ it, and the next call after it is back succeeds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -20,7 +21,9 @@ from nodekeeper import logs, metrics
 from nodekeeper._proto import containerd_events_pb2 as ctdevents
 from nodekeeper._proto import containerd_images_pb2 as ctdimg
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.errors import ContainerdError, ContainerdUnavailable
+from nodekeeper.credentials import Credentials
+from nodekeeper.errors import ContainerdError, ContainerdUnavailable, PullRefused
+from nodekeeper.failures import Kind
 from nodekeeper.presence import Presence
 
 # The kubelet's own limit; a ListImages answer for a very full node can be large.
@@ -43,7 +46,33 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
+# How containerd words the failures of a pull (it answers them all as UNKNOWN, but for
+# NOT_FOUND), to classify them like a probe's. First match wins.
+_PULL_ERRORS = (
+    (Kind.RATE_LIMITED, re.compile(r"\b429\b|too many requests", re.I)),
+    (Kind.UNAUTHORIZED, re.compile(r"\b40[13]\b|unauthorized|forbidden|pull access denied|"
+                                   r"authorization failed|insufficient_scope", re.I)),
+    (Kind.NOT_FOUND, re.compile(r"\bnot found\b|\b404\b", re.I)),
+    (Kind.SERVER_ERROR, re.compile(r"\b5\d\d\b", re.I)),
+    (Kind.TIMEOUT, re.compile(r"i/o timeout|deadline exceeded|timeout awaiting", re.I)),
+    (Kind.UNREACHABLE, re.compile(r"connection refused|no such host|dial tcp|EOF|"
+                                  r"connection reset|network is unreachable|"
+                                  r"no route to host|tls:|x509:", re.I)),
+    (Kind.INVALID, re.compile(r"unexpected media type|invalid|digest|mismatch|"
+                              r"unexpected commit", re.I)),
+)
+
 _log = logs.get("containerd")
+
+
+def classify_pull_error(error: ContainerdError) -> Kind:
+    """The failure kind of containerd's answer to a pull."""
+    if error.code == "NOT_FOUND":
+        return Kind.NOT_FOUND
+    for kind, pattern in _PULL_ERRORS:
+        if pattern.search(error.message):
+            return kind
+    return Kind.SERVER_ERROR
 
 
 @dataclass(frozen=True)
@@ -91,7 +120,7 @@ class Containerd:
         code, details = exc.code(), exc.details() or ""
         if code == grpc.StatusCode.UNAVAILABLE:
             return ContainerdUnavailable(self.address, details)
-        return ContainerdError(code, details)
+        return ContainerdError(code.name, details)
 
     async def cri(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
         return await self.call(f"/{CRI_SERVICE}/{method}", request, timeout)
@@ -133,28 +162,36 @@ class Containerd:
         try:
             answer = await self.images("Get", request)
         except ContainerdError as exc:
-            if exc.code == grpc.StatusCode.NOT_FOUND:
+            if exc.code == "NOT_FOUND":
                 return ""
             raise
         return str(ctdimg.GetImageResponse.FromString(answer).image.target.digest)
 
-    async def pull(self, request: bytes) -> str:
-        """Forward a PullImageRequest as it came; return the image ID containerd answers."""
-        answer = await self.cri("PullImage", request)
+    async def pull(self, original: object, name: str | None = None,
+                   credentials: Credentials | None = None) -> str:
+        """Forward the PullImageRequest bytes `original` as they came; or, with `name`,
+        pull that name (another registry's for the same content) with `credentials`
+        instead, keeping every other field of the request (annotations, runtime handler,
+        sandbox config). Returns the image ID containerd answers; PullRefused on refusal."""
+        assert isinstance(original, bytes)
+        request = original
+        if name is not None:
+            rewritten = cri.PullImageRequest.FromString(original)
+            rewritten.image.image = name
+            rewritten.ClearField("auth")
+            if credentials is not None and credentials.username:
+                rewritten.auth.username = credentials.username
+                rewritten.auth.password = credentials.password
+            request = rewritten.SerializeToString()
+        try:
+            answer = await self.cri("PullImage", request)
+        except ContainerdUnavailable:
+            raise
+        except ContainerdError as exc:
+            raise PullRefused(classify_pull_error(exc), exc) from None
         return str(cri.PullImageResponse.FromString(answer).image_ref)
 
-    async def pull_from(self, image: str, username: str, password: str,
-                        original: bytes) -> str:
-        """Pull `image` (another registry's name for the same content) with its own
-        credentials, keeping everything else of the original request (sandbox config)."""
-        request = cri.PullImageRequest.FromString(original)
-        request.image.image = image
-        request.ClearField("auth")
-        if username:
-            request.auth.username, request.auth.password = username, password
-        return await self.pull(request.SerializeToString())
-
-    async def alias(self, source: str, names: list[str]) -> None:
+    async def alias(self, source: str, names: Sequence[str]) -> None:
         """Record `names` for the content the image record `source` points at, as if they
         had been pulled under those names; then drop `source` itself."""
         answer = await self.images("Get", ctdimg.GetImageRequest(name=source).SerializeToString())
@@ -165,7 +202,7 @@ class Containerd:
                 await self.images("Create", ctdimg.CreateImageRequest(image=image)
                                   .SerializeToString())
             except ContainerdError as exc:
-                if exc.code != grpc.StatusCode.ALREADY_EXISTS:
+                if exc.code != "ALREADY_EXISTS":
                     raise
                 await self.images("Update", ctdimg.UpdateImageRequest(image=image)
                                   .SerializeToString())
@@ -173,15 +210,16 @@ class Containerd:
             await self.images("Delete", ctdimg.DeleteImageRequest(name=source)
                               .SerializeToString())
 
-    async def wait_visible(self, name: str, timeout: float = 2.0) -> LocalImage | None:
+    async def wait_visible(self, name: str, timeout: float = 2.0) -> bool:
         """The CRI plugin learns of native records through events, a few ms later; the
         kubelet asks ImageStatus right after PullImage, so wait until it answers."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            found = await self.local_image(name)
-            if found is not None or loop.time() >= deadline:
-                return found
+            if await self.image_id(name):
+                return True
+            if loop.time() >= deadline:
+                return False
             await asyncio.sleep(0.01)
 
     async def watch(self, on_change: Callable[[bool], None]) -> None:

@@ -6,7 +6,7 @@ re-serialized on the hot path. Each RPC is parsed only to validate it and to nam
 image in its log line.
 
 `_instrument` wraps every RPC: one canonical log line, metrics, and the single mapping
-from nodekeeper's errors to gRPC status codes.
+from nodekeeper's errors to gRPC status codes (`_status`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.containerd import CRI_SERVICE, Containerd
 from nodekeeper.credentials import Credentials
 from nodekeeper.errors import ContainerdError, NodekeeperError, PullFailed, RequestError
+from nodekeeper.failures import Kind
 from nodekeeper.puller import Puller, PullRequest
 
 # No valid reference comes near this (a name is at most 255 characters, a tag 128, a
@@ -112,7 +113,7 @@ class ImageService:
             auth.username, auth.password, auth.auth, auth.server_address, auth.identity_token,
             auth.registry_token) if parsed.HasField("auth") else None
         try:
-            outcome = await self._puller.pull(PullRequest(image, request, credentials))
+            outcome = await self._puller.pull(PullRequest(image, credentials, request))
         except PullFailed as failure:
             fields.update(failure.details)
             raise
@@ -171,9 +172,28 @@ class ImageService:
 def _status(exc: NodekeeperError) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, ContainerdError | PullFailed):
-        return exc.code, exc.message
+    if isinstance(exc, PullFailed):
+        return _pull_status(exc)
+    if isinstance(exc, ContainerdError):
+        return _code(exc.code), exc.message
     return grpc.StatusCode.INTERNAL, str(exc)
+
+
+def _pull_status(failure: PullFailed) -> tuple[grpc.StatusCode, str]:
+    """As containerd answers a failed pull (UNKNOWN, or NOT_FOUND for a missing tag), and
+    as the kubelet reads it: it takes a reason such as RegistryUnavailable only from the
+    start of the message of an UNKNOWN status."""
+    if failure.kind is not None and failure.kind.unavailable:
+        return grpc.StatusCode.UNKNOWN, f"RegistryUnavailable: {failure.message}"
+    if failure.answer is not None:
+        return _code(failure.answer.code), failure.answer.message
+    if failure.kind is Kind.NOT_FOUND:
+        return grpc.StatusCode.NOT_FOUND, failure.message
+    return grpc.StatusCode.UNKNOWN, failure.message
+
+
+def _code(name: str) -> grpc.StatusCode:
+    return grpc.StatusCode.__members__.get(name, grpc.StatusCode.UNKNOWN)
 
 
 def _canonical_line(rpc: str, code: grpc.StatusCode, seconds: float, fields: Fields,

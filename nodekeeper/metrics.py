@@ -67,12 +67,14 @@ def enable() -> None:
         "1 while containerd's image events are followed, else 0 (every pull asks containerd)",
     )
     DECISIONS = Counter(
-        "nodekeeper_pull_decisions", "PullImage decisions, by decision and reason class",
-        ["decision", "reason"],
+        "nodekeeper_pull_decisions",
+        "PullImage decisions, by decision and failure kind ('none' when nothing failed)",
+        ["decision", "kind"],
     )
     FALLBACKS = Counter(
         "nodekeeper_fallbacks",
-        "PullImage answered with the node's copy because upstream failed", ["reason"],
+        "PullImage answered with the node's or backing's copy because upstream failed, by "
+        "failure kind", ["kind"],
     )
     PROBE_SECONDS = Histogram(
         "nodekeeper_probe_duration_seconds", "Time to learn a tag's digest upstream",

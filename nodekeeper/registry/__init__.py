@@ -3,9 +3,9 @@ requests (session), asking for a tag's current digest (probe), and copying image
 between registries (copy)."""
 
 from nodekeeper.registry.copy import Copier, CopyReport, Location
-from nodekeeper.registry.hosts import Endpoint, endpoints
+from nodekeeper.registry.hosts import Endpoint, Hosts
 from nodekeeper.registry.probe import Prober, ProbeResult
-from nodekeeper.registry.session import RegistryError, Session
+from nodekeeper.registry.session import Session
 
-__all__ = ["Copier", "CopyReport", "Endpoint", "Location", "ProbeResult", "Prober",
-           "RegistryError", "Session", "endpoints"]
+__all__ = ["Copier", "CopyReport", "Endpoint", "Hosts", "Location", "ProbeResult", "Prober",
+           "Session"]

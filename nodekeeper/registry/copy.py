@@ -21,7 +21,7 @@
 Every step is idempotent: an interrupted copy is completed by calling copy() again (it
 skips what dest holds), and two nodes copying one digest at once write the same bytes
 under the same names (distribution's glitches meanwhile are retried: RACE_ATTEMPTS).
-Failures are RegistryErrors (classes in session.py).
+Failures are Failures (classes in session.py).
 
 Authorization: a streamed PUT cannot be answered again after a 401, so it goes out under
 the same scope string as the POST that opened its upload just before, whose challenge
@@ -54,9 +54,10 @@ from typing import Any
 import httpx
 
 from nodekeeper.credentials import Credentials
+from nodekeeper.failures import Failure, Kind
 from nodekeeper.registry.hosts import Endpoint
 from nodekeeper.registry.probe import ACCEPT
-from nodekeeper.registry.session import RegistryError, Session
+from nodekeeper.registry.session import Session
 
 INDEX_TYPES = frozenset({
     "application/vnd.oci.image.index.v1+json",
@@ -136,15 +137,15 @@ class Copier:
         self._parallel = parallel_blobs
 
     async def has_manifest(self, where: Location, digest: str) -> bool:
-        """Whether `where` holds the manifest or index `digest` (RegistryError on failure)."""
+        """Whether `where` holds the manifest or index `digest` (Failure on failure)."""
         _check_digest(digest)
         try:
             await _racing(lambda: self._session.request(
                 "HEAD", where.endpoint, f"{where.base}/manifests/{digest}",
                 creds=where.credentials, scope=_pull(where.repository),
-                params=_ns(where.endpoint), headers={"Accept": ACCEPT}), "server_error")
-        except RegistryError as failure:
-            if failure.kind == "not_found":
+                params=_ns(where.endpoint), headers={"Accept": ACCEPT}), Kind.SERVER_ERROR)
+        except Failure as failure:
+            if failure.kind is Kind.NOT_FOUND:
                 return False
             raise
         return True
@@ -198,7 +199,7 @@ class _Copy:
         if digest in seen:
             return
         if len(seen) >= MAX_MANIFESTS or depth > MAX_DEPTH:
-            raise RegistryError("invalid", f"{self.source}@{parent}: more than {MAX_MANIFESTS} "
+            raise Failure(Kind.INVALID, f"{self.source}@{parent}: more than {MAX_MANIFESTS} "
                                            f"manifests or {MAX_DEPTH} nested indexes")
         seen.add(digest)
         manifest, children = await self._get_manifest(digest, parent)
@@ -212,9 +213,9 @@ class _Copy:
                 "GET", self.source.endpoint, f"{self.source.base}/manifests/{digest}",
                 creds=self.source.credentials, scope=_pull(self.source.repository),
                 params=_ns(self.source.endpoint), headers={"Accept": ACCEPT}, stream=True)
-        except RegistryError as failure:
-            if failure.kind == "not_found" and parent:
-                raise RegistryError("not_found", f"{self.source} lacks manifest {digest}, "
+        except Failure as failure:
+            if failure.kind is Kind.NOT_FOUND and parent:
+                raise Failure(Kind.NOT_FOUND, f"{self.source} lacks manifest {digest}, "
                                                  f"listed in index {parent}") from None
             raise
         try:
@@ -222,14 +223,14 @@ class _Copy:
         finally:
             await response.aclose()
         if _hash(digest, body) != digest:
-            raise RegistryError("invalid", f"{self.source} served manifest {digest} with "
+            raise Failure(Kind.INVALID, f"{self.source} served manifest {digest} with "
                                            "other content")
         try:
             document = json.loads(body)
         except ValueError:
             document = None
         if not isinstance(document, dict):
-            raise RegistryError("invalid", f"{self.source}@{digest} is not a JSON object")
+            raise Failure(Kind.INVALID, f"{self.source}@{digest} is not a JSON object")
         served = response.headers.get("content-type", "").split(";", 1)[0].strip()
         declared = document.get("mediaType")
         media_type = declared if isinstance(declared, str) and declared else served
@@ -238,7 +239,7 @@ class _Copy:
             children = [d.digest for d in _descriptors(document, "manifests", where)]
             return _Manifest(digest, media_type, body, ()), children
         if media_type not in IMAGE_TYPES:
-            raise RegistryError("invalid", f"{where} has unsupported media type {media_type!r}")
+            raise Failure(Kind.INVALID, f"{where} has unsupported media type {media_type!r}")
         config = _descriptors({"c": [document.get("config")]}, "c", where)
         layers = _descriptors(document, "layers", where, skip_foreign=True)
         return _Manifest(digest, media_type, body, (*config, *layers)), []
@@ -251,11 +252,11 @@ class _Copy:
                 size += len(chunk)
                 self.manifest_bytes += len(chunk)
                 if size > MAX_MANIFEST_BYTES or self.manifest_bytes > 4 * MAX_MANIFEST_BYTES:
-                    raise RegistryError("invalid", f"{self.source}@{digest}: manifests over "
+                    raise Failure(Kind.INVALID, f"{self.source}@{digest}: manifests over "
                                                    "the size limit")
                 chunks.append(chunk)
         except httpx.TransportError as exc:
-            raise RegistryError("unreachable", f"{self.source.endpoint.host}: reading "
+            raise Failure(Kind.UNREACHABLE, f"{self.source.endpoint.host}: reading "
                                                f"{digest}: {_describe(exc)}") from None
         return b"".join(chunks)
 
@@ -263,10 +264,10 @@ class _Copy:
         response = await _racing(lambda: self.session.request(
             "PUT", self.dest.endpoint, f"{self.dest.base}/manifests/{reference}",
             creds=self.dest.credentials, scope=self.push_scope,
-            headers={"Content-Type": manifest.media_type}, content=manifest.body), "invalid")
+            headers={"Content-Type": manifest.media_type}, content=manifest.body), Kind.INVALID)
         stored = response.headers.get("docker-content-digest", manifest.digest)
         if stored != manifest.digest:
-            raise RegistryError("invalid", f"{self.dest} stored {manifest.digest} as {stored}")
+            raise Failure(Kind.INVALID, f"{self.dest} stored {manifest.digest} as {stored}")
 
     # -- blobs -----------------------------------------------------------------------------
 
@@ -287,9 +288,9 @@ class _Copy:
         try:
             await _racing(lambda: self.session.request(
                 "HEAD", self.dest.endpoint, f"{self.dest.base}/blobs/{digest}",
-                creds=self.dest.credentials, scope=_pull(self.dest.repository)), "server_error")
-        except RegistryError as failure:
-            if failure.kind == "not_found":
+                creds=self.dest.credentials, scope=_pull(self.dest.repository)), Kind.SERVER_ERROR)
+        except Failure as failure:
+            if failure.kind is Kind.NOT_FOUND:
                 return False
             raise
         return True
@@ -304,9 +305,9 @@ class _Copy:
                     "POST", self.dest.endpoint, f"{self.dest.base}/blobs/uploads/",
                     creds=self.dest.credentials, scope=scope,
                     params={"mount": blob.digest, "from": repository})
-            except RegistryError as failure:
+            except Failure as failure:
                 # No access to that repository, or no mounting here: upload instead.
-                if failure.kind in ("unauthorized", "not_found", "invalid"):
+                if failure.kind in (Kind.UNAUTHORIZED, Kind.NOT_FOUND, Kind.INVALID):
                     continue
                 raise
             if response.status_code == 201:
@@ -322,19 +323,19 @@ class _Copy:
             "POST", self.dest.endpoint, f"{self.dest.base}/blobs/uploads/",
             creds=self.dest.credentials, scope=self.push_scope)
         if response.status_code != 202:
-            raise RegistryError("invalid", f"{self.dest} answered {response.status_code} to "
+            raise Failure(Kind.INVALID, f"{self.dest} answered {response.status_code} to "
                                            f"an upload of {blob.digest}")
         return self._upload_url(response), self.push_scope
 
     def _upload_url(self, response: httpx.Response) -> httpx.URL:
         location = response.headers.get("location")
         if not location:
-            raise RegistryError("invalid", f"{self.dest} opened an upload without a Location")
+            raise Failure(Kind.INVALID, f"{self.dest} opened an upload without a Location")
         url = response.url.join(location)
         base = httpx.URL(self.dest.endpoint.base)
         # Our Authorization header goes with it: never to another origin.
         if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port):
-            raise RegistryError("invalid", f"{self.dest} sent its upload to another host "
+            raise Failure(Kind.INVALID, f"{self.dest} sent its upload to another host "
                                            f"{url.host}")
         return url
 
@@ -356,7 +357,7 @@ class _Copy:
             finally:
                 await body.aclose()
                 await source.aclose()
-        except RegistryError:
+        except Failure:
             if upload is not None:
                 await self._cancel(upload[0])
             raise
@@ -370,12 +371,12 @@ class _Copy:
             headers={"Content-Type": "application/octet-stream",
                      "Content-Length": str(blob.size)})
         if response.status_code != 201:
-            raise RegistryError("invalid", f"{self.dest} answered {response.status_code} to "
+            raise Failure(Kind.INVALID, f"{self.dest} answered {response.status_code} to "
                                            f"the upload of {blob.digest}")
 
     async def _cancel(self, upload: httpx.URL) -> None:
         """Best effort: the registry purges abandoned uploads itself eventually."""
-        with contextlib.suppress(RegistryError):
+        with contextlib.suppress(Failure):
             await self.session.request("DELETE", self.dest.endpoint, str(upload),
                                        creds=self.dest.credentials,
                                        scope=f"repository:{self.dest.repository}:delete")
@@ -384,11 +385,11 @@ class _Copy:
 def _check_blob_response(response: httpx.Response, blob: _Blob, where: str) -> None:
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
-        raise RegistryError("invalid", f"{where} served blob {blob.digest} with "
+        raise Failure(Kind.INVALID, f"{where} served blob {blob.digest} with "
                                        f"Content-Encoding {encoding}")
     length = response.headers.get("content-length")
     if length is not None and length.strip() != str(blob.size):
-        raise RegistryError("invalid", f"{where} served blob {blob.digest} as {length} bytes, "
+        raise Failure(Kind.INVALID, f"{where} served blob {blob.digest} as {length} bytes, "
                                        f"its manifest says {blob.size}")
 
 
@@ -402,36 +403,36 @@ async def _verified(response: httpx.Response, blob: _Blob,
         async for chunk in response.aiter_bytes():  # identity: see _check_blob_response
             remaining -= len(chunk)
             if remaining < 0:
-                raise RegistryError("invalid", f"{where}: blob {blob.digest} is longer than "
+                raise Failure(Kind.INVALID, f"{where}: blob {blob.digest} is longer than "
                                                f"its {blob.size} bytes")
             hasher.update(chunk)
             if remaining == 0 and hasher.hexdigest() != expected:
-                raise RegistryError("invalid", f"{where}: blob {blob.digest} does not match "
+                raise Failure(Kind.INVALID, f"{where}: blob {blob.digest} does not match "
                                                "its digest")
             yield chunk
     except httpx.TransportError as exc:
-        raise RegistryError("unreachable", f"{where}: reading blob {blob.digest}: "
+        raise Failure(Kind.UNREACHABLE, f"{where}: reading blob {blob.digest}: "
                                            f"{_describe(exc)}") from None
     if remaining:
-        raise RegistryError("invalid", f"{where}: blob {blob.digest} ended {remaining} bytes "
+        raise Failure(Kind.INVALID, f"{where}: blob {blob.digest} ended {remaining} bytes "
                                        "short")
     if blob.size == 0 and hasher.hexdigest() != expected:
-        raise RegistryError("invalid", f"{where}: blob {blob.digest} does not match its digest")
+        raise Failure(Kind.INVALID, f"{where}: blob {blob.digest} does not match its digest")
 
 
 def _descriptors(document: dict[str, Any], key: str, where: str,
                  skip_foreign: bool = False) -> list[_Blob]:
     entries = document.get(key)
     if not isinstance(entries, list):
-        raise RegistryError("invalid", f"{where}: {key!r} is not a list")
+        raise Failure(Kind.INVALID, f"{where}: {key!r} is not a list")
     found = []
     for entry in entries:
         if not isinstance(entry, dict):
-            raise RegistryError("invalid", f"{where}: a descriptor in {key!r} is not an object")
+            raise Failure(Kind.INVALID, f"{where}: a descriptor in {key!r} is not an object")
         digest, size = entry.get("digest"), entry.get("size")
         if (not isinstance(digest, str) or not _valid_digest(digest)
                 or not isinstance(size, int) or isinstance(size, bool) or size < 0):
-            raise RegistryError("invalid", f"{where}: bad descriptor {str(entry)[:200]}")
+            raise Failure(Kind.INVALID, f"{where}: bad descriptor {str(entry)[:200]}")
         if skip_foreign and entry.get("urls") and entry.get("mediaType") in FOREIGN_LAYER_TYPES:
             continue
         found.append(_Blob(digest, size))
@@ -445,7 +446,7 @@ def _valid_digest(digest: str) -> bool:
 
 def _check_digest(digest: str) -> None:
     if not _valid_digest(digest):
-        raise RegistryError("invalid", f"{digest!r} is not a sha256 or sha512 digest")
+        raise Failure(Kind.INVALID, f"{digest!r} is not a sha256 or sha512 digest")
 
 
 def _hash(digest: str, data: bytes) -> str:
@@ -470,12 +471,12 @@ def _describe(exc: Exception) -> str:
 
 
 async def _racing(call: Callable[[], Awaitable[httpx.Response]],
-                  kind: str) -> httpx.Response:
+                  kind: Kind) -> httpx.Response:
     """call(), again after a pause when it fails with `kind` (see RACE_ATTEMPTS)."""
     for _ in range(RACE_ATTEMPTS - 1):
         try:
             return await call()
-        except RegistryError as failure:
+        except Failure as failure:
             if failure.kind != kind:
                 raise
         await asyncio.sleep(random.uniform(*RACE_PAUSE))

@@ -2,8 +2,8 @@
 
 `HEAD /v2/<name>/manifests/<tag>` with every manifest type in Accept, so the digest is
 the one containerd records; the digest comes from Docker-Content-Digest, or from hashing
-the body of a GET when that header is missing. Failures are RegistryErrors, classified
-(see session.py): the class decides whether the node's copy may stand in.
+the body of a GET when that header is missing. Failures are failures.Failure: the kind
+decides whether the node's copy may stand in.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 from nodekeeper import metrics
 from nodekeeper.credentials import Credentials
+from nodekeeper.failures import Failure, Kind
 from nodekeeper.reference import Reference
-from nodekeeper.registry.hosts import Endpoint, endpoints
-from nodekeeper.registry.session import RegistryError, Session
+from nodekeeper.registry.hosts import Endpoint, Hosts
+from nodekeeper.registry.session import Session
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -44,9 +45,9 @@ class ProbeResult:
 
 
 class Prober:
-    def __init__(self, hosts_dir: str, session: Session, per_registry: int = 8,
+    def __init__(self, hosts: Hosts, session: Session, per_registry: int = 8,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._hosts_dir = hosts_dir
+        self._hosts = hosts
         self._session = session
         self._per_registry = per_registry
         self._clock = clock
@@ -54,7 +55,7 @@ class Prober:
 
     async def probe(self, ref: Reference, credentials: Credentials | None,
                     timeout: float) -> ProbeResult:
-        """The digest `ref` names upstream now, or RegistryError. Takes at most `timeout`."""
+        """The digest `ref` names upstream now, or Failure. Takes at most `timeout`."""
         started = self._clock()
         limit = self._limits.setdefault(ref.domain, asyncio.Semaphore(self._per_registry))
         kind = "ok"
@@ -63,28 +64,40 @@ class Prober:
             return await asyncio.wait_for(self._probe(limit, ref, credentials), timeout)
         except asyncio.TimeoutError:
             kind = "timeout"
-            raise RegistryError("timeout", f"no answer from {ref.domain} within "
+            raise Failure(Kind.TIMEOUT, f"no answer from {ref.domain} within "
                                           f"probe_timeout {timeout:g}s") from None
-        except RegistryError as failure:
+        except Failure as failure:
             kind = failure.kind
             raise
         finally:
             metrics.PROBE_SECONDS.labels(ref.domain, kind).observe(self._clock() - started)
 
+    def applicable(self, ref: Reference, credentials: Credentials | None
+                   ) -> Credentials | None:
+        """The credentials containerd would use for `ref`'s registry: those whose
+        server_address, when set, names one of the hosts it resolves tags at."""
+        if credentials is None or not credentials.server_address:
+            return credentials
+        try:
+            hosts = [endpoint.host for endpoint in self._hosts.endpoints(ref.domain)]
+        except Failure:
+            return None  # the probe will say why; nothing can be verified meanwhile
+        return credentials if any(credentials.applies_to(host) for host in hosts) else None
+
     async def _probe(self, limit: asyncio.Semaphore, ref: Reference,
                      credentials: Credentials | None) -> ProbeResult:
         async with limit:
-            first: RegistryError | None = None
-            for endpoint in endpoints(self._hosts_dir, ref.domain):
+            first: Failure | None = None
+            for endpoint in self._hosts.endpoints(ref.domain):
                 try:
                     return await self._resolve(endpoint, ref, credentials)
-                except RegistryError as failure:
+                except Failure as failure:
                     # Like containerd: an unusable mirror hands over to the next host.
                     first = first or failure
-                    if failure.kind in ("unauthorized", "rate_limited"):
+                    if failure.kind in (Kind.UNAUTHORIZED, Kind.RATE_LIMITED):
                         break
-            raise first or RegistryError(
-                "invalid", f"no host in the hosts.toml for {ref.domain} may resolve tags")
+            raise first or Failure(
+                Kind.INVALID, f"no host in the hosts.toml for {ref.domain} may resolve tags")
 
     async def _resolve(self, endpoint: Endpoint, ref: Reference,
                        credentials: Credentials | None) -> ProbeResult:
@@ -100,10 +113,10 @@ class Prober:
             response = await self._session.request("GET", endpoint, url, creds=creds,
                                                    scope=scope, params=params, headers=headers)
             if len(response.content) > MAX_MANIFEST_BYTES:
-                raise RegistryError("invalid", f"manifest from {endpoint.host} is too large")
+                raise Failure(Kind.INVALID, f"manifest from {endpoint.host} is too large")
             digest = "sha256:" + hashlib.sha256(response.content).hexdigest()
         if ref.digest and digest != ref.digest:
-            raise RegistryError("invalid", f"{endpoint.host} answered {digest} for {ref.digest}")
+            raise Failure(Kind.INVALID, f"{endpoint.host} answered {digest} for {ref.digest}")
         remaining = response.headers.get("ratelimit-remaining", "").split(";", 1)[0].strip()
         return ProbeResult(digest, endpoint.host, authenticated=creds is not None,
                            pull_quota_spent=remaining == "0", source=endpoint)

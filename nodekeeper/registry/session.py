@@ -5,16 +5,8 @@ answered once, with a Bearer token (fetched from the challenge's realm, cached u
 expires, per host, scope and credential) or with Basic auth (then sent up front on later
 requests for the same host, scope and credential). A streamed request body cannot be sent
 twice, so its caller first makes a request of the same scope with no body (the copier's
-POST before a blob PUT), which leaves the answer cached. Every failure becomes a
-RegistryError of one class, because the class decides what nodekeeper does next:
-
-    unreachable   no connection (refused, reset, DNS, TLS)
-    timeout       no answer within the caller's deadline (token fetch included)
-    server_error  5xx
-    rate_limited  429, or Docker Hub's ratelimit-remaining of 0 when a pull is needed
-    not_found     404: the tag, blob or repository is gone
-    unauthorized  401/403 after trying the credentials we were given
-    invalid       an answer that makes no sense (no digest, malformed token reply)
+POST before a blob PUT), which leaves the answer cached. Every failure is a
+failures.Failure of one Kind, because the kind decides what nodekeeper does next.
 """
 
 from __future__ import annotations
@@ -33,21 +25,13 @@ import httpx
 
 from nodekeeper import logs, metrics
 from nodekeeper.credentials import Credentials
+from nodekeeper.failures import Failure, Kind
 from nodekeeper.registry.hosts import Endpoint
 
 DEFAULT_TOKEN_SECONDS = 60.0
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 _log = logs.get("registry")
-
-
-class RegistryError(Exception):
-    """A registry request did not succeed. `kind` is one of the classes above."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-        self.detail = detail
 
 
 @dataclass
@@ -63,7 +47,8 @@ class Session:
         self._clock = clock
         # Tests hand in a MockTransport; in production each client opens real connections.
         self._transport = transport
-        self._clients: dict[tuple[str, tuple[str, ...], bool], httpx.AsyncClient] = {}
+        self._clients: dict[tuple[str, tuple[str, ...], bool, tuple[tuple[str, str], ...]],
+                            httpx.AsyncClient] = {}
         self._tokens: dict[tuple[str, str, str], _Token] = {}
 
     async def close(self) -> None:
@@ -79,7 +64,7 @@ class Session:
                       stream: bool = False) -> httpx.Response:
         """One request, answering a 401 challenge once with a token or Basic auth.
 
-        Raises RegistryError for any answer of 300 or more. With `stream`, the body is
+        Raises Failure for any answer of 300 or more. With `stream`, the body is
         not read: the caller iterates it and closes the response. A streamed `content`
         is sent once: a 401 to it is answered (and cached) but raised, not retried.
         """
@@ -96,7 +81,7 @@ class Session:
             sent["Authorization"] = await self._answer(endpoint, challenge, creds, scope,
                                                        token_key)
             if content is not None and not isinstance(content, bytes):
-                raise RegistryError("unauthorized", f"{endpoint.host} challenged a streamed "
+                raise Failure(Kind.UNAUTHORIZED, f"{endpoint.host} challenged a streamed "
                                                    "upload, which cannot be sent again")
             response = await self._send(method, endpoint, url, params, sent, content, stream)
         if response.status_code >= 300:
@@ -111,14 +96,14 @@ class Session:
         fields = dict(_CHALLENGE_PARAM.findall(challenge))
         if scheme == "basic":
             if creds is None or not creds.username:
-                raise RegistryError("unauthorized", f"{endpoint.host} wants credentials and "
+                raise Failure(Kind.UNAUTHORIZED, f"{endpoint.host} wants credentials and "
                                                    "none were given for it")
             pair = f"{creds.username}:{creds.password}".encode()
             header = f"Basic {base64.b64encode(pair).decode()}"
             self._tokens[token_key] = _Token(header, float("inf"))
             return header
         if scheme != "bearer" or "realm" not in fields:
-            raise RegistryError("invalid", f"{endpoint.host} sent an unusable challenge "
+            raise Failure(Kind.INVALID, f"{endpoint.host} sent an unusable challenge "
                                           f"{challenge[:120]!r}")
         if creds is not None and creds.registry_token:
             header = f"Bearer {creds.registry_token}"
@@ -150,10 +135,10 @@ class Session:
                         if send_creds and creds is not None and creds.username else None)
                 response = await client.get(realm, params=query, auth=auth)
         except httpx.TransportError as exc:
-            raise RegistryError("unreachable", f"token service {realm}: {_describe(exc)}") from None
+            raise Failure(Kind.UNREACHABLE, f"token service {realm}: {_describe(exc)}") from None
         _count(endpoint, "token", response.status_code)
         if response.status_code in (401, 403):
-            raise RegistryError("unauthorized", f"token service {realm} refused the credentials "
+            raise Failure(Kind.UNAUTHORIZED, f"token service {realm} refused the credentials "
                                                f"({response.status_code})")
         _raise_for(response, endpoint, what=f"token service {realm}")
         try:
@@ -163,7 +148,7 @@ class Session:
         except (ValueError, AttributeError):
             value, lifetime = None, 0.0
         if not isinstance(value, str) or not value:
-            raise RegistryError("invalid", f"token service {realm} sent no token")
+            raise Failure(Kind.INVALID, f"token service {realm} sent no token")
         # Renew a little early, so a token never expires between our check and its use.
         return _Token(f"Bearer {value}", self._clock() + max(lifetime - 5.0, 1.0))
 
@@ -177,12 +162,12 @@ class Session:
         try:
             response = await client.send(request, stream=stream)
         except httpx.TransportError as exc:
-            raise RegistryError("unreachable", f"{endpoint.host}: {_describe(exc)}") from None
+            raise Failure(Kind.UNREACHABLE, f"{endpoint.host}: {_describe(exc)}") from None
         _count(endpoint, method, response.status_code)
         return response
 
     def _client(self, endpoint: Endpoint) -> httpx.AsyncClient:
-        key = (endpoint.host, endpoint.ca, endpoint.skip_verify)
+        key = (endpoint.host, endpoint.ca, endpoint.skip_verify, endpoint.client)
         client = self._clients.get(key)
         if client is None:
             client = httpx.AsyncClient(
@@ -213,16 +198,26 @@ def _system_trust() -> ssl.SSLContext:
 
 
 def _tls(endpoint: Endpoint) -> ssl.SSLContext | bool:
-    if endpoint.skip_verify or endpoint.base.startswith("http://"):
-        return False  # no TLS, or TLS without verification: no CA to load
-    if not endpoint.ca:
-        return _system_trust()
+    if endpoint.base.startswith("http://"):
+        return False  # no TLS: nothing to load
+    if not endpoint.ca and not endpoint.client:
+        return False if endpoint.skip_verify else _system_trust()
     context = ssl.create_default_context()
+    if endpoint.skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     for ca in endpoint.ca:
-        if not Path(ca).is_file():
-            _log.warning("CA file from hosts.toml is missing", path=ca, host=endpoint.host)
-            continue
-        context.load_verify_locations(cafile=ca)
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            _log.warning("CA file from hosts.toml cannot be used", path=ca,
+                         host=endpoint.host, error=type(exc).__name__)
+    for certificate, key in endpoint.client:
+        try:
+            context.load_cert_chain(certificate, key or None)
+        except (OSError, ssl.SSLError) as exc:
+            _log.warning("client certificate from hosts.toml cannot be used",
+                         path=certificate, host=endpoint.host, error=type(exc).__name__)
     return context
 
 
@@ -232,14 +227,14 @@ def _raise_for(response: httpx.Response, endpoint: Endpoint, what: str = "") -> 
     if status < 300:
         return
     if status == 429:
-        raise RegistryError("rate_limited", f"{where} answered 429 Too Many Requests")
+        raise Failure(Kind.RATE_LIMITED, f"{where} answered 429 Too Many Requests")
     if status in (401, 403):
-        raise RegistryError("unauthorized", f"{where} refused access ({status})")
+        raise Failure(Kind.UNAUTHORIZED, f"{where} refused access ({status})")
     if status == 404:
-        raise RegistryError("not_found", f"{where}: {response.request.url.path} not found")
+        raise Failure(Kind.NOT_FOUND, f"{where}: {response.request.url.path} not found")
     if status >= 500:
-        raise RegistryError("server_error", f"{where} answered {status}")
-    raise RegistryError("invalid", f"{where} answered {status}")
+        raise Failure(Kind.SERVER_ERROR, f"{where} answered {status}")
+    raise Failure(Kind.INVALID, f"{where} answered {status}")
 
 
 def _count(endpoint: Endpoint, method: str, status: int) -> None:

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from nodekeeper.credentials import Credentials
-from nodekeeper.registry import Copier, Endpoint, Location, RegistryError, Session
+from nodekeeper.failures import Failure, Kind
+from nodekeeper.registry import Copier, Endpoint, Location, Session
 from tests.conftest import MakeRegistry
 from tests.harness import (
     FaultProxy,
@@ -147,9 +148,9 @@ async def test_copying_again_moves_no_blob(upstream: Registry, backing: Registry
 async def test_port_colon_is_not_a_repository_name(upstream: Registry, backing: Registry,
                                                    copier: Copier, app: Index) -> None:
     dest = at(backing.url, backing.host, f"cache/{upstream.host}/library/app")
-    with pytest.raises(RegistryError) as failure:
+    with pytest.raises(Failure) as failure:
         await copier.copy(source_of(upstream), dest, app.digest)
-    assert failure.value.kind == "not_found"  # the route does not match: "404 page not found"
+    assert failure.value.kind is Kind.NOT_FOUND  # the route does not match: "404 page not found"
 
 
 # -- cross-repository mounts ----------------------------------------------------------------
@@ -192,9 +193,9 @@ async def test_failed_blob_upload_then_copy_again(upstream: Registry, backing: R
                                                   app: Index) -> None:
     dest = at(proxy.url, proxy.host, "cache/app")
     proxy.respond(500, path_contains="/blobs/uploads/", method="PUT", times=1)
-    with pytest.raises(RegistryError) as failure:
+    with pytest.raises(Failure) as failure:
         await copier.copy(source_of(upstream), dest, app.digest, "v1")
-    assert failure.value.kind == "server_error"
+    assert failure.value.kind is Kind.SERVER_ERROR
     assert resolve(backing.url, "cache/app", "v1") is None
     done = present(backing, "cache/app", blobs_of(app))
 
@@ -219,9 +220,9 @@ async def test_dropped_upload_then_copy_again(upstream: Registry, backing: Regis
         await asyncio.sleep(0.05)
     assert not copying.done()
     proxy.passthrough()  # drops the hung request's connection
-    with pytest.raises(RegistryError) as failure:
+    with pytest.raises(Failure) as failure:
         await asyncio.wait_for(copying, 10)
-    assert failure.value.kind == "unreachable"
+    assert failure.value.kind is Kind.UNREACHABLE
     assert len(present(backing, "cache/app", blobs_of(app))) == 5
 
     report = await copier.copy(source_of(upstream), dest, app.digest, "v1")
@@ -235,7 +236,7 @@ async def test_failed_index_put_then_copy_again(upstream: Registry, backing: Reg
                                                 app: Index) -> None:
     dest = at(proxy.url, proxy.host, "cache/app")
     proxy.respond(500, path_contains=f"/manifests/{app.digest}", method="PUT", times=1)
-    with pytest.raises(RegistryError):
+    with pytest.raises(Failure):
         await copier.copy(source_of(upstream), dest, app.digest, "v1")
     assert resolve(backing.url, "cache/app", "v1") is None
 
@@ -314,9 +315,9 @@ async def test_backing_with_htpasswd(upstream: Registry, make_registry: MakeRegi
                                 app.digest, "v1", mount_from=["cache/app"])
     assert mounted.blobs_mounted == 6
     wrong = at(backing.url, backing.host, "cache/app", Credentials(USER, "wrong"))
-    with pytest.raises(RegistryError) as failure:
+    with pytest.raises(Failure) as failure:
         await copier.has_manifest(wrong, app.digest)
-    assert failure.value.kind == "unauthorized"
+    assert failure.value.kind is Kind.UNAUTHORIZED
 
 
 async def test_backing_with_token_auth(upstream: Registry, make_registry: MakeRegistry,

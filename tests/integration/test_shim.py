@@ -88,10 +88,11 @@ def test_credentials_pass_through_and_never_reach_the_log(
     good = cri.AuthConfig(username="alice", password=password)
     bad = cri.AuthConfig(username="alice", password="wrong-password-also-secret")
 
-    assert isinstance(outcome(lambda: cri_client.pull(ref)), tuple)
+    direct = outcome(lambda: cri_client.pull(ref))
+    assert isinstance(direct, tuple)
     for refused in (None, bad):
         code, message = outcome(lambda a=refused: via_nodekeeper.pull(ref, auth=a))  # type: ignore[misc]
-        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert code == direct[0]  # the code containerd answers for a 401
         assert "unauthorized" in message
     assert via_nodekeeper.pull(ref, auth=good) == image.config_digest
     log = nodekeeper.log_text()

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from nodekeeper.credentials import Credentials
-from nodekeeper.registry import Copier, CopyReport, Endpoint, Location, RegistryError, Session
+from nodekeeper.failures import Failure, Kind
+from nodekeeper.registry import Copier, CopyReport, Endpoint, Location, Session
 from tests.harness.oci import DOCKER_MANIFEST, Image, Index, build_image, build_index
 
 SOURCE = "source.test"
@@ -311,10 +312,10 @@ async def test_missing_child_fails_naming_it(make_world: MakeWorld) -> None:
     gone = index.images[1].digest
     del world.source.manifests["library/app", gone]
 
-    with pytest.raises(RegistryError) as failure:
+    with pytest.raises(Failure) as failure:
         await world.copier.copy(world.src(), world.dst(), index.digest, "v1")
 
-    assert failure.value.kind == "not_found"
+    assert failure.value.kind is Kind.NOT_FOUND
     assert gone in failure.value.detail
     assert index.digest in failure.value.detail
     assert not world.dest.seen("PUT")
@@ -325,9 +326,9 @@ async def test_manifest_with_other_content_is_invalid(make_world: MakeWorld) -> 
     image, other = build_image(seed="a"), build_image(seed="b")
     world.source.manifests["library/app", image.digest] = (other.media_type, other.manifest)
 
-    with pytest.raises(RegistryError) as failure:
+    with pytest.raises(Failure) as failure:
         await world.copier.copy(world.src(), world.dst(), image.digest)
-    assert failure.value.kind == "invalid"
+    assert failure.value.kind is Kind.INVALID
 
 
 async def test_concurrent_writer_glitches_are_retried(make_world: MakeWorld) -> None:
@@ -354,7 +355,7 @@ async def test_persistent_manifest_refusal_fails(make_world: MakeWorld) -> None:
     world.source.add_image("library/app", image)
     world.dest.glitches += [("PUT", "/manifests/", 400)] * 3
 
-    with pytest.raises(RegistryError, match="invalid"):
+    with pytest.raises(Failure, match="invalid"):
         await world.copier.copy(world.src(), world.dst(), image.digest)
     assert not world.dest.glitches
 
@@ -370,10 +371,10 @@ async def test_blob_not_matching_its_digest_aborts(make_world: MakeWorld) -> Non
     good = image.blobs[layer]
     world.source.tamper[layer] = bytes([good[0] ^ 1]) + good[1:]
 
-    with pytest.raises(RegistryError) as failure:
+    with pytest.raises(Failure) as failure:
         await world.copier.copy(world.src(), world.dst(), image.digest, "v1")
 
-    assert failure.value.kind == "invalid"
+    assert failure.value.kind is Kind.INVALID
     assert layer in failure.value.detail
     assert ("cache/app", layer) not in world.dest.blobs
     assert not world.dest.seen("PUT", "/manifests/")
@@ -387,7 +388,7 @@ async def test_blob_longer_than_its_size_aborts(make_world: MakeWorld) -> None:
     world.source.add_image("library/app", image)
     world.source.tamper[image.config_digest] = image.config + b" "
 
-    with pytest.raises(RegistryError, match="longer than"):
+    with pytest.raises(Failure, match="longer than"):
         await world.copier.copy(world.src(), world.dst(), image.digest)
 
 
@@ -411,7 +412,7 @@ async def test_upload_to_another_host_is_refused(make_world: MakeWorld) -> None:
     world.source.add_image("library/app", image)
 
     world.dest.location = "elsewhere"
-    with pytest.raises(RegistryError, match="another host"):
+    with pytest.raises(Failure, match="another host"):
         await world.copier.copy(world.src(), world.dst(), image.digest)
 
 
@@ -523,12 +524,12 @@ async def test_challenged_streamed_upload_is_unauthorized(make_world: MakeWorld)
         yield b"x"
 
     try:
-        with pytest.raises(RegistryError) as failure:
+        with pytest.raises(Failure) as failure:
             await session.request("PUT", endpoint, f"https://{DEST}/v2/a/blobs/uploads/u0",
                                   creds=Credentials(USER, PASSWORD), scope="s", content=body())
-        assert failure.value.kind == "unauthorized"
+        assert failure.value.kind is Kind.UNAUTHORIZED
         # The answer is kept: a request of the same scope now goes out authorized.
-        with pytest.raises(RegistryError, match="not_found"):
+        with pytest.raises(Failure, match="not_found"):
             await session.request("GET", endpoint, f"https://{DEST}/v2/a/blobs/sha256:00",
                                   creds=Credentials(USER, PASSWORD), scope="s")
         assert world.dest.requests[-1].headers["authorization"] == basic(USER, PASSWORD)
@@ -547,7 +548,7 @@ async def test_has_manifest(make_world: MakeWorld) -> None:
     assert await world.copier.has_manifest(world.dst(), image.digest)
     assert not await world.copier.has_manifest(world.dst(), build_image(seed="b").digest)
     assert not await world.copier.has_manifest(world.dst("cache/other"), image.digest)
-    with pytest.raises(RegistryError, match="invalid"):
+    with pytest.raises(Failure, match="invalid"):
         await world.copier.has_manifest(world.dst(), "latest")
 
 
@@ -558,9 +559,9 @@ async def test_has_manifest_raises_other_failures() -> None:
     session = Session(transport=httpx.MockTransport(broken))
     where = Location(Endpoint(f"https://{DEST}/v2", DEST), "cache/app")
     try:
-        with pytest.raises(RegistryError) as failure:
+        with pytest.raises(Failure) as failure:
             await Copier(session).has_manifest(where, sha(b""))
-        assert failure.value.kind == "server_error"
+        assert failure.value.kind is Kind.SERVER_ERROR
     finally:
         await session.close()
 

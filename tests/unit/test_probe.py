@@ -1,6 +1,6 @@
 """Probing a registry for a tag's digest, against an in-process fake registry
 (httpx.MockTransport): auth flows, token caching, and how every failure is classified.
-Also containerd's pull errors, classified the same way (puller.classify_pull_error)."""
+"""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from nodekeeper.credentials import Credentials
-from nodekeeper.puller import classify_pull_error
+from nodekeeper.failures import Failure, Kind
 from nodekeeper.reference import Reference, parse
-from nodekeeper.registry import Prober, ProbeResult, RegistryError, Session
+from nodekeeper.registry import Hosts, Prober, ProbeResult, Session
 
 # The four manifest types containerd accepts (FACTS.md, "Registry protocol").
 MANIFEST_TYPES = (
@@ -123,7 +123,8 @@ class MockProber(Prober):
     def __init__(self, hosts_dir: str, handler: Handler,
                  clock: Callable[[], float] = time.monotonic, per_registry: int = 8) -> None:
         self.session = Session(clock=clock, transport=httpx.MockTransport(handler))
-        super().__init__(hosts_dir, self.session, per_registry=per_registry, clock=clock)
+        super().__init__(Hosts([hosts_dir]), self.session, per_registry=per_registry,
+                         clock=clock)
 
     async def close(self) -> None:
         await self.session.close()
@@ -162,8 +163,8 @@ async def probe(prober: Prober, image: str = IMAGE, creds: Credentials | None = 
 
 
 async def failure(prober: Prober, image: str = IMAGE, creds: Credentials | None = None,
-                  timeout: float = TIMEOUT) -> RegistryError:
-    with pytest.raises(RegistryError) as info:
+                  timeout: float = TIMEOUT) -> Failure:
+    with pytest.raises(Failure) as info:
         await probe(prober, image, creds, timeout)
     return info.value
 
@@ -206,7 +207,7 @@ async def test_oversized_manifest_is_invalid(make_prober: MakeProber) -> None:
     from nodekeeper.registry.probe import MAX_MANIFEST_BYTES
 
     registry = FakeRegistry(send_digest=False, manifest=b" " * (MAX_MANIFEST_BYTES + 1))
-    assert (await failure(make_prober(registry))).kind == "invalid"
+    assert (await failure(make_prober(registry))).kind is Kind.INVALID
 
 
 async def test_docker_hub_goes_to_registry_1(make_prober: MakeProber) -> None:
@@ -223,7 +224,7 @@ async def test_digest_reference_is_checked(make_prober: MakeProber) -> None:
     assert (await probe(make_prober(registry), pinned)).digest == DIGEST
     assert registry.requests[0].url.path == f"/v2/team/app/manifests/{DIGEST}"
     other = "sha256:" + hashlib.sha256(b"other").hexdigest()
-    assert (await failure(make_prober(registry), f"{HOST}/team/app@{other}")).kind == "invalid"
+    assert (await failure(make_prober(registry), f"{HOST}/team/app@{other}")).kind is Kind.INVALID
 
 
 @pytest.mark.parametrize(
@@ -364,14 +365,14 @@ async def test_basic_challenge_is_answered_with_basic_auth(make_prober: MakeProb
 async def test_basic_challenge_without_credentials_is_unauthorized(
         make_prober: MakeProber) -> None:
     registry = FakeRegistry(auth="basic")
-    assert (await failure(make_prober(registry))).kind == "unauthorized"
+    assert (await failure(make_prober(registry))).kind is Kind.UNAUTHORIZED
     assert len(registry.requests) == 1
 
 
 async def test_wrong_password_is_unauthorized(make_prober: MakeProber) -> None:
     registry = FakeRegistry(auth="basic")
     found = await failure(make_prober(registry), creds=Credentials(USER, "wrong"))
-    assert found.kind == "unauthorized"
+    assert found.kind is Kind.UNAUTHORIZED
 
 
 @pytest.mark.parametrize("server_address", ["https://other.example", "127.0.0.1:5000",
@@ -380,7 +381,7 @@ async def test_credentials_for_another_registry_are_not_sent(
         make_prober: MakeProber, server_address: str) -> None:
     creds = Credentials(USER, PASSWORD, server_address=server_address)
     registry = FakeRegistry(auth="basic")
-    assert (await failure(make_prober(registry), creds=creds)).kind == "unauthorized"
+    assert (await failure(make_prober(registry), creds=creds)).kind is Kind.UNAUTHORIZED
     assert all("authorization" not in r.headers for r in registry.requests)
     open_registry = FakeRegistry(auth="bearer")
     result = await probe(make_prober(open_registry), creds=creds)
@@ -398,7 +399,7 @@ async def test_unusable_challenge_is_invalid(make_prober: MakeProber) -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(401, headers={"WWW-Authenticate": 'Negotiate realm="x"'})
 
-    assert (await failure(make_prober(handler))).kind == "invalid"
+    assert (await failure(make_prober(handler))).kind is Kind.INVALID
 
 
 # -- failures --------------------------------------------------------------------------------
@@ -424,13 +425,13 @@ async def test_transport_errors_are_unreachable(make_prober: MakeProber,
     async def handler(request: httpx.Request) -> httpx.Response:
         raise error
 
-    assert (await failure(make_prober(handler))).kind == "unreachable"
+    assert (await failure(make_prober(handler))).kind is Kind.UNREACHABLE
 
 
 async def test_token_service_refusing_is_unauthorized(make_prober: MakeProber) -> None:
     registry = FakeRegistry(auth="bearer", require_creds=True)
     found = await failure(make_prober(registry), creds=Credentials(USER, "wrong"))
-    assert found.kind == "unauthorized"
+    assert found.kind is Kind.UNAUTHORIZED
     assert "token service" in found.detail
 
 
@@ -449,7 +450,7 @@ async def test_token_service_unreachable(make_prober: MakeProber) -> None:
             raise httpx.ConnectError("no route to host")
         return await registry(request)
 
-    assert (await failure(make_prober(handler))).kind == "unreachable"
+    assert (await failure(make_prober(handler))).kind is Kind.UNREACHABLE
 
 
 @pytest.mark.parametrize(
@@ -458,7 +459,7 @@ async def test_token_service_unreachable(make_prober: MakeProber) -> None:
 )
 async def test_malformed_token_reply_is_invalid(make_prober: MakeProber, body: bytes) -> None:
     registry = FakeRegistry(auth="bearer", token_body=body)
-    assert (await failure(make_prober(registry))).kind == "invalid"
+    assert (await failure(make_prober(registry))).kind is Kind.INVALID
 
 
 async def test_still_unauthorized_with_a_token(make_prober: MakeProber) -> None:
@@ -468,7 +469,7 @@ async def test_still_unauthorized_with_a_token(make_prober: MakeProber) -> None:
         challenge = 'Bearer realm="https://auth.example/token",service="s"'
         return httpx.Response(401, headers={"WWW-Authenticate": challenge})
 
-    assert (await failure(make_prober(handler))).kind == "unauthorized"
+    assert (await failure(make_prober(handler))).kind is Kind.UNAUTHORIZED
 
 
 async def test_hanging_registry_times_out_within_the_timeout(make_prober: MakeProber) -> None:
@@ -480,7 +481,7 @@ async def test_hanging_registry_times_out_within_the_timeout(make_prober: MakePr
     started = time.monotonic()
     found = await failure(make_prober(handler), timeout=timeout)
     elapsed = time.monotonic() - started
-    assert found.kind == "timeout"
+    assert found.kind is Kind.TIMEOUT
     assert timeout <= elapsed < timeout + 0.5
 
 
@@ -493,7 +494,7 @@ async def test_hanging_token_service_times_out(make_prober: MakeProber) -> None:
         return await registry(request)
 
     started = time.monotonic()
-    assert (await failure(make_prober(handler), timeout=0.2)).kind == "timeout"
+    assert (await failure(make_prober(handler), timeout=0.2)).kind is Kind.TIMEOUT
     assert time.monotonic() - started < 0.7
 
 
@@ -553,7 +554,7 @@ async def test_every_host_failing_reports_the_first_failure(make_prober: MakePro
             raise httpx.ConnectError("connection refused")
         return httpx.Response(404)
 
-    assert (await failure(make_prober(handler))).kind == "unreachable"
+    assert (await failure(make_prober(handler))).kind is Kind.UNREACHABLE
 
 
 async def test_hosts_toml_headers_are_sent(make_prober: MakeProber, tmp_path: Path) -> None:
@@ -566,80 +567,9 @@ async def test_hosts_toml_headers_are_sent(make_prober: MakeProber, tmp_path: Pa
 async def test_no_resolving_endpoint_is_a_probe_failure(make_prober: MakeProber,
                                                         tmp_path: Path) -> None:
     hosts_toml(tmp_path, HOST, 'capabilities = ["pull"]\n')
-    with pytest.raises(RegistryError):
+    with pytest.raises(Failure):
         await probe(make_prober(FakeRegistry()))
 
 
 def test_reference_parse_matches_the_probed_path() -> None:
     assert parse(IMAGE) == Reference(HOST, "team/app", "1.0")
-
-
-# -- containerd's pull errors ----------------------------------------------------------------
-
-PULL = 'failed to pull and unpack image "{0}": failed to resolve reference "{0}": '
-LOCAL = "127.0.0.1:5000/team/app:1.0"
-HUB = "docker.io/library/postgres:15"
-
-
-@pytest.mark.parametrize(
-    ("message", "kind"),
-    [
-        (PULL.format(LOCAL) + "unexpected status from HEAD request to "
-         "http://127.0.0.1:5000/v2/team/app/manifests/1.0: 429 Too Many Requests",
-         "rate_limited"),
-        (PULL.format(HUB) + "unexpected status from HEAD request to "
-         "https://registry-1.docker.io/v2/library/postgres/manifests/15: 401 Unauthorized",
-         "unauthorized"),
-        (PULL.format(LOCAL) + "unexpected status from HEAD request to "
-         "http://127.0.0.1:5000/v2/team/app/manifests/1.0: 403 Forbidden", "unauthorized"),
-        (PULL.format(HUB) + "failed to fetch anonymous token: unexpected status from GET "
-         "request to https://auth.docker.io/token?scope=repository%3Alibrary%2Fpostgres%3Apull"
-         "&service=registry.docker.io: 401 Unauthorized", "unauthorized"),
-        (PULL.format(LOCAL) + f"{LOCAL}: not found", "not_found"),
-        (PULL.format(LOCAL) + "unexpected status from HEAD request to "
-         "http://127.0.0.1:5000/v2/team/app/manifests/1.0: 500 Internal Server Error",
-         "server_error"),
-        (PULL.format(LOCAL) + "unexpected status from HEAD request to "
-         "http://127.0.0.1:5000/v2/team/app/manifests/1.0: 503 Service Unavailable",
-         "server_error"),
-        (PULL.format(LOCAL) + "failed to do request: Head "
-         '"http://127.0.0.1:5000/v2/team/app/manifests/1.0": '
-         "dial tcp 127.0.0.1:5000: connect: connection refused", "unreachable"),
-        (PULL.format("registry.example/app:1") + "failed to do request: Head "
-         '"https://registry.example/v2/app/manifests/1": dial tcp: lookup registry.example '
-         "on 127.0.0.53:53: no such host", "unreachable"),
-        (PULL.format(LOCAL) + "failed to do request: Head "
-         '"http://127.0.0.1:5000/v2/team/app/manifests/1.0": EOF', "unreachable"),
-        (PULL.format(LOCAL) + "failed to do request: Head "
-         '"http://127.0.0.1:5000/v2/team/app/manifests/1.0": read tcp '
-         "127.0.0.1:41234->127.0.0.1:5000: read: connection reset by peer", "unreachable"),
-        (PULL.format(LOCAL) + "failed to do request: Head "
-         '"http://127.0.0.1:5000/v2/team/app/manifests/1.0": context deadline exceeded',
-         "unreachable"),
-    ],
-)
-def test_classify_pull_error(message: str, kind: str) -> None:
-    assert classify_pull_error(message) == kind
-
-
-@pytest.mark.parametrize(
-    "message",
-    [
-        PULL.format("registry.example:4043/app:1") + 'failed to do request: Head '
-        '"https://registry.example:4043/v2/app/manifests/1": dial tcp 10.0.0.7:4043: '
-        "connect: connection refused",
-        'failed to pull and unpack image "docker.io/library/postgres:15": failed to copy: '
-        "httpReadSeeker: failed open: failed to do request: Get \"https://production."
-        "cloudflare.docker.com/registry-v2/docker/registry/v2/blobs/sha256/7a/7a401b2c/data"
-        '": dial tcp: lookup production.cloudflare.docker.com: no such host',
-    ],
-)
-def test_classify_pull_error_ignores_numbers_inside_ports_and_digests(message: str) -> None:
-    assert classify_pull_error(message) == "unreachable"
-
-
-def test_classify_pull_access_denied_is_unauthorized() -> None:
-    message = (PULL.format("docker.io/library/private:latest") + "pull access denied, "
-               "repository does not exist or may require authorization: server message: "
-               "insufficient_scope: authorization failed")
-    assert classify_pull_error(message) == "unauthorized"
