@@ -3,11 +3,15 @@
     kubelet ──CRI──> [listener socket] ── cri.ImageService ──────> containerd
                                               │ PullImage                ▲
                                               ▼                          │ pull, alias; image events
-                                       puller.Puller ── policy (policyfile), state (SQLite),
-                                              │                presence (what the node holds)
-                                              │
+                                       puller.Puller ⇄ decision.next_step (pure: what next)
+                                              │   policy (policyfile), state (SQLite),
+                                              │   presence (what the node holds)
                            registry.Prober ───┴─── backing.Backing (registry.Copier)
                        (upstream digest probe)     (cluster-wide copy of every pull)
+
+The puller reaches its edges through the Protocols in edges.py; failures outside
+nodekeeper are one vocabulary (failures.Kind), and cri.py alone turns errors into gRPC
+status codes.
 
 Signals: SIGTERM/SIGINT stop gracefully (stop accepting, let in-flight RPCs finish within
 shutdown_grace, cancel the rest); a second one stops at once. SIGHUP reloads what can
@@ -32,7 +36,7 @@ from nodekeeper.cri import ImageService
 from nodekeeper.errors import SettingsError
 from nodekeeper.policyfile import PolicyFile
 from nodekeeper.puller import Puller
-from nodekeeper.registry import Prober, Session
+from nodekeeper.registry import Hosts, Prober, Session
 from nodekeeper.registry.copy import Copier
 from nodekeeper.state import State
 from nodekeeper.systemd import Notifier
@@ -74,7 +78,7 @@ class Daemon:
         # What PullImage decides with: state, the registry prober, the policy in force.
         state = State(config.state_dir)
         session = Session()
-        prober = Prober(config.containerd.hosts_dir, session)
+        prober = Prober(Hosts(config.containerd.hosts_dir), session)
         # The cluster-wide backing registry, when configured.
         backing = (Backing(config.backing, session, Copier(session),
                            on_health=lambda health: state.set_meta("backing", health))

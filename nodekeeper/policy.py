@@ -9,8 +9,8 @@ may stand in for an upstream that does not answer.
         interval: 1h
 
 The first rule that matches wins; a setting a rule leaves out comes from `defaults`.
-`plan` turns a rule, the node's state and the clock into what PullImage does next.
-Pure: loading reads a file, nothing else does I/O.
+What PullImage does with a rule is decision.py's. Pure: loading reads a file, nothing
+else does I/O.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nodekeeper.failures import Kind
 from nodekeeper.reference import Reference
 from nodekeeper.settings import Document, Section
 
@@ -27,8 +28,7 @@ AUTH_FALLBACK = ("known-credentials", "never")
 BACKING_PRIVATE_FALLBACK = ("deny", "allow")
 # Upstream failures a rule may choose to cover with the node's copy. `unauthorized` is not
 # among them: 401/403 fall back only under auth_fallback, for credentials seen to work.
-FALLBACK_REASONS = ("unreachable", "timeout", "server_error", "rate_limited", "not_found",
-                    "invalid")
+FALLBACK_REASONS = tuple(kind for kind in Kind if kind is not Kind.UNAUTHORIZED)
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Settings:
     update: str = "always"
     interval: float = 900.0
     probe_timeout: float = 2.0
-    fallback_on: frozenset[str] = frozenset(FALLBACK_REASONS)
+    fallback_on: frozenset[Kind] = frozenset(FALLBACK_REASONS)
     auth_fallback: str = "known-credentials"
     # A node without a copy may take backing's copy while upstream is down only for
     # repositories seen pullable anonymously, unless this says allow.
@@ -153,50 +153,18 @@ def _settings(section: Section, base: Settings) -> Settings:
     probe_timeout = section.duration("probe_timeout", base.probe_timeout)
     if not 0 < probe_timeout <= 60:
         raise section.error("probe_timeout", "expected a duration above 0 and at most 60s")
-    fallback_on = section.strings("fallback_on", sorted(base.fallback_on))
-    for position, reason in enumerate(fallback_on):
-        if reason not in FALLBACK_REASONS:
+    names = {kind.value: kind for kind in FALLBACK_REASONS}
+    fallback_on = []
+    for position, reason in enumerate(section.strings(
+            "fallback_on", sorted(kind.value for kind in base.fallback_on))):
+        if reason not in names:
             raise section.doc.error(
                 (*section.key, "fallback_on", position),
-                f"expected one of {', '.join(FALLBACK_REASONS)}, got {reason!r}",
+                f"expected one of {', '.join(names)}, got {reason!r}",
             )
+        fallback_on.append(names[reason])
     auth_fallback = section.choice("auth_fallback", AUTH_FALLBACK, base.auth_fallback)
     backing_private = section.choice("backing_private_fallback", BACKING_PRIVATE_FALLBACK,
                                      base.backing_private_fallback)
     return Settings(update, interval, probe_timeout, frozenset(fallback_on), auth_fallback,
                     backing_private)
-
-
-# -- deciding --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Plan:
-    """What PullImage does before any network traffic.
-
-    action: "local" (answer the node's copy), "probe" (ask upstream for the digest), or
-    "pull" (no copy, nothing to compare: hand the pull to containerd).
-    """
-
-    action: str
-    decision: str = ""
-    reason: str = ""
-
-
-def plan(settings: Settings, ref: Reference, has_local: bool, last_ok: float | None,
-         now: float, verified: bool) -> Plan:
-    """Decide for one PullImage. `verified`: this request's credentials (or anonymous
-    access) are known to work for the repository, so the node's copy may be handed out
-    without asking upstream."""
-    if not has_local:
-        return Plan("pull", reason="digest reference") if ref.pinned else Plan("probe")
-    if not verified:
-        # The node's copy cannot be handed to credentials nobody has seen work: asking
-        # upstream checks them, as containerd itself would.
-        return Plan("probe", reason="credentials not yet verified")
-    if ref.pinned:
-        return Plan("local", "local-pinned", "digest reference")
-    if settings.update == "never":
-        return Plan("local", "local-pinned", "update: never")
-    if settings.update == "interval" and last_ok is not None and now - last_ok < settings.interval:
-        return Plan("local", "local-interval", f"checked {now - last_ok:.0f}s ago")
-    return Plan("probe")

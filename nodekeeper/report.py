@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from nodekeeper import policy as policies
@@ -16,18 +17,28 @@ from nodekeeper.backing import Backing
 from nodekeeper.config import Config
 from nodekeeper.containerd import Containerd, LocalImage
 from nodekeeper.credentials import ANONYMOUS
+from nodekeeper.decision import (
+    Access,
+    AskBacking,
+    Decision,
+    Failed,
+    NodeCopy,
+    Probe,
+    Pull,
+    PullFrom,
+    Serve,
+    Step,
+    backing_copy_refusal,
+    next_step,
+)
 from nodekeeper.errors import NodekeeperError, SettingsError
+from nodekeeper.failures import Kind
+from nodekeeper.policy import Settings
 from nodekeeper.reference import Reference, parse
 from nodekeeper.registry import Session
 from nodekeeper.registry.copy import Copier
 from nodekeeper.state import DB_NAME, read_only
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit} ago"
-    return f"{seconds:.0f}s ago"
+from nodekeeper.timetext import ago
 
 
 def _local(config: Config, name: str) -> tuple[LocalImage | None, str]:
@@ -64,7 +75,7 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
         f"rule:        {rule.label} from {policy.source}",
         f"settings:    update={s.update} interval={s.interval:g}s "
         f"probe_timeout={s.probe_timeout:g}s auth_fallback={s.auth_fallback}",
-        f"             fallback_on={','.join(sorted(s.fallback_on))}",
+        f"             fallback_on={','.join(sorted(k.value for k in s.fallback_on))}",
     ]
     local, problem = _local(config, str(ref))
     lines.append("on node:     " + (problem or (
@@ -80,8 +91,8 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
                          "WHERE reference = ?", (str(ref),)).fetchone()
         if row:
             last_ok, last_digest = row[2], row[3]
-            ok = f"; last success {_age(time.time() - row[2])}" if row[2] else ""
-            lines.append(f"last check:  {_age(time.time() - row[0])}: {row[1]}{ok}"
+            ok = f"; last success {ago(time.time() - row[2])}" if row[2] else ""
+            lines.append(f"last check:  {ago(time.time() - row[0])}: {row[1]}{ok}"
                          + (f", upstream {row[3]}" if row[3] else ""))
         else:
             lines.append("last check:  never")
@@ -93,27 +104,37 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
                                         "no anonymous pull recorded")
                      + f"; {named} credential fingerprint(s) seen to work")
         db.close()
-    step = policies.plan(s, ref, local is not None, last_ok, time.time(), verified=public)
-    doing = {
-        "local": f"answer the node's copy without network ({step.decision}: {step.reason})",
-        "probe": "ask upstream for the digest within "
-                 f"{s.probe_timeout:g}s, pull if it changed" + (
-                     f" ({step.reason})" if step.reason else ""),
-        "pull": "hand the pull to containerd (nothing on the node to compare with)",
-    }[step.action]
-    lines.append(f"would:       {doing}  [for a pull without credentials]")
+    node = NodeCopy(local.id, local.digest) if local else None
+    pull = Pull(ref, rule.label, s, node, Access(public=public), time.time(), last_ok,
+                last_digest, backing=config.backing.enabled and config.backing.read)
+    lines.append(f"would:       {_describe(next_step(pull), s, ref)}  [for a pull without "
+                 "credentials]")
     if config.backing.enabled:
         lines.append("backing:     " + _backing_view(config, ref, last_digest))
-    if local is None:
-        fallback = "nothing to fall back to: the pull fails with the upstream error"
-    elif public:
-        fallback = f"serve the node's copy for {','.join(sorted(s.fallback_on))}"
-    elif s.auth_fallback == "never":
-        fallback = "refuse: the repository needs credentials and auth_fallback is never"
-    else:
-        fallback = "serve the node's copy only to credentials recorded as having worked"
-    lines.append(f"if upstream fails: {fallback}")
+    # The same decision, as it would go if upstream did not answer now.
+    down = pull.after(Probe(), Failed(Kind.UNREACHABLE, "no answer"))
+    lines.append(f"if upstream fails: {_describe(next_step(down), s, ref)}")
+    if not public:
+        known = replace(down, access=Access(these=True, anonymous=False))
+        lines.append(f"  for credentials seen to work: {_describe(next_step(known), s, ref)}")
     return "\n".join(lines)
+
+
+def _describe(step: Step, settings: Settings, ref: Reference) -> str:
+    if isinstance(step, Serve):
+        if step.decision is Decision.FALLBACK:
+            return "serve the node's copy"
+        return f"answer the node's copy without network ({step.decision}: {step.reason})"
+    if isinstance(step, Probe):
+        return (f"ask upstream for the digest within {settings.probe_timeout:g}s, pull if it "
+                "changed" + (f" ({step.reason})" if step.reason else ""))
+    if isinstance(step, PullFrom):
+        return "hand the pull to containerd (nothing on the node to compare with)"
+    if isinstance(step, AskBacking):
+        refusal = backing_copy_refusal(settings, ref, public=False)
+        return ("take the backing registry's copy if it holds one"
+                + (", only for repositories marked public there" if refusal else ""))
+    return f"refuse: {step.message.split('; ', 1)[-1]}"
 
 
 def _backing_view(config: Config, ref: Reference, digest: str) -> str:
@@ -161,20 +182,20 @@ def status(config: Config, limit: int = 20) -> str:
             row = db.execute("SELECT value, at FROM meta WHERE key = 'backing'").fetchone()
         except sqlite3.Error:  # a database from before the daemon's last upgrade
             row = None
-        health = f"{row[0]} (since {_age(now - row[1])})" if row else "no problem recorded"
+        health = f"{row[0]} (since {ago(now - row[1])})" if row else "no problem recorded"
         lines.append(f"backing: {config.backing.url}: {health}")
     lines.append(f"\nrecent decisions (newest first, at most {limit}):")
     for at, image, decision, reason, ms in db.execute(
             "SELECT at, image, decision, reason, duration_ms FROM decisions "
             "ORDER BY id DESC LIMIT ?", (limit,)):
-        lines.append(f"  {_age(now - at):>10}  {decision:<14} {image}  "
+        lines.append(f"  {ago(now - at):>10}  {decision:<14} {image}  "
                      f"{reason[:80]}  ({ms:.0f} ms)")
     lines.append("\nfreshness (per reference):")
     for reference, checked_at, result, ok_at, digest in db.execute(
             "SELECT reference, checked_at, result, ok_at, digest FROM checks "
             "ORDER BY reference"):
-        ok = _age(now - ok_at) if ok_at else "never"
-        lines.append(f"  {reference}\n      last check {_age(now - checked_at)}: {result}; "
+        ok = ago(now - ok_at) if ok_at else "never"
+        lines.append(f"  {reference}\n      last check {ago(now - checked_at)}: {result}; "
                      f"last success {ok}; upstream {digest or '-'}")
     db.close()
     return "\n".join(lines)

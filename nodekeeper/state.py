@@ -72,7 +72,7 @@ class Check:
 
 
 @dataclass(frozen=True)
-class Decision:
+class PullRecord:
     at: float
     image: str
     rule: str
@@ -143,7 +143,7 @@ class State:
             (repository, fingerprint, now, now),
         )
 
-    def record_decision(self, decision: Decision) -> None:
+    def record_decision(self, decision: PullRecord) -> None:
         self._write(
             "INSERT INTO decisions (at, image, rule, decision, reason, local_digest, "
             "upstream_digest, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

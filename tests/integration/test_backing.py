@@ -14,7 +14,6 @@ import grpc
 import pytest
 
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.puller import COALESCE_SECONDS
 from tests.conftest import MakeNodekeeper, MakeRegistry
 from tests.harness import (
     Containerd,
@@ -46,8 +45,6 @@ class Node:
                 return kubelet.pull(ref, auth=auth)
             except grpc.RpcError as exc:
                 return exc.code(), exc.details()  # type: ignore[attr-defined]
-            finally:
-                time.sleep(COALESCE_SECONDS + 0.05)
 
     def decisions(self) -> list[str]:
         return [e["decision"] for e in self.nodekeeper.events()

@@ -18,10 +18,11 @@ import pytest
 
 from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.containerd import CHANNEL_OPTIONS, Containerd
+from nodekeeper.credentials import Credentials
 from nodekeeper.cri import ImageService
 from nodekeeper.policy import parse as parse_policy
 from nodekeeper.puller import Puller
-from nodekeeper.registry import Prober, Session
+from nodekeeper.registry import Hosts, Prober, Session
 from nodekeeper.settings import Document
 from nodekeeper.state import State
 
@@ -72,6 +73,7 @@ class Pair:
     upstream: Upstream
     channel: grpc.aio.Channel
     service: ImageService
+    upstream_address: str
 
     def method(self, name: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         return self.channel.unary_unary(f"/runtime.v1.ImageService/{name}")
@@ -91,7 +93,7 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     ours.add_insecure_port(f"unix://{tmp_path}/cri.sock")
     await ours.start()
     channel = grpc.aio.insecure_channel(f"unix://{tmp_path}/cri.sock", options=CHANNEL_OPTIONS)
-    yield Pair(upstream, channel, service)
+    yield Pair(upstream, channel, service, f"{tmp_path}/containerd.sock")
     await channel.close()
     await ours.stop(0)
     await containerd.close()
@@ -100,7 +102,7 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
 
 def make_puller(containerd: Containerd, tmp_path: Path) -> Puller:
     policy = parse_policy(Document("policy.yaml", "defaults: {update: always}"))
-    prober = Prober(str(tmp_path / "certs.d"), Session())
+    prober = Prober(Hosts([tmp_path / "certs.d"]), Session())
     return Puller(containerd, prober, State(tmp_path / "state"),
                   lambda: policy)
 
@@ -215,3 +217,30 @@ async def test_stream_images_is_unimplemented(pair: Pair) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await pair.channel.unary_stream("/runtime.v1.ImageService/StreamImages")(b"").read()
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_pull_under_another_name_keeps_every_other_field(pair: Pair) -> None:
+    # Backing's copy is pulled with the pod's own request: annotations, runtime handler and
+    # sandbox config (containerd picks the snapshotter from it) must all arrive.
+    sandbox = b"\x0a\x05\x0a\x03web"  # PodSandboxConfig{metadata{name: "web"}}
+    original = with_unknown_field(cri.PullImageRequest(
+        image=cri.ImageSpec(image="registry.example/team/app:1", annotations={"a": "b"},
+                            runtime_handler="kata"),
+        auth=cri.AuthConfig(username="pod-user", password="pod-secret"),
+    ).SerializeToString() + b"\x1a" + bytes([len(sandbox)]) + sandbox)
+    pair.upstream.answer = cri.PullImageResponse(image_ref="sha256:" + "c" * 64
+                                                 ).SerializeToString()
+    containerd = Containerd(pair.upstream_address)
+    try:
+        image_id = await containerd.pull(original, "backing.example/cache/app@sha256:" + "d" * 64,
+                                         Credentials("node", "backing-secret"))
+    finally:
+        await containerd.close()
+    assert image_id == "sha256:" + "c" * 64
+    [(_, received, _)] = pair.upstream.calls("PullImage")
+    sent = cri.PullImageRequest.FromString(received)
+    assert sent.image.image == "backing.example/cache/app@sha256:" + "d" * 64
+    assert (sent.image.annotations["a"], sent.image.runtime_handler) == ("b", "kata")
+    assert (sent.auth.username, sent.auth.password) == ("node", "backing-secret")
+    assert sent.sandbox_config.SerializeToString() == sandbox
+    assert received.endswith(b"\x9a\x06\x05hello")  # the field nodekeeper does not know

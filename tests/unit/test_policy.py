@@ -1,9 +1,8 @@
-"""The policy file: loading errors that point at the line, rule matching, and plan()."""
+"""The policy file: loading errors that point at the line, and rule matching."""
 
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,8 @@ from hypothesis import strategies as st
 
 from nodekeeper import policy
 from nodekeeper.errors import SettingsError
-from nodekeeper.policy import (
-    FALLBACK_REASONS,
-    Plan,
-    Settings,
-    compile_pattern,
-    plan,
-)
+from nodekeeper.failures import Kind
+from nodekeeper.policy import FALLBACK_REASONS, Settings, compile_pattern
 from nodekeeper.reference import parse
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +72,7 @@ rules:
     probe_timeout: 3s
 """)
     base = loaded.defaults.settings
-    assert base == Settings("interval", 900.0, 0.5, frozenset({"unreachable", "timeout"}),
+    assert base == Settings("interval", 900.0, 0.5, frozenset({Kind.UNREACHABLE, Kind.TIMEOUT}),
                             "never")
     (rule,) = loaded.rules
     assert rule.index == 0
@@ -105,14 +99,14 @@ rules:
     inherited, overridden = loaded.rules
     assert inherited.settings == loaded.defaults.settings
     assert overridden.settings.interval == 300.0
-    assert overridden.settings.fallback_on == frozenset({"not_found", "invalid"})
+    assert overridden.settings.fallback_on == frozenset({Kind.NOT_FOUND, Kind.INVALID})
     assert overridden.settings.update == loaded.defaults.settings.update
     assert overridden.settings.auth_fallback == loaded.defaults.settings.auth_fallback
 
 
 def test_fallback_on_default_is_every_reason(tmp_path: Path) -> None:
     assert load_text(tmp_path, "").defaults.settings.fallback_on == frozenset(FALLBACK_REASONS)
-    assert "unauthorized" not in FALLBACK_REASONS
+    assert Kind.UNAUTHORIZED not in FALLBACK_REASONS
 
 
 RULES_WITH_BAD_UPDATE = """\
@@ -378,63 +372,3 @@ def test_tag_patterns_are_regular_expressions(tmp_path: Path) -> None:
     assert not rule.matches(parse("a/b:v12-rc"))
     assert not rule.matches(parse("a/b:unstable"))
     assert not rule.matches(parse(f"a/b@{DIGEST}"))
-
-
-# -- plan ------------------------------------------------------------------------------------
-
-TAGGED = parse("ghcr.io/a/b:1")
-PINNED = parse(f"ghcr.io/a/b@{DIGEST}")
-NOW = 1_000_000.0
-
-
-def test_plan_without_a_local_copy() -> None:
-    for settings in (Settings("always"), Settings("never"), Settings("interval")):
-        assert plan(settings, TAGGED, False, NOW, NOW, True).action == "probe"
-        assert plan(settings, TAGGED, False, None, NOW, False).action == "probe"
-        step = plan(settings, PINNED, False, None, NOW, True)
-        assert (step.action, step.reason) == ("pull", "digest reference")
-
-
-def test_plan_probes_for_unverified_credentials() -> None:
-    for ref in (TAGGED, PINNED):
-        for settings in (Settings("never"), Settings("interval", interval=3600)):
-            step = plan(settings, ref, True, NOW, NOW, False)
-            assert step.action == "probe"
-            assert "not yet verified" in step.reason
-
-
-def test_plan_pinned_reference_uses_the_local_copy() -> None:
-    step = plan(Settings("always"), PINNED, True, None, NOW, True)
-    assert step == Plan("local", "local-pinned", "digest reference")
-
-
-def test_plan_update_never_uses_the_local_copy() -> None:
-    step = plan(Settings("never"), TAGGED, True, None, NOW, True)
-    assert step == Plan("local", "local-pinned", "update: never")
-
-
-def test_plan_update_always_probes() -> None:
-    assert plan(Settings("always"), TAGGED, True, NOW, NOW, True) == Plan("probe")
-
-
-@given(st.floats(min_value=1, max_value=1e6), st.floats(min_value=0, max_value=2e6))
-def test_plan_interval(interval: float, age: float) -> None:
-    settings = Settings("interval", interval=interval)
-    step = plan(settings, TAGGED, True, NOW - age, NOW, True)
-    if NOW - (NOW - age) < interval:
-        assert step.action == "local"
-        assert step.decision == "local-interval"
-        assert re.fullmatch(r"checked \d+s ago", step.reason)
-    else:
-        assert step == Plan("probe")
-
-
-def test_plan_interval_without_a_successful_check_probes() -> None:
-    assert plan(Settings("interval", interval=3600), TAGGED, True, None, NOW, True).action \
-        == "probe"
-
-
-def test_plan_interval_boundary() -> None:
-    settings = Settings("interval", interval=60)
-    assert plan(settings, TAGGED, True, NOW - 59.9, NOW, True).action == "local"
-    assert plan(settings, TAGGED, True, NOW - 60, NOW, True).action == "probe"

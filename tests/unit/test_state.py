@@ -16,7 +16,7 @@ from nodekeeper.state import (
     KEEP_DECISIONS,
     SECRET_NAME,
     Check,
-    Decision,
+    PullRecord,
     State,
     read_only,
 )
@@ -43,8 +43,8 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def decision(n: int) -> Decision:
-    return Decision(float(n), f"img{n}", "defaults", "fresh", "digest unchanged",
+def decision(n: int) -> PullRecord:
+    return PullRecord(float(n), f"img{n}", "defaults", "fresh", "digest unchanged",
                     f"sha256:{n:064x}", f"sha256:{n:064x}", 1.5)
 
 

@@ -1,0 +1,353 @@
+"""How one PullImage is decided: a pure function from what is known to what to do next.
+
+    step = next_step(pull)
+
+`Pull` is plain data: the rule's settings, the reference, the node's copy, the last
+successful check, what is known of these credentials, and the result of every step taken
+so far. The puller performs the step (probe upstream, ask backing, have containerd
+pull), adds its result with `pull.after(step, result)`, and asks again, until the step is
+`Serve` (the answer) or `Refuse` (a clear error). Nothing here does I/O or reads a clock.
+
+    the node has a copy and needs no network     Serve local-pinned | local-interval
+    otherwise                                    Probe
+      digest equals the node's copy              Serve fresh
+      moved, or no copy    [backing holds it]    PullFrom backing  -> Serve backing
+                                                 PullFrom upstream -> Serve updated | pulled
+      probe or pull failed                       fall back:
+        the node's copy, if the rule allows       Serve fallback
+        backing's copy, if the rule allows        PullFrom backing  -> Serve backing-fallback
+        otherwise                                 Refuse
+    a digest reference the node lacks            PullFrom upstream -> Serve pulled
+
+The security rule is `node_copy_refusal` and `backing_copy_refusal`: the node's copy
+is handed out without a successful upstream check only to a repository seen public, or
+to credentials seen to work for it; backing's copy only for a repository a node found
+public, unless the rule opts in.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+from nodekeeper.errors import ContainerdError
+from nodekeeper.failures import Kind
+from nodekeeper.policy import Settings
+from nodekeeper.reference import Reference
+
+
+class Decision(str, enum.Enum):
+    """How a PullImage was answered: the `decision` of its log line and metrics."""
+
+    LOCAL_PINNED = "local-pinned"
+    LOCAL_INTERVAL = "local-interval"
+    FRESH = "fresh"
+    UPDATED = "updated"
+    PULLED = "pulled"
+    BACKING = "backing"
+    BACKING_FALLBACK = "backing-fallback"
+    FALLBACK = "fallback"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Source(str, enum.Enum):
+    UPSTREAM = "upstream"
+    BACKING = "backing"
+
+
+# -- what is known -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NodeCopy:
+    """The image the node holds under the name: its ID (config digest) and the manifest or
+    index digest the name points at ('' when unknown)."""
+
+    id: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class Access:
+    """What is known about who may pull the repository."""
+
+    public: bool = False      # a pull without credentials was seen to work
+    these: bool = False       # this request's credentials were seen to work
+    anonymous: bool = True    # this request carries no credentials that apply
+
+    @property
+    def verified(self) -> bool:
+        return self.public or self.these
+
+
+# -- step results --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Probed:
+    digest: str
+    authenticated: bool       # the request's credentials were used
+    quota_spent: bool = False  # Docker Hub: a HEAD works, a pull would not
+
+
+@dataclass(frozen=True)
+class Pulled:
+    image_id: str
+    digest: str = ""          # what the name points at after the pull ('' unknown)
+
+
+@dataclass(frozen=True)
+class Failed:
+    kind: Kind
+    detail: str
+    # containerd's own answer, when containerd refused a pull: passed on unchanged when
+    # nothing better can be answered.
+    answer: ContainerdError | None = None
+
+
+@dataclass(frozen=True)
+class BackingView:
+    digest: str               # the digest asked about, or the one backing's tag names
+    holds: bool
+    public: bool = False      # the repository carries backing's anonymous marker
+    down: str = ""            # why backing could not be asked ('' when it answered)
+
+
+Result = Probed | Pulled | Failed | BackingView
+
+
+# -- steps ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Probe:
+    """Ask upstream for the tag's digest, within the rule's probe_timeout."""
+
+    reason: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class AskBacking:
+    """Does backing hold `digest`? ('' : which digest does backing's tag name?)"""
+
+    digest: str
+    fallback: bool = False    # asked because upstream failed: is the repository public?
+
+
+@dataclass(frozen=True)
+class PullFrom:
+    """containerd pulls `digest` (or the reference as requested) from `source`."""
+
+    source: Source
+    digest: str = ""
+
+
+@dataclass(frozen=True)
+class Serve:
+    decision: Decision
+    reason: str
+    image_id: str
+    digest: str = ""           # the digest answered ('' when unknown)
+    failure: Failed | None = None  # for fallbacks: what upstream did
+
+
+@dataclass(frozen=True)
+class Refuse:
+    kind: Kind
+    message: str
+    answer: ContainerdError | None = None  # containerd's own answer, passed on unchanged
+
+
+Step = Probe | AskBacking | PullFrom | Serve | Refuse
+
+
+@dataclass(frozen=True)
+class Pull:
+    ref: Reference
+    rule: str                 # the rule's label, for messages
+    settings: Settings
+    node: NodeCopy | None
+    access: Access
+    now: float
+    last_ok: float | None = None   # when upstream last confirmed the reference
+    last_digest: str = ""     # the digest upstream confirmed then
+    backing: bool = False     # a backing registry is configured for reads
+    history: tuple[tuple[Step, Result], ...] = ()
+
+    def after(self, step: Step, result: Result) -> Pull:
+        return replace(self, history=(*self.history, (step, result)))
+
+    def result(self, step: Step) -> Result | None:
+        for taken, result in self.history:
+            if taken == step:
+                return result
+        return None
+
+    @property
+    def probed(self) -> Probed | Failed | None:
+        found = self.result(Probe())
+        assert found is None or isinstance(found, Probed | Failed)
+        return found
+
+    @property
+    def access_now(self) -> Access:
+        """Access, with what a successful probe has just shown."""
+        probed = self.probed
+        if not isinstance(probed, Probed):
+            return self.access
+        if probed.authenticated:
+            return replace(self.access, these=True)
+        return replace(self.access, public=True)
+
+
+# -- the decision --------------------------------------------------------------------------
+
+def next_step(pull: Pull) -> Step:
+    probed = pull.probed
+    if probed is None:
+        pinned_pull = pull.result(PullFrom(Source.UPSTREAM, pull.ref.digest))
+        if pinned_pull is None:
+            return _before_network(pull)
+        return _after_pinned_pull(pull, pinned_pull)
+    if isinstance(probed, Failed):
+        return _fall_back(pull, probed)
+    return _after_probe(pull, probed)
+
+
+def first_step(settings: Settings, ref: Reference, node: NodeCopy | None, access: Access,
+               last_ok: float | None, now: float) -> Step:
+    """What a PullImage would do before any network traffic (`explain`)."""
+    return next_step(Pull(ref, "", settings, node, access, now, last_ok))
+
+
+def _before_network(pull: Pull) -> Step:
+    node, ref, settings = pull.node, pull.ref, pull.settings
+    if node is None:
+        if ref.pinned:
+            return PullFrom(Source.UPSTREAM, ref.digest)
+        return Probe()
+    if not pull.access.verified:
+        # Nobody saw these credentials work: ask upstream first, as containerd would.
+        return Probe("credentials not yet verified")
+    if ref.pinned:
+        return Serve(Decision.LOCAL_PINNED, "digest reference", node.id, node.digest)
+    if settings.update == "never":
+        return Serve(Decision.LOCAL_PINNED, "update: never", node.id, node.digest)
+    if (settings.update == "interval" and pull.last_ok is not None
+            and pull.now - pull.last_ok < settings.interval):
+        return Serve(Decision.LOCAL_INTERVAL, f"checked {pull.now - pull.last_ok:.0f}s ago",
+                     node.id, node.digest)
+    return Probe()
+
+
+def _after_pinned_pull(pull: Pull, result: Result) -> Step:
+    if isinstance(result, Pulled):
+        return Serve(Decision.PULLED, "digest reference", result.image_id, pull.ref.digest)
+    assert isinstance(result, Failed)
+    if result.kind.unavailable:
+        return _fall_back(pull, result)
+    return Refuse(result.kind, result.detail, result.answer)
+
+
+def _after_probe(pull: Pull, probed: Probed) -> Step:
+    node, digest = pull.node, probed.digest
+    if node is not None and node.digest == digest:
+        reason = next((s.reason for s, _ in pull.history if isinstance(s, Probe)), "")
+        return Serve(Decision.FRESH, reason or "digest unchanged", node.id, digest)
+    if probed.quota_spent and node is not None:
+        return _fall_back(pull, Failed(
+            Kind.RATE_LIMITED, "Docker Hub's pull quota is spent (ratelimit-remaining: 0)"))
+    # A pull is needed. Upstream has just confirmed the digest and these credentials, so
+    # the bytes may come from backing when it holds them.
+    if pull.backing:
+        view = pull.result(AskBacking(digest))
+        if view is None:
+            return AskBacking(digest)
+        from_backing = pull.result(PullFrom(Source.BACKING, digest))
+        if isinstance(view, BackingView) and view.holds and from_backing is None:
+            return PullFrom(Source.BACKING, digest)
+        if isinstance(from_backing, Pulled):
+            return Serve(Decision.BACKING, "digest held by backing", from_backing.image_id,
+                         digest)
+    upstream = pull.result(PullFrom(Source.UPSTREAM, digest))
+    if upstream is None:
+        return PullFrom(Source.UPSTREAM, digest)
+    if isinstance(upstream, Pulled):
+        if node is not None:
+            return Serve(Decision.UPDATED, "digest changed", upstream.image_id,
+                         upstream.digest or digest)
+        return Serve(Decision.PULLED, "not on the node", upstream.image_id,
+                     upstream.digest or digest)
+    assert isinstance(upstream, Failed)
+    if node is None and not upstream.kind.unavailable:
+        return Refuse(upstream.kind, upstream.detail, upstream.answer)
+    return _fall_back(pull, Failed(upstream.kind,
+                                   f"pull after a good probe failed: {upstream.detail}",
+                                   upstream.answer))
+
+
+def _fall_back(pull: Pull, failure: Failed) -> Step:
+    problem = f"{pull.ref}: upstream {failure.kind}: {failure.detail}"
+    node = pull.node
+    if node is not None:
+        refusal = node_copy_refusal(pull.settings, pull.rule, pull.ref, pull.access_now,
+                                    failure.kind)
+        if refusal:
+            return Refuse(failure.kind, f"{problem}; the node's copy is not used because "
+                                        f"{refusal}")
+        return Serve(Decision.FALLBACK, failure.kind.value, node.id, node.digest, failure)
+    if not pull.backing or failure.kind not in pull.settings.fallback_on:
+        return Refuse(failure.kind, f"{problem}; the node has no copy to fall back to",
+                      failure.answer)
+    ask = AskBacking(pull.ref.digest or pull.last_digest, fallback=True)
+    view = pull.result(ask)
+    if view is None:
+        return ask
+    assert isinstance(view, BackingView)
+    if view.down:
+        return Refuse(failure.kind, f"{problem}; the node has no copy, and the backing "
+                                    f"registry is unavailable ({view.down})")
+    if not view.digest or not view.holds:
+        return Refuse(failure.kind, f"{problem}; the node has no copy, and neither has the "
+                                    "backing registry")
+    refusal = backing_copy_refusal(pull.settings, pull.ref, view.public)
+    if refusal:
+        return Refuse(failure.kind, f"{problem}; the backing registry has a copy, but "
+                                    f"{refusal}")
+    from_backing = pull.result(PullFrom(Source.BACKING, view.digest))
+    if from_backing is None:
+        return PullFrom(Source.BACKING, view.digest)
+    if isinstance(from_backing, Pulled):
+        return Serve(Decision.BACKING_FALLBACK, failure.kind.value, from_backing.image_id,
+                     view.digest, failure)
+    assert isinstance(from_backing, Failed)
+    return Refuse(failure.kind, f"{problem}; pulling the backing registry's copy failed "
+                                f"too: {from_backing.detail}")
+
+
+# -- the security rule ---------------------------------------------------------------------
+
+def node_copy_refusal(settings: Settings, rule: str, ref: Reference, access: Access,
+                      kind: Kind) -> str:
+    """Why the node's copy may not stand in for upstream after `kind` ('' when it may)."""
+    if kind is not Kind.UNAUTHORIZED and kind not in settings.fallback_on:
+        return f"fallback_on of {rule} does not include {kind}"
+    if access.public:
+        return ""  # anyone could pull it
+    if settings.auth_fallback == "never":
+        return f"{ref.name} needs credentials and auth_fallback is never"
+    if access.these:
+        return ""
+    if access.anonymous:
+        return f"{ref.name} was never seen to be pullable without credentials"
+    return f"these credentials were never seen to work for {ref.name}"
+
+
+def backing_copy_refusal(settings: Settings, ref: Reference, public: bool) -> str:
+    """Why backing's copy may not be handed to a node that has none while upstream fails:
+    nobody can check this pod's credentials now."""
+    if public or settings.backing_private_fallback == "allow":
+        return ""
+    return (f"{ref.name} was never seen pullable without credentials "
+            "(backing_private_fallback: deny)")
+

@@ -1,0 +1,269 @@
+"""What the PullImage core relies on from each of its edges (nodekeeper/edges.py), as test
+suites that the in-memory fakes (tests/fakes.py) and the real parts both pass.
+
+A suite is a class of tests over fixtures that a subclass provides: the unit tier runs
+each suite against its fake (tests/unit/test_fakes.py), the integration tier against the
+real part, with a real containerd and real registries (tests/integration/test_edges.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+import pytest
+
+from nodekeeper.credentials import Credentials
+from nodekeeper.edges import BackingStore, Images, StateStore, Upstream
+from nodekeeper.errors import PullRefused
+from nodekeeper.failures import Failure, Kind
+from nodekeeper.reference import parse
+from nodekeeper.registry.copy import Location
+from nodekeeper.state import PullRecord
+from tests.fakes import Published
+
+USER, PASSWORD = "alice", "alice-pw"
+
+
+async def eventually(check: object, timeout: float = 15.0) -> None:
+    """Await `check()` until it is true (copies to backing run in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():  # type: ignore[operator]
+            return
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+# -- containerd's images -----------------------------------------------------------------
+
+class ImageWorld(Protocol):
+    """Registries an Images implementation pulls from."""
+
+    def publish(self, repository: str, tag: str, seed: str) -> tuple[str, Published]:
+        """Push an image; return its reference (as written in a pod) and what it is."""
+
+    def request(self, reference: str) -> object:
+        """The PullImage request for `reference`, as the implementation receives it."""
+
+    def unreachable(self) -> str:
+        """A reference on a registry that does not answer."""
+
+
+class ImagesSuite:
+    async def test_an_absent_name_holds_nothing(self, images: Images,
+                                                image_world: ImageWorld) -> None:
+        reference, _ = image_world.publish("absent", "1", "absent")
+        name = str(parse(reference))
+        assert await images.held_image_id(name) == ""
+        assert await images.target_digest(name) == ""
+        assert images.known_image_id(name) == ""
+
+    async def test_a_pull_records_the_image_under_its_names(self, images: Images,
+                                                           image_world: ImageWorld) -> None:
+        reference, image = image_world.publish("app", "1", "pulled")
+        assert await images.pull(image_world.request(reference)) == image.image_id
+        ref = parse(reference)
+        assert await images.held_image_id(str(ref)) == image.image_id
+        assert await images.target_digest(str(ref)) == image.digest
+        assert await images.held_image_id(str(ref.with_digest(image.digest))) == image.image_id
+        assert images.known_image_id(str(ref)) in ("", image.image_id)
+        assert await images.wait_visible(str(ref))
+
+    async def test_a_missing_tag_is_refused_as_not_found(self, images: Images,
+                                                         image_world: ImageWorld) -> None:
+        reference, _ = image_world.publish("app", "1", "present")
+        missing = reference.rsplit(":", 1)[0] + ":missing"
+        with pytest.raises(PullRefused) as refused:
+            await images.pull(image_world.request(missing))
+        assert refused.value.kind is Kind.NOT_FOUND
+        assert refused.value.answer.message
+
+    async def test_an_unreachable_registry_is_refused_as_unavailable(
+            self, images: Images, image_world: ImageWorld) -> None:
+        with pytest.raises(PullRefused) as refused:
+            await images.pull(image_world.request(image_world.unreachable()))
+        assert refused.value.kind.unavailable
+
+    async def test_a_pull_under_another_name_can_be_recorded_under_the_requested_one(
+            self, images: Images, image_world: ImageWorld) -> None:
+        wanted, image = image_world.publish("wanted", "1", "aliased")
+        copy, same = image_world.publish("elsewhere/wanted", "1", "aliased")
+        assert same == image
+        source = str(parse(copy).with_digest(image.digest))
+        assert await images.pull(image_world.request(wanted), source) == image.image_id
+        ref = parse(wanted)
+        names = [str(ref.with_digest(image.digest)), str(ref)]
+        await images.alias(source, names)
+        assert await images.wait_visible(str(ref))
+        for name in names:
+            assert await images.held_image_id(name) == image.image_id
+            assert await images.target_digest(name) == image.digest
+        assert await images.target_digest(source) == ""
+
+
+# -- the upstream registry ---------------------------------------------------------------
+
+class UpstreamWorld(Protocol):
+    """A registry the Upstream implementation probes; `private` ones need USER/PASSWORD."""
+
+    def publish(self, repository: str, tag: str, seed: str,
+                private: bool = False) -> tuple[str, Published]: ...
+
+    def remove_tag(self, reference: str) -> None: ...
+
+    def stop(self) -> None:
+        """The registry stops answering: connections are refused."""
+
+    def black_hole(self) -> None:
+        """The registry takes connections and never answers."""
+
+
+class UpstreamSuite:
+    async def test_a_probe_answers_the_tags_digest(self, upstream: Upstream,
+                                                   upstream_world: UpstreamWorld) -> None:
+        reference, image = upstream_world.publish("app", "1", "probed")
+        found = await upstream.probe(parse(reference), None, 5.0)
+        assert found.digest == image.digest
+        assert not found.authenticated
+        assert found.source is not None
+
+    async def test_a_moved_tag_answers_its_new_digest(self, upstream: Upstream,
+                                                      upstream_world: UpstreamWorld) -> None:
+        reference, _ = upstream_world.publish("app", "1", "before")
+        _, moved = upstream_world.publish("app", "1", "after")
+        assert (await upstream.probe(parse(reference), None, 5.0)).digest == moved.digest
+
+    async def test_a_removed_tag_is_not_found(self, upstream: Upstream,
+                                              upstream_world: UpstreamWorld) -> None:
+        reference, _ = upstream_world.publish("app", "1", "removed")
+        upstream_world.remove_tag(reference)
+        with pytest.raises(Failure) as failure:
+            await upstream.probe(parse(reference), None, 5.0)
+        assert failure.value.kind is Kind.NOT_FOUND
+
+    async def test_credentials_decide_a_private_repository(
+            self, upstream: Upstream, upstream_world: UpstreamWorld) -> None:
+        reference, image = upstream_world.publish("private/app", "1", "private", private=True)
+        ref = parse(reference)
+        found = await upstream.probe(ref, Credentials(USER, PASSWORD), 5.0)
+        assert (found.digest, found.authenticated) == (image.digest, True)
+        for wrong in (None, Credentials(USER, "guess")):
+            with pytest.raises(Failure) as failure:
+                await upstream.probe(ref, wrong, 5.0)
+            assert failure.value.kind is Kind.UNAUTHORIZED
+
+    async def test_credentials_for_another_registry_do_not_apply(
+            self, upstream: Upstream, upstream_world: UpstreamWorld) -> None:
+        reference, _ = upstream_world.publish("app", "1", "applies")
+        ref = parse(reference)
+        here = Credentials(USER, PASSWORD, server_address=f"https://{ref.domain}")
+        other = Credentials(USER, PASSWORD, server_address="https://elsewhere.example")
+        anywhere = Credentials(USER, PASSWORD)
+        assert upstream.applicable(ref, None) is None
+        assert upstream.applicable(ref, anywhere) is anywhere
+        assert upstream.applicable(ref, here) is here
+        assert upstream.applicable(ref, other) is None
+
+    async def test_a_stopped_registry_is_unreachable(self, upstream: Upstream,
+                                                     upstream_world: UpstreamWorld) -> None:
+        reference, _ = upstream_world.publish("app", "1", "stopped")
+        upstream_world.stop()
+        with pytest.raises(Failure) as failure:
+            await upstream.probe(parse(reference), None, 5.0)
+        assert failure.value.kind is Kind.UNREACHABLE
+
+    async def test_a_black_hole_times_out_within_the_deadline(
+            self, upstream: Upstream, upstream_world: UpstreamWorld) -> None:
+        reference, _ = upstream_world.publish("app", "1", "silent")
+        upstream_world.black_hole()
+        started = time.monotonic()
+        with pytest.raises(Failure) as failure:
+            await upstream.probe(parse(reference), None, 0.5)
+        assert failure.value.kind is Kind.TIMEOUT
+        assert "0.5s" in failure.value.detail
+        assert time.monotonic() - started < 3.0
+
+
+# -- the backing registry ----------------------------------------------------------------
+
+class BackingWorld(Protocol):
+    def publish_source(self, repository: str, tag: str, seed: str
+                       ) -> tuple[str, Location, Published]:
+        """Push an image to a source registry: its reference, the source, what it is."""
+
+    def stop_backing(self) -> None: ...
+
+
+class BackingSuite:
+    async def test_nothing_is_held_before_a_copy(self, backing: BackingStore,
+                                                 backing_world: BackingWorld) -> None:
+        reference, _, image = backing_world.publish_source("app", "1", "uncopied")
+        ref = parse(reference)
+        assert not await backing.holds(ref, image.digest)
+        assert await backing.resolve_tag(ref) == ""
+        assert not await backing.is_public(ref)
+        assert backing.down_reason == ""
+
+    async def test_write_through_copies_the_image_and_its_tag(
+            self, backing: BackingStore, backing_world: BackingWorld) -> None:
+        reference, source, image = backing_world.publish_source("app", "2", "copied")
+        ref = parse(reference)
+        backing.write_through(ref, image.digest, source, public=True)
+        await eventually(lambda: backing.holds(ref, image.digest))
+        assert await backing.resolve_tag(ref) == image.digest
+        await eventually(lambda: backing.is_public(ref))
+        name = backing.name(ref, image.digest)
+        assert name.endswith(f"@{image.digest}")
+        assert ref.path in name
+
+    async def test_a_private_copy_is_not_marked_public(self, backing: BackingStore,
+                                                       backing_world: BackingWorld) -> None:
+        reference, source, image = backing_world.publish_source("secret/app", "1", "private")
+        ref = parse(reference)
+        backing.write_through(ref, image.digest, source, public=False)
+        await eventually(lambda: backing.holds(ref, image.digest))
+        assert not await backing.is_public(ref)
+
+    async def test_a_backing_that_is_down_holds_nothing_and_says_why(
+            self, backing: BackingStore, backing_world: BackingWorld) -> None:
+        reference, _, _ = backing_world.publish_source("app", "3", "down")
+        backing_world.stop_backing()
+        ref = parse(reference)
+        assert not await backing.holds(ref, "sha256:" + "0" * 64)
+        assert backing.down_reason
+        assert await backing.resolve_tag(ref) == ""
+        assert not await backing.is_public(ref)
+
+
+# -- state ---------------------------------------------------------------------------------
+
+class StateSuite:
+    def test_the_key_is_32_bytes(self, state: StateStore) -> None:
+        assert isinstance(state.key, bytes)
+        assert len(state.key) == 32
+
+    def test_checks_keep_the_last_success(self, state: StateStore) -> None:
+        reference = "registry.example/team/app:1"
+        assert state.check(reference) is None
+        state.record_check(reference, "ok", "sha256:" + "a" * 64)
+        first = state.check(reference)
+        assert first is not None
+        assert (first.result, first.digest) == ("ok", "sha256:" + "a" * 64)
+        assert first.ok_at is not None
+        state.record_check(reference, "timeout")
+        failed = state.check(reference)
+        assert failed is not None
+        assert (failed.result, failed.ok_at, failed.digest) == (
+            "timeout", first.ok_at, first.digest)
+
+    def test_access_is_per_repository_and_fingerprint(self, state: StateStore) -> None:
+        state.record_access("registry.example/team/app", "f1")
+        assert state.seen_working("registry.example/team/app", "f1")
+        assert not state.seen_working("registry.example/team/app", "f2")
+        assert not state.seen_working("registry.example/team/other", "f1")
+
+    def test_decisions_are_recorded(self, state: StateStore) -> None:
+        state.record_decision(PullRecord(1.0, "app:1", "defaults", "fresh", "digest unchanged",
+                                         "", "", 1.0))

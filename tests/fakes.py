@@ -1,0 +1,258 @@
+"""In-memory stand-ins for the PullImage core's edges (nodekeeper/edges.py).
+
+Each passes the same conformance suite (tests/conformance.py) as the real part it stands
+for, so a unit test of the puller on these fakes means what it would on real parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from nodekeeper.credentials import Credentials
+from nodekeeper.errors import ContainerdError, PullRefused
+from nodekeeper.failures import Failure, Kind
+from nodekeeper.reference import Reference, parse
+from nodekeeper.registry.copy import Location
+from nodekeeper.registry.hosts import Endpoint, default_server
+from nodekeeper.registry.probe import ProbeResult
+from nodekeeper.state import Check, PullRecord
+
+
+@dataclass(frozen=True)
+class Published:
+    """An image as a registry serves it: its ID (config digest) and manifest digest."""
+
+    image_id: str
+    digest: str
+
+
+def published(seed: str) -> Published:
+    def sha(text: str) -> str:
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+    return Published(sha(f"config {seed}"), sha(f"manifest {seed}"))
+
+
+@dataclass
+class FakeRegistry:
+    """What a registry holds, shared by FakeUpstream (which probes it) and FakeImages
+    (which pulls from it): normalized reference -> image, and who may pull."""
+
+    images: dict[str, Published] = field(default_factory=dict)
+    users: dict[str, str] = field(default_factory=dict)   # private when not empty
+    down: bool = False
+    black_hole: bool = False
+
+    def publish(self, reference: str, image: Published) -> None:
+        ref = parse(reference)
+        self.images[str(ref)] = image
+        self.images[str(ref.with_digest(image.digest))] = image
+
+    def remove(self, reference: str) -> None:
+        self.images.pop(str(parse(reference)), None)
+
+    def allows(self, credentials: Credentials | None) -> bool:
+        if not self.users:
+            return True
+        return credentials is not None and self.users.get(credentials.username) == (
+            credentials.password)
+
+
+Registries = dict[str, FakeRegistry]  # by host, as in image names
+
+
+@dataclass(frozen=True)
+class Requested:
+    """A PullImage request as FakeImages receives it (the real one gets its bytes)."""
+
+    image: str
+    credentials: Credentials | None = None
+    annotations: tuple[tuple[str, str], ...] = ()
+
+
+class FakeImages:
+    """containerd's images, pulled from FakeRegistries."""
+
+    def __init__(self, registries: Registries) -> None:
+        self.registries = registries
+        self.records: dict[str, Published] = {}
+        self.vouched: set[str] = set()      # names image events vouch for
+        self.pulls: list[tuple[object, str | None, Credentials | None]] = []
+        self.refuse_with: PullRefused | None = None  # the next pull fails so
+        self.pull_seconds = 0.0
+
+    def known_image_id(self, name: str) -> str:
+        held = self.records.get(name)
+        return held.image_id if held is not None and name in self.vouched else ""
+
+    async def held_image_id(self, name: str) -> str:
+        held = self.records.get(name)
+        return held.image_id if held is not None else ""
+
+    async def target_digest(self, name: str) -> str:
+        held = self.records.get(name)
+        return held.digest if held is not None else ""
+
+    async def pull(self, original: object, name: str | None = None,
+                   credentials: Credentials | None = None) -> str:
+        assert isinstance(original, Requested)
+        self.pulls.append((original, name, credentials))
+        if self.pull_seconds:
+            await asyncio.sleep(self.pull_seconds)
+        if self.refuse_with is not None:
+            refused, self.refuse_with = self.refuse_with, None
+            raise refused
+        ref = parse(name or original.image)
+        registry = self.registries.get(ref.domain)
+        if registry is None or registry.down:
+            raise PullRefused(Kind.UNREACHABLE, ContainerdError(
+                "UNKNOWN", f"failed to do request: dial tcp {ref.domain}: connection refused"))
+        if not registry.allows(credentials if name else original.credentials):
+            raise PullRefused(Kind.UNAUTHORIZED, ContainerdError("UNKNOWN", "401 Unauthorized"))
+        image = registry.images.get(str(ref))
+        if image is None:
+            raise PullRefused(Kind.NOT_FOUND, ContainerdError("NOT_FOUND", f"{ref}: not found"))
+        self.records[str(ref)] = image
+        if ref.tag:
+            self.records[str(ref.with_digest(image.digest))] = image
+        self.vouched.discard(str(ref))
+        return image.image_id
+
+    async def alias(self, source: str, names: Sequence[str]) -> None:
+        held = self.records.get(source)
+        if held is None:
+            raise ContainerdError("NOT_FOUND", f"image {source!r}: not found")
+        for name in names:
+            self.records[name] = held
+            self.vouched.discard(name)
+        if source not in names:
+            del self.records[source]
+
+    async def wait_visible(self, name: str) -> bool:
+        return name in self.records
+
+    def remove(self, name: str) -> None:
+        self.records.pop(name, None)
+        self.vouched.discard(name)
+
+
+class FakeUpstream:
+    """A probe answers the digest a FakeRegistry holds for a reference, or a Failure."""
+
+    def __init__(self, registries: Registries) -> None:
+        self.registries = registries
+        self.probes: list[tuple[str, Credentials | None]] = []
+
+    async def probe(self, ref: Reference, credentials: Credentials | None,
+                    timeout: float) -> ProbeResult:
+        self.probes.append((str(ref), credentials))
+        registry = self.registries.get(ref.domain)
+        if registry is None or registry.down:
+            raise Failure(Kind.UNREACHABLE, f"{ref.domain}: connection refused")
+        if registry.black_hole:
+            await asyncio.sleep(timeout)
+            raise Failure(Kind.TIMEOUT, f"no answer from {ref.domain} within probe_timeout "
+                                        f"{timeout:g}s")
+        if not registry.allows(credentials):
+            raise Failure(Kind.UNAUTHORIZED, f"{ref.domain} refused access (401)")
+        image = registry.images.get(str(ref))
+        if image is None:
+            raise Failure(Kind.NOT_FOUND, f"{ref.domain}: /v2/{ref.path}/manifests/"
+                                          f"{ref.digest or ref.tag} not found")
+        server = default_server(ref.domain)
+        host = server.split("://", 1)[1]
+        return ProbeResult(image.digest, host, authenticated=bool(registry.users),
+                           source=Endpoint(f"{server}/v2", host))
+
+    def applicable(self, ref: Reference, credentials: Credentials | None
+                   ) -> Credentials | None:
+        if credentials is None or not credentials.server_address:
+            return credentials
+        host = default_server(ref.domain).split("://", 1)[1]
+        return credentials if credentials.applies_to(host) else None
+
+
+class FakeBacking:
+    """The backing registry, itself a FakeRegistry under `host`: write-through copies an
+    image from the registry it came from, and marks the repository public when asked."""
+
+    def __init__(self, registries: Registries, host: str = "backing.test:5000",
+                 prefix: str = "cache") -> None:
+        self.registries = registries
+        self.host = host
+        self.prefix = prefix
+        self.registry = registries.setdefault(host, FakeRegistry())
+        self.public: set[str] = set()
+        self.copies: list[tuple[str, str]] = []
+        self.credentials: Credentials | None = Credentials("node", "backing-secret")
+        self.down_reason = ""
+
+    def repository(self, ref: Reference) -> str:
+        return f"{self.prefix}/{ref.domain.replace(':', '_')}/{ref.path}"
+
+    def name(self, ref: Reference, digest: str) -> str:
+        return f"{self.host}/{self.repository(ref)}@{digest}"
+
+    def _ref(self, ref: Reference) -> str:
+        return str(Reference(self.host, self.repository(ref), ref.tag, ref.digest))
+
+    async def holds(self, ref: Reference, digest: str) -> bool:
+        return not self.down_reason and self._ref(ref.with_digest(digest)) in (
+            self.registry.images)
+
+    async def resolve_tag(self, ref: Reference) -> str:
+        if self.down_reason or not ref.tag:
+            return ""
+        image = self.registry.images.get(self._ref(ref))
+        return image.digest if image else ""
+
+    async def is_public(self, ref: Reference) -> bool:
+        return not self.down_reason and self.repository(ref) in self.public
+
+    def write_through(self, ref: Reference, digest: str, source: Location,
+                      public: bool) -> None:
+        if self.down_reason or self._ref(ref.with_digest(digest)) in self.registry.images:
+            return
+        image = self.registries[ref.domain].images.get(str(ref.with_digest(digest)))
+        if image is None:
+            return  # the source lacks it: a real copy fails in the background too
+        self.copies.append((str(ref), digest))
+        self.registry.publish(self._ref(ref) if ref.tag else self._ref(ref.with_digest(digest)),
+                              image)
+        if public:
+            self.public.add(self.repository(ref))
+
+
+class FakeState:
+    """What a node remembers, in memory only."""
+
+    def __init__(self, key: bytes = b"k" * 32) -> None:
+        self.key = key
+        self.checks: dict[str, Check] = {}
+        self.access: set[tuple[str, str]] = set()
+        self.decisions: list[PullRecord] = []
+        self.now = 1_000_000.0
+
+    def check(self, reference: str) -> Check | None:
+        return self.checks.get(reference)
+
+    def seen_working(self, repository: str, fingerprint: str) -> bool:
+        return (repository, fingerprint) in self.access
+
+    def record_check(self, reference: str, result: str, digest: str = "") -> None:
+        previous = self.checks.get(reference)
+        if result == "ok":
+            self.checks[reference] = Check(self.now, result, self.now, digest)
+        else:
+            self.checks[reference] = Check(self.now, result, previous.ok_at if previous else None,
+                                           previous.digest if previous else "")
+
+    def record_access(self, repository: str, fingerprint: str) -> None:
+        self.access.add((repository, fingerprint))
+
+    def record_decision(self, record: PullRecord) -> None:
+        self.decisions.append(record)
+
