@@ -36,8 +36,8 @@ CLIENT_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
-# Pause before each call of a spaced PullImage run: longer than nodekeeper's coalescing
-# of identical pulls (puller.COALESCE_SECONDS, 0.2 s), so that every call is a pull of its own.
+# Pause before each call of a spaced PullImage run, so that each call finds the server,
+# its threads and containerd idle, as a kubelet's pulls of one image usually do.
 PULL_SPACING_S = 0.3
 
 

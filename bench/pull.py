@@ -63,7 +63,6 @@ from _common import (
 )
 
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.puller import COALESCE_SECONDS
 from tests.harness import Containerd, CriClient, Registry, image_ref, push, push_new
 from tests.harness.nodekeeper import Nodekeeper
 
@@ -226,7 +225,6 @@ def settled_count(count: Callable[[], int], settle_s: float = 0.5, limit_s: floa
 
 
 def burst(registry: Registry, socket_path: str, request: bytes, count: int) -> Burst:
-    time.sleep(COALESCE_SECONDS + 0.3)  # nothing earlier may be reused
     registry.clear_requests()
     wall_ms, codes = asyncio.run(_burst(socket_path, request, count, 60.0))
     heads = settled_count(lambda: len(registry.requests("HEAD", "/manifests/")))

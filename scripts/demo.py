@@ -15,7 +15,6 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.puller import COALESCE_SECONDS
 from tests.harness import Containerd, CriClient, Registry, image_ref, push_new
 from tests.harness.nodekeeper import Nodekeeper
 
@@ -23,9 +22,6 @@ USER, PASSWORD = "demo", "demo-password"
 
 
 def step(text: str) -> None:
-    # Paced like a person would go: pulls of one image within 0.2 s of each other share
-    # one decision (see COALESCE_SECONDS), and each step here should be decided afresh.
-    time.sleep(COALESCE_SECONDS + 0.1)
     print(f"\n==> {text}", flush=True)
 
 

@@ -2,7 +2,7 @@
 
 Clients (containerd, nodekeeper) are pointed at ``proxy.host`` instead of the registry's;
 the proxy forwards to the registry and, when told to, answers with a chosen status, never
-answers, answers late, tampers with response headers, or refuses connections.
+answers, forwards late, answers late, tampers with response headers, or refuses connections.
 
 Which requests a fault applies to: by default every request, ``GET /v2/`` included (a
 broken upstream is broken for its ping too); narrow it with ``path_contains=`` (a substring
@@ -83,13 +83,13 @@ class _Match:
 
 @dataclass
 class _Action:
-    kind: Literal["respond", "hang", "delay"]
+    kind: Literal["respond", "hang", "delay", "late"]
     match: _Match
     remaining: int | None  # None: until switched
     status: int = 0
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
-    seconds: float = 0.0  # hang: the safety bound; delay: the delay
+    seconds: float = 0.0  # hang: the safety bound; delay, late: the delay
 
 
 @dataclass(frozen=True)
@@ -298,6 +298,18 @@ class FaultProxy(Service):
     ) -> None:
         """Forward matching requests after ``seconds`` (sooner if switched meanwhile)."""
         self._set_action(_Action("delay", _Match(path_contains, method), times, seconds=seconds))
+
+    def answer_late(
+        self,
+        seconds: float,
+        *,
+        path_contains: str | None = None,
+        method: str | None = None,
+        times: int | None = None,
+    ) -> None:
+        """Forward matching requests at once, but hold the answer for ``seconds`` (sooner
+        if switched meanwhile): the registry answered as of when it was asked."""
+        self._set_action(_Action("late", _Match(path_contains, method), times, seconds=seconds))
 
     def drop_headers(
         self,
@@ -536,7 +548,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         if action is not None and action.kind == "delay":
             proxy._wait_switch(epoch, action.seconds)
-        self._forward(method, path, user_agent)
+        late = action is not None and action.kind == "late"
+        self._forward(method, path, user_agent,
+                      (epoch, action.seconds) if late and action else None)
 
     def _has_body(self) -> bool:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -654,7 +668,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                     raise _UpstreamError(502, f"target unreachable: {e!r}") from e
         raise AssertionError("unreachable")
 
-    def _forward(self, method: str, path: str, user_agent: str) -> None:
+    def _forward(self, method: str, path: str, user_agent: str,
+                 hold: tuple[int, float] | None = None) -> None:
         proxy = self.server.proxy
         body, chunked = self._request_body()
         headers = self._forward_headers(chunked)
@@ -680,6 +695,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             )
             return
         try:
+            if hold is not None:
+                proxy._wait_switch(*hold)
             self._relay(method, path, user_agent, resp)
         finally:
             proxy._untrack_socket(upstream_sock)

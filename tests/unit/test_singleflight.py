@@ -1,4 +1,5 @@
-"""SingleFlight: one execution per key, shared by everyone asking while it runs."""
+"""SingleFlight: one round of work per key, shared by callers that arrive while it is open,
+never reused once finished."""
 
 from __future__ import annotations
 
@@ -7,21 +8,25 @@ import gc
 
 import pytest
 
-from nodekeeper.singleflight import SingleFlight
+from nodekeeper.singleflight import Seal, SingleFlight
 
 
 class Work:
-    """Counts its runs; each run waits for `release` and returns its run number."""
+    """Counts its runs; each run seals itself if `seal_at_start`, waits for `release` and
+    returns its run number."""
 
-    def __init__(self) -> None:
+    def __init__(self, seal_at_start: bool = False) -> None:
         self.runs = 0
+        self.seal_at_start = seal_at_start
         self.started = asyncio.Event()
         self.release = asyncio.Event()
         self.error: Exception | None = None
 
-    async def __call__(self) -> int:
+    async def __call__(self, seal: Seal) -> int:
         self.runs += 1
         run = self.runs
+        if self.seal_at_start:
+            seal()
         self.started.set()
         await self.release.wait()
         if self.error is not None:
@@ -140,10 +145,50 @@ async def test_failure_nobody_awaits_is_not_reported_as_lost() -> None:
 async def test_cancelled_work_frees_the_key() -> None:
     flight: SingleFlight[str, int] = SingleFlight()
 
-    async def cancelled() -> int:
+    async def cancelled(seal: Seal) -> int:
         raise asyncio.CancelledError
 
     with pytest.raises(asyncio.CancelledError):
         await flight.run("k", cancelled)
     await asyncio.sleep(0)
     assert not flight.busy("k")
+
+
+async def test_a_caller_after_the_seal_starts_the_next_round() -> None:
+    # The round asked its question (sealed) before this caller arrived: its answer may
+    # predate the caller, so the caller gets a round of its own.
+    flight: SingleFlight[str, int] = SingleFlight()
+    work = Work(seal_at_start=True)
+    first = asyncio.create_task(flight.run("k", work))
+    await work.started.wait()
+    second = asyncio.create_task(flight.run("k", work))
+    third = asyncio.create_task(flight.run("k", work))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert work.runs == 1  # the next round waits for the sealed one to finish
+    work.release.set()
+    assert await first == (1, False)
+    assert await second == (2, False)
+    assert await third == (2, True)  # arrived while round 2 was still open
+    assert work.runs == 2
+    assert not flight.busy("k")
+
+
+async def test_the_next_round_waits_for_the_sealed_one_only_so_long() -> None:
+    flight: SingleFlight[str, int] = SingleFlight(queue_seconds=0.05)
+    stuck = Work(seal_at_start=True)
+    first = asyncio.create_task(flight.run("k", stuck))
+    await stuck.started.wait()
+    quick = Work()
+    quick.release.set()
+    assert await asyncio.wait_for(flight.run("k", quick), 2.0) == (1, False)
+    stuck.release.set()
+    assert await first == (1, False)
+
+
+async def test_a_finished_round_is_never_reused() -> None:
+    flight: SingleFlight[str, int] = SingleFlight()
+    work = Work()
+    work.release.set()
+    results = [await flight.run("k", work) for _ in range(3)]
+    assert results == [(1, False), (2, False), (3, False)]
