@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class ApiServer(Service):
         return sa_key
 
     def start(self) -> None:
+        binary = node_binary(APISERVER)
         sa_key = self._write_inputs()
         etcd_url = f"http://127.0.0.1:{self._etcd_port}"
         peer_url = f"http://127.0.0.1:{self._peer_port}"
@@ -123,7 +125,7 @@ class ApiServer(Service):
         # execs the server, so the PID stays the one the harness stops.
         self._apiserver = ManagedProcess(
             ["/usr/bin/env", "POD_NAMESPACE=kube-system", "POD_NAME=kube-apiserver",
-             str(node_binary(APISERVER)),
+             str(binary),
              "--etcd-servers", etcd_url,
              "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
              "--secure-port", str(self.port),
@@ -174,7 +176,8 @@ class ApiServer(Service):
     # -- clients and objects ---------------------------------------------------------------
 
     def client(self, token: str, *, timeout: float = 10.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, verify=str(self.ca_cert), timeout=timeout,
+        verify = ssl.create_default_context(cafile=str(self.ca_cert))
+        return httpx.Client(base_url=self.url, verify=verify, timeout=timeout,
                             headers={"Authorization": f"Bearer {token}"})
 
     def create(self, path: str, body: dict[str, Any], *, exist_ok: bool = False,
