@@ -9,6 +9,9 @@
                            registry.Prober ───┴─── backing.Backing (registry.Copier)
                        (upstream digest probe)     (cluster-wide copy of every pull)
 
+                       events.Events ──> kube-apiserver: an Event on the pod for every
+                       answer upstream did not confirm (queued; never holds up a pull)
+
 Signals: SIGTERM/SIGINT stop gracefully (stop accepting, let in-flight RPCs finish within
 shutdown_grace, cancel the rest); a second one stops at once. SIGHUP reloads what can
 change without a restart.
@@ -30,6 +33,7 @@ from nodekeeper.backing import Backing
 from nodekeeper.containerd import CHANNEL_OPTIONS, Containerd
 from nodekeeper.cri import ImageService
 from nodekeeper.errors import SettingsError
+from nodekeeper.events import Events
 from nodekeeper.policyfile import PolicyFile
 from nodekeeper.puller import Puller
 from nodekeeper.registry import Prober, Session
@@ -41,7 +45,7 @@ _log = logs.get("daemon")
 
 # Settings bound at start (sockets, directories, ports); a reload leaves them as they are.
 _RESTART_ONLY = ("listen", "containerd", "metrics_address", "state_dir", "policy_file",
-                 "backing")
+                 "backing", "kubernetes")
 
 
 @dataclass
@@ -80,6 +84,9 @@ class Daemon:
                            on_health=lambda health: state.set_meta("backing", health))
                    if config.backing.enabled else None)
         puller = Puller(containerd, prober, state, self._policy.get, backing)
+        # Events on the pod for answers upstream did not confirm, when the kubeconfig
+        # allows; started with the background tasks.
+        events = Events.from_config(config.kubernetes)
 
         # The CRI image service the kubelet talks to, on our unix socket.
         service = ImageService(containerd, puller)
@@ -108,6 +115,7 @@ class Daemon:
             asyncio.create_task(containerd.follow_images(), name="containerd-images"),
             asyncio.create_task(self._policy.watch(), name="policy-watch"),
         ]
+        await events.start()
         self._notifier.ready(self._status())
         _log.info("serving", listen=config.listen, containerd=config.containerd.address,
                   config=config.source or "(defaults)", metrics=config.metrics_address or "off")
@@ -117,6 +125,7 @@ class Daemon:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        await events.close()
         if backing is not None:
             await backing.close()
         await containerd.close()
