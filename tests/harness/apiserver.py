@@ -31,6 +31,7 @@ from tests.harness.registry import TlsFiles, free_port, make_tls_files
 
 ETCD_BIN = "/usr/bin/etcd"
 APISERVER = "kube-apiserver-1.36.2/kube-apiserver"
+NODE_NAME = "node-a"
 
 
 class ApiServerError(RuntimeError):
@@ -72,7 +73,7 @@ def make_client_cert(tls: TlsFiles, directory: Path, name: str, groups: tuple[st
 class ApiServer(Service):
     """etcd and kube-apiserver private to a test, both under `base_dir`."""
 
-    def __init__(self, base_dir: Path, *, node_name: str = "node-a",
+    def __init__(self, base_dir: Path, *, node_name: str = NODE_NAME,
                  start_timeout: float = 60.0) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.base_dir.mkdir(parents=True, exist_ok=True)

@@ -23,26 +23,16 @@ from nodekeeper.config import KubernetesConfig
 from nodekeeper.events import Events, Pod, Served, message
 from nodekeeper.kube.sink import ApiSink
 from tests.harness import FaultProxy
+from tests.harness.apiserver import NODE_NAME as NODE
 from tests.harness.apiserver import ApiServer, dump
 
 pytestmark = pytest.mark.integration
 
-NODE = "node-a"
 DIGEST = "sha256:" + "c" * 64
 OLD = "sha256:" + "d" * 64
 # A bound for one observe() call that no network round trip could meet.
 INSTANT_S = 0.002
 CONFIRMED = time.time() - 3 * 86400 - 60
-
-
-@pytest.fixture(scope="module")
-def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    server = ApiServer(tmp_path_factory.mktemp("apiserver"), node_name=NODE)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
 
 
 class Recorder:
