@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from nodekeeper import metrics
 from nodekeeper.config import KubernetesConfig
@@ -25,6 +26,7 @@ from nodekeeper.kube.sink import ApiSink
 from tests.harness import FaultProxy
 from tests.harness.apiserver import NODE_NAME as NODE
 from tests.harness.apiserver import ApiServer, dump
+from tests.harness.nodekeeper import Nodekeeper
 
 pytestmark = pytest.mark.integration
 
@@ -273,17 +275,52 @@ async def test_a_refusing_api_server_costs_observe_nothing(apiserver: ApiServer,
     kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig",
                                             user={"token": apiserver.stranger_token})
     pod = bound_pod(apiserver)
-    events = node_events(kubeconfig)
-    await events.start()
-    try:
-        slowest = observe_timed(events, served(pod), 20)
-        for _ in range(100):
-            if sum(dropped.counts.values()) >= 20:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await events.close()
+    with capture_logs() as logged:
+        events = node_events(kubeconfig)
+        await events.start()
+        try:
+            slowest = observe_timed(events, served(pod), 20)
+            for _ in range(100):
+                if sum(dropped.counts.values()) >= 20:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await events.close()
     assert slowest < INSTANT_S
+    (warning,) = [line for line in logged if line["log_level"] == "warning"]
+    assert "403" in warning["detail"]
+    assert apiserver.stranger_token not in json.dumps(logged, default=str)
     assert set(dropped.counts) == {"refused"}
     assert sum(dropped.counts.values()) == 20
     assert apiserver.events(pod.namespace, involvedObject__uid=pod.uid) == []
+
+
+def test_the_daemon_starts_with_events_on_and_stops_promptly(
+        apiserver: ApiServer, tmp_path: Path) -> None:
+    kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubelet.conf")
+    daemon = Nodekeeper(tmp_path / "nk", str(tmp_path / "no-containerd.sock"), settings={
+        "kubernetes": {"kubeconfig": str(kubeconfig), "node_name": NODE}})
+    try:
+        daemon.start()
+        assert daemon.wait_ready() < 5
+        time.sleep(0.5)  # the Events worker builds its client
+        started = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - started < 5
+    finally:
+        daemon.stop()
+    said = {line["event"]: line for line in daemon.events()}
+    assert said["kubernetes events on"]["server"] == apiserver.url
+    assert said["kubernetes events on"]["node"] == NODE
+    assert not [line for line in daemon.events() if line.get("component") == "events"
+                and line.get("level") == "warning"]
+
+
+def test_an_unreadable_kubeconfig_given_in_config_stops_the_start(tmp_path: Path) -> None:
+    daemon = Nodekeeper(tmp_path / "nk", str(tmp_path / "no-containerd.sock"), settings={
+        "kubernetes": {"kubeconfig": str(tmp_path / "absent.conf")}})
+    daemon.start(wait_ready=False)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(15) == 1
+    daemon.stop()
+    assert f"kubernetes.kubeconfig: {tmp_path / 'absent.conf'}: cannot read" in daemon.log_text()
