@@ -19,6 +19,7 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import ssl
 import time
 from collections.abc import Iterator
@@ -247,9 +248,11 @@ async def _run_plugin(config: Kubeconfig, plugin: Exec) -> _Credential:
     env = {**os.environ, **dict(plugin.env), "KUBERNETES_EXEC_INFO": json.dumps(info)}
     what = f"{config.path}: exec plugin {plugin.command}"
     try:
+        # A session of its own, so that on a timeout its children end with it.
         process = await asyncio.create_subprocess_exec(
             plugin.command, *plugin.args, env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True)
     except OSError as exc:
         raise ApiError("credentials", f"{what}: cannot run: {exc.strerror or exc}") from None
     try:
@@ -259,12 +262,15 @@ async def _run_plugin(config: Kubeconfig, plugin: Exec) -> _Credential:
     finally:
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-    if process.returncode != 0:
-        raise ApiError("credentials", f"{what}: exited with status {process.returncode}")
+                os.killpg(process.pid, signal.SIGKILL)
+            # wait() also waits for stdout to close; a child that left the session may
+            # hold it, and is not worth waiting for.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(process.wait(), 1.0)
     if output is None:
         raise ApiError("credentials", f"{what}: printed more than {MAX_EXEC_OUTPUT} bytes")
+    if process.returncode != 0:
+        raise ApiError("credentials", f"{what}: exited with status {process.returncode}")
     return _credential(output, plugin, what)
 
 
