@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 from nodekeeper import metrics
 from nodekeeper.config import KubernetesConfig
 from nodekeeper.events import Events, Pod, Served, message
+from nodekeeper.kube import client as kube_client
 from nodekeeper.kube.sink import ApiSink
 from tests.harness import FaultProxy
 from tests.harness.apiserver import NODE_NAME as NODE
@@ -179,6 +180,33 @@ async def test_token_file_is_read_again_after_a_401(apiserver: ApiServer, tmp_pa
     finally:
         await events.close()
     assert "timeout after 2s" in event["message"]
+
+
+async def test_a_changed_credential_file_is_read_again(apiserver: ApiServer, tmp_path: Path,
+                                                       dropped: Recorder,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kube_client, "RECHECK_SECONDS", 0.0)
+    token = tmp_path / "token"
+    token.write_text(apiserver.node_token)
+    kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig",
+                                            user={"tokenFile": str(token)})
+    pod = bound_pod(apiserver)
+    events = node_events(kubeconfig)
+    await events.start()
+    try:
+        events.observe(served(pod))
+        await events_of(apiserver, pod)
+        replaced = tmp_path / "token.new"  # replaced by a rename, as rotation does
+        replaced.write_text(apiserver.stranger_token)
+        replaced.rename(token)
+        events.observe(served(pod))
+        for _ in range(100):
+            if dropped.counts:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await events.close()
+    assert dropped.counts == {"refused": 1}  # the stranger may not patch it
 
 
 async def test_exec_plugin(apiserver: ApiServer, tmp_path: Path) -> None:
