@@ -48,7 +48,9 @@ REASON_UPDATED = "ImageUpdated"
 COMPONENT = "nodekeeper"
 
 QUEUE = 256
-REMEMBERED = 4096  # posted Events kept for aggregation, as many as the kubelet's recorder
+# Posted Events kept for aggregation (about 600 bytes each): a node runs at most a few
+# hundred containers (110 pods by default), each naming one or two images.
+REMEMBERED = 1024
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 RETRY_FOR = 300.0
