@@ -310,6 +310,22 @@ async def test_an_expired_event_is_posted_anew_with_its_count(make_events: MakeE
     assert stored["count"] == 2
 
 
+async def test_the_memory_of_posted_events_is_bounded(make_events: MakeEvents, sink: FakeSink,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events_module, "REMEMBERED", 2)
+    events = make_events()
+    await events.start()
+    for i in range(3):
+        events.observe(served(pod=Pod(f"web-{i}", "shop", f"uid-{i}")))
+        await settle(events, sink, i + 1)
+    events.observe(served(pod=Pod("web-2", "shop", "uid-2")))  # still remembered
+    events.observe(served(pod=Pod("web-0", "shop", "uid-0")))  # forgotten: a new Event
+    await settle(events, sink, 5)
+    await events.close()
+    assert [c[0] for c in sink.calls] == ["create"] * 3 + ["patch", "create"]
+    assert len(events._posted) == 2
+
+
 async def test_observe_is_instant_and_bounded(make_events: MakeEvents, sink: FakeSink,
                                               dropped_metric: Recorder,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
