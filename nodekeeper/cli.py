@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--limit", type=int, default=20, help="decisions to show")
     _config_flag(status)
 
+    doctor = commands.add_parser(
+        "doctor", help="check config, policy, containerd, directories and the Kubernetes "
+        "identity; one line per check, exit 1 on any failure")
+    doctor.add_argument("--namespace", default="default",
+                        help="where to check that Events may be posted (default: default)")
+    _config_flag(doctor)
+
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -73,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "explain":
             print(report.explain(config.load(args.config), args.image, args.policy))
             return 0
+        if args.command == "doctor":
+            from nodekeeper import doctor
+
+            return doctor.main(args.config, args.namespace)
         if args.command == "status":
             print(report.status(config.load(args.config), args.limit))
             return 0

@@ -17,12 +17,16 @@ import yaml
 from nodekeeper.addresses import is_loopback, split_host_port
 from nodekeeper.credentials import Credentials
 from nodekeeper.errors import SettingsError
+from nodekeeper.kube import kubeconfig
 from nodekeeper.settings import Document, Section
 
 DEFAULT_PATH = "/etc/nodekeeper/config.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 _PREFIX = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
+_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# PullImage decisions that can be told on the pod as a Kubernetes Event.
+EVENT_DECISIONS = ("fallback", "backing-fallback", "updated")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,19 @@ class BackingConfig:
 
 
 @dataclass(frozen=True)
+class KubernetesConfig:
+    """Events on the pod about answers upstream did not confirm."""
+
+    events: bool = True
+    # Empty: the kubelet's own (kubeconfig.DEFAULT_PATH), used when readable. A path given
+    # here must be readable and valid.
+    kubeconfig: str = ""
+    node_name: str = ""  # empty: the host name, lowercased, as the kubelet takes it
+    event_decisions: tuple[str, ...] = ("fallback", "backing-fallback")
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"
@@ -71,6 +88,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     shutdown_grace: float = 10.0
     backing: BackingConfig = field(default_factory=BackingConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
     # Where the settings came from, for messages; empty when no file was read.
     source: str = ""
 
@@ -130,6 +148,7 @@ def parse(doc: Document) -> Config:
     )
     log_section.finish()
     backing = _backing(root.section("backing"))
+    kubernetes = _kubernetes(root.section("kubernetes"))
     config = Config(
         listen=_socket(root, "listen", defaults.listen),
         containerd=containerd,
@@ -139,6 +158,7 @@ def parse(doc: Document) -> Config:
         log=log,
         shutdown_grace=root.duration("shutdown_grace", defaults.shutdown_grace),
         backing=backing,
+        kubernetes=kubernetes,
         source=doc.path,
     )
     root.finish()
@@ -201,6 +221,33 @@ def read_credentials(path: str) -> Credentials | None:
             or not isinstance(document.get("password", ""), str)):
         raise SettingsError(f"{path}: expected 'username:' and 'password:' strings")
     return Credentials(document["username"], document.get("password", ""))
+
+
+def _kubernetes(section: Section) -> KubernetesConfig:
+    default = KubernetesConfig()
+    events = section.boolean("events", default.events)
+    path = _absolute(section, "kubeconfig", default.kubeconfig, optional=True)
+    node_name = section.string("node_name", default.node_name)
+    if node_name and not _NODE_NAME.match(node_name):
+        raise section.error("node_name", f"expected a node name (a lowercase DNS name), "
+                                         f"got {node_name[:80]!r}")
+    decisions = section.strings("event_decisions", default.event_decisions)
+    for index, decision in enumerate(decisions):
+        if decision not in EVENT_DECISIONS:
+            raise section.doc.error((*section.key, "event_decisions", index),
+                                    f"expected one of {', '.join(EVENT_DECISIONS)}, "
+                                    f"got {decision[:80]!r}")
+    timeout = section.duration("timeout", default.timeout)
+    if timeout <= 0:
+        raise section.error("timeout", "expected a duration above 0")
+    section.finish()
+    if events and path:
+        try:
+            kubeconfig.load(path)
+        except kubeconfig.KubeconfigError as exc:
+            raise section.error("kubeconfig", str(exc)) from None
+    return KubernetesConfig(events=events, kubeconfig=path, node_name=node_name,
+                            event_decisions=tuple(dict.fromkeys(decisions)), timeout=timeout)
 
 
 def _apply(config: Config, flags: Overrides) -> Config:

@@ -9,6 +9,9 @@
                            registry.Prober ───┴─── backing.Backing (registry.Copier)
                        (upstream digest probe)     (cluster-wide copy of every pull)
 
+                       events.Events ──> kube-apiserver: an Event on the pod for every
+                       answer upstream did not confirm (queued; never holds up a pull)
+
 The puller reaches its edges through the Protocols in edges.py; failures outside
 nodekeeper are one vocabulary (failures.Kind), and cri.py alone turns errors into gRPC
 status codes.
@@ -34,6 +37,7 @@ from nodekeeper.backing import Backing
 from nodekeeper.containerd import CHANNEL_OPTIONS, Containerd
 from nodekeeper.cri import ImageService
 from nodekeeper.errors import SettingsError
+from nodekeeper.events import Events
 from nodekeeper.policyfile import PolicyFile
 from nodekeeper.puller import Puller
 from nodekeeper.registry import Hosts, Prober, Session
@@ -45,7 +49,7 @@ _log = logs.get("daemon")
 
 # Settings bound at start (sockets, directories, ports); a reload leaves them as they are.
 _RESTART_ONLY = ("listen", "containerd", "metrics_address", "state_dir", "policy_file",
-                 "backing")
+                 "backing", "kubernetes")
 
 
 @dataclass
@@ -84,6 +88,9 @@ class Daemon:
                            on_health=lambda health: state.set_meta("backing", health))
                    if config.backing.enabled else None)
         puller = Puller(containerd, prober, state, self._policy.get, backing)
+        # Events on the pod for answers upstream did not confirm, when the kubeconfig
+        # allows; started with the background tasks.
+        events = Events.from_config(config.kubernetes)
 
         # The CRI image service the kubelet talks to, on our unix socket.
         service = ImageService(containerd, puller)
@@ -112,6 +119,7 @@ class Daemon:
             asyncio.create_task(containerd.follow_images(), name="containerd-images"),
             asyncio.create_task(self._policy.watch(), name="policy-watch"),
         ]
+        await events.start()
         self._notifier.ready(self._status())
         _log.info("serving", listen=config.listen, containerd=config.containerd.address,
                   config=config.source or "(defaults)", metrics=config.metrics_address or "off")
@@ -121,6 +129,7 @@ class Daemon:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        await events.close()
         if backing is not None:
             await backing.close()
         await containerd.close()

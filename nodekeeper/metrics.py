@@ -42,13 +42,15 @@ BACKING_UP: Any = _OFF
 BACKING_READS: Any = _OFF
 COPIES: Any = _OFF
 COPY_BYTES: Any = _OFF
+KUBE_EVENTS: Any = _OFF
+KUBE_EVENTS_DROPPED: Any = _OFF
 
 
 def enable() -> None:
     """Create the real metrics. Call once, before anything records a value."""
     global RPCS, RPC_SECONDS, CONTAINERD_UP, IMAGE_EVENTS, DECISIONS, FALLBACKS, PROBE_SECONDS
     global UPSTREAM_REQUESTS, POLICY_VALID, POLICY_LOADED, BACKING_UP, BACKING_READS, COPIES
-    global COPY_BYTES
+    global COPY_BYTES, KUBE_EVENTS, KUBE_EVENTS_DROPPED
     from prometheus_client import Counter, Gauge, Histogram
 
     RPCS = Counter(
@@ -104,6 +106,16 @@ def enable() -> None:
     )
     COPY_BYTES = Counter(
         "nodekeeper_backing_copy_bytes", "Blob bytes copied to the backing registry",
+    )
+    KUBE_EVENTS = Counter(
+        "nodekeeper_kubernetes_events",
+        "Kubernetes Events posted on pods, by result (created, or updated for a repeat)",
+        ["result"],
+    )
+    KUBE_EVENTS_DROPPED = Counter(
+        "nodekeeper_kubernetes_events_dropped",
+        "Kubernetes Events not posted, by reason (queue_full, refused, expired, closing, "
+        "internal)", ["reason"],
     )
 
 

@@ -19,7 +19,6 @@ import ssl
 import time
 from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 

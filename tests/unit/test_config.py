@@ -23,7 +23,7 @@ def test_shipped_example_is_valid_and_matches_defaults(tmp_path: Path) -> None:
     loaded = config.load(str(REPO / "etc" / "config.yaml"))
     defaults = config.Config()
     for name in ("listen", "containerd", "state_dir", "policy_file", "metrics_address",
-                 "log", "shutdown_grace"):
+                 "log", "shutdown_grace", "kubernetes"):
         assert getattr(loaded, name) == getattr(defaults, name), name
 
 
@@ -70,6 +70,16 @@ log: {level: debug, format: console}
         ("backing:\n  max_concurrent_copies: 0\n", ":2: backing.max_concurrent_copies"),
         ("backing:\n  credentials_file: creds.yaml\n", ":2: backing.credentials_file: expected"
          " an absolute path"),
+        ("kubernetes:\n  events: auto\n", ":2: kubernetes.events: expected true or false"),
+        ("kubernetes:\n  kubeconfig: kubelet.conf\n", ":2: kubernetes.kubeconfig: expected an "
+         "absolute path"),
+        ("kubernetes:\n  kubeconfig: /nonexistent/kubelet.conf\n", ":2: kubernetes.kubeconfig:"
+         " /nonexistent/kubelet.conf: cannot read"),
+        ("kubernetes:\n  node_name: Node_A\n", ":2: kubernetes.node_name: expected a node name"),
+        ("kubernetes:\n  event_decisions: [fallback, pulled]\n", ":2: kubernetes.event_decisions"
+         "[1]: expected one of fallback, backing-fallback, updated, got 'pulled'"),
+        ("kubernetes:\n  timeout: 0s\n", ":2: kubernetes.timeout: expected a duration above 0"),
+        ("kubernetes:\n  node: a\n", ":2: kubernetes.node: unknown key"),
     ],
 )
 def test_bad_values_name_file_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -119,7 +129,8 @@ def test_a_bad_backing_credentials_file_fails_the_config(tmp_path: Path,
     message = str(caught.value)
     assert ":3: backing.credentials_file:" in message
     assert str(creds) in message
-    assert "only" not in message and "12345" not in message
+    assert "only" not in message
+    assert "12345" not in message
 
 
 def test_hosts_dir_takes_containerds_forms(tmp_path: Path) -> None:
@@ -132,8 +143,36 @@ def test_hosts_dir_takes_containerds_forms(tmp_path: Path) -> None:
         loaded = load_text(tmp_path, f"containerd:\n  hosts_dir: {text}\n")
         assert loaded.containerd.hosts_dir == expected
     for bad in ("relative/dir", "[]", "[/a, 3]", "/a:relative"):
-        with pytest.raises(SettingsError, match="containerd.hosts_dir"):
+        with pytest.raises(SettingsError, match=r"containerd\.hosts_dir"):
             load_text(tmp_path, f"containerd:\n  hosts_dir: {bad}\n")
+
+
+def test_kubernetes_settings(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("""
+current-context: node
+contexts: [{name: node, context: {cluster: c, user: u}}]
+clusters: [{name: c, cluster: {server: "https://10.0.0.1:6443"}}]
+users: [{name: u, user: {token: x}}]
+""")
+    loaded = load_text(tmp_path, f"""
+kubernetes:
+  kubeconfig: {kubeconfig}
+  node_name: worker-1.example
+  event_decisions: [fallback, updated, fallback]
+  timeout: 2s
+""")
+    assert loaded.kubernetes == config.KubernetesConfig(
+        events=True, kubeconfig=str(kubeconfig), node_name="worker-1.example",
+        event_decisions=("fallback", "updated"), timeout=2.0)
+    defaults = config.Config().kubernetes
+    assert (defaults.events, defaults.kubeconfig) == (True, "")
+    assert defaults.event_decisions == ("fallback", "backing-fallback")
+
+
+def test_kubeconfig_is_not_read_while_events_are_off(tmp_path: Path) -> None:
+    loaded = load_text(tmp_path, "kubernetes:\n  events: false\n  kubeconfig: /nonexistent\n")
+    assert not loaded.kubernetes.events
 
 
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:

@@ -1,0 +1,433 @@
+"""Kubernetes Events on the pod, for every PullImage answer upstream did not confirm.
+
+    PullImage answer ── observe(served) ──> pending: at most QUEUE distinct Events;
+                        sync, O(1), never      a repeat only counts up its entry
+                        raises or waits                 │ one worker task
+                                                        ▼
+                        core/v1 Event in the pod's namespace: POST the first time, then
+                        PATCH count, lastTimestamp and message (what the kubelet's own
+                        recorder does, so `kubectl describe pod` shows "x3 over 5m").
+                        Each request is bounded by the timeout; failures are retried with
+                        back-off (BACKOFF_FIRST doubling to BACKOFF_MAX) for RETRY_FOR
+                        seconds; refusals (401, 403, 4xx) are dropped at once.
+
+Why core/v1 and not events.k8s.io/v1: the kubelet posts its pod Events (Pulling, Pulled)
+through core/v1, `kubectl describe pod` lists core/v1 Events by the pod's name, namespace
+and uid, and the node identity may create and patch them under the Node authorizer. The
+fields events.k8s.io names reportingController and reportingInstance are core/v1's
+reportingComponent and reportingInstance: both are set, as is source.
+
+Repeats are one Event: the same pod, reason and message, where the message is compared
+without its "last confirmed ... ago", which moves with the clock (the Event shows the
+latest). A new outage after upstream confirmed the image again is a new Event.
+
+Drops (queue full, refused, given up after RETRY_FOR, internal error, still pending at
+close) are counted in nodekeeper_kubernetes_events_dropped and logged once per episode:
+an episode ends when an Event is posted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import socket
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nodekeeper import logs, metrics
+from nodekeeper.config import KubernetesConfig
+from nodekeeper.kube import kubeconfig
+
+REASON_FALLBACK = "ImageFallback"  # fallback and backing-fallback: one reason to select on
+REASON_UPDATED = "ImageUpdated"
+COMPONENT = "nodekeeper"
+
+QUEUE = 256
+# Posted Events kept for aggregation (about 600 bytes each): a node runs at most a few
+# hundred containers (110 pods by default), each naming one or two images.
+REMEMBERED = 1024
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+RETRY_FOR = 300.0
+CLOSE_GRACE = 2.0
+MAX_MESSAGE = 1024  # events.k8s.io's limit on a note; core/v1 takes it unchanged
+MAX_DETAIL = 200
+_MAX_NAME = 253
+_MAX_INSTANCE = 128
+
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_UID = re.compile(r"^[A-Za-z0-9-]{1,128}$")
+
+_TROUBLE = {
+    "unreachable": "unreachable",
+    "timeout": "not answering",
+    "server_error": "failing",
+    "rate_limited": "rate-limiting",
+    "not_found": "no longer has the tag",
+    "unauthorized": "refusing the credentials",
+    "invalid": "answering something invalid",
+}
+_COPY = {"fallback": "the node's copy", "backing-fallback": "the backing registry's copy"}
+
+_log = logs.get("events")
+
+
+@dataclass(frozen=True)
+class Pod:  # from PullImageRequest.sandbox_config.metadata
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class Served:  # one PullImage answer that deserves an Event
+    pod: Pod
+    image: str  # as the pod names it
+    reference: str  # normalized, e.g. docker.io/library/postgres:15
+    decision: str  # "fallback" | "backing-fallback" | "updated"
+    failure_kind: str  # unreachable|timeout|...|invalid; "" for updated
+    failure_detail: str  # e.g. "timeout after 2s" (already free of secrets)
+    upstream: str  # registry host asked, e.g. registry-1.docker.io
+    digest: str  # digest served (for updated: the new one)
+    previous_digest: str  # updated: the old one; else ""
+    last_confirmed: float | None  # epoch seconds of the last successful upstream check
+
+
+def pod_of(name: str, namespace: str, uid: str) -> Pod | None:
+    """The pod a PullImage is for, from its sandbox metadata; None when absent (crictl
+    pull sends none) or not what the API server would accept (it names a URL path)."""
+    if _SUBDOMAIN.match(name) and _LABEL.match(namespace) and _UID.match(uid):
+        return Pod(name, namespace, uid)
+    return None
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''} ago"
+    return "less than a minute ago"
+
+
+def _statement(served: Served) -> str:
+    """The message without the age of the last confirmation."""
+    if served.decision == "updated":
+        source = f" at {served.upstream}" if served.upstream else ""
+        change = (f"{served.previous_digest} -> {served.digest}" if served.previous_digest
+                  else f"now {served.digest}")
+        return f"{served.reference} updated upstream{source}: {change}"
+    trouble = _TROUBLE.get(served.failure_kind, "failing")
+    detail = served.failure_detail[:MAX_DETAIL]
+    who = f"upstream {served.upstream}" if served.upstream else "upstream"
+    copy = _COPY.get(served.decision, "a copy")
+    return (f"{who} {trouble}{f' ({detail})' if detail else ''}: started with {copy} of "
+            f"{served.reference}, {served.digest}")
+
+
+def message(served: Served, now: float) -> str:
+    """The Event's message, e.g. "upstream registry-1.docker.io unreachable (timeout after
+    2s): started with the node's copy of docker.io/library/postgres:15, sha256:..., last
+    confirmed 3 days ago"."""
+    text = _statement(served)
+    if served.decision != "updated":
+        text += (f", last confirmed {_age(now - served.last_confirmed)}"
+                 if served.last_confirmed is not None
+                 else ", never confirmed upstream from this node")
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
+
+
+def event_name(pod_name: str, stamp_ns: int) -> str:
+    """`<pod>.<hex nanoseconds>`, the kubelet's naming, cut to fit a DNS subdomain."""
+    suffix = f".{stamp_ns:x}"
+    return pod_name[:_MAX_NAME - len(suffix)].rstrip(".-") + suffix
+
+
+def _timestamp(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+class PostFailed(Exception):
+    """A sink could not post: `retry` when trying again may work, `missing` when the Event
+    to patch is gone (it expired from the API server)."""
+
+    def __init__(self, detail: str, *, retry: bool, missing: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry = retry
+        self.missing = missing
+
+
+class Sink(Protocol):
+    async def prepare(self) -> None: ...
+    async def create(self, namespace: str, event: dict[str, Any]) -> None: ...
+    async def patch(self, namespace: str, name: str, changes: dict[str, Any]) -> None: ...
+    async def close(self) -> None: ...
+
+
+Key = tuple[Pod, str, str, float | None]
+
+
+@dataclass
+class _Pending:
+    served: Served
+    reason: str
+    first: float
+    last: float
+    since: float  # monotonic time of the latest observation, for RETRY_FOR
+    count: int = 1
+
+
+@dataclass
+class _Posted:
+    name: str
+    count: int
+
+
+class Events:
+    """Built from config; started and closed by the daemon; fed by `observe`."""
+
+    def __init__(self, node: str, decisions: Collection[str], sink: Sink | None, *,
+                 timeout: float = 5.0, queue: int = QUEUE, retry_for: float = RETRY_FOR,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.node = node
+        self._decisions = frozenset(decisions)
+        self._sink = sink
+        self._timeout = timeout
+        self._queue = queue
+        self._retry_for = retry_for
+        self._clock = clock
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._pending: OrderedDict[Key, _Pending] = OrderedDict()
+        self._posted: OrderedDict[Key, _Posted] = OrderedDict()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._backoff = 0.0
+        self._failing = False
+        self._dropping = False
+        self._episode_drops = 0
+        self._stamp = 0
+        self.posted: Counter[str] = Counter()  # created, updated
+        self.dropped: Counter[str] = Counter()  # by reason
+
+    @classmethod
+    def from_config(cls, settings: KubernetesConfig) -> Events:
+        node = settings.node_name or socket.gethostname().lower()
+        if not settings.events:
+            _log.info("kubernetes events off", setting="kubernetes.events: false")
+            return cls(node, settings.event_decisions, None)
+        path = settings.kubeconfig or kubeconfig.DEFAULT_PATH
+        try:
+            loaded = kubeconfig.load(path)
+        except kubeconfig.KubeconfigError as exc:
+            if settings.kubeconfig:
+                raise
+            _log.warning("kubernetes events off: the kubelet's kubeconfig cannot be used",
+                         error=str(exc),
+                         fix="set kubernetes.kubeconfig, or kubernetes.events: false")
+            return cls(node, settings.event_decisions, None)
+        from nodekeeper.kube.sink import ApiSink  # the HTTP client only when events are on
+
+        _log.info("kubernetes events on", kubeconfig=path, server=loaded.server, node=node,
+                  decisions=sorted(settings.event_decisions))
+        return cls(node, settings.event_decisions, ApiSink(path, settings.timeout, loaded),
+                   timeout=settings.timeout)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sink is not None
+
+    @property
+    def pending(self) -> int:
+        return sum(item.count for item in self._pending.values())
+
+    # -- the caller's side: never waits, never raises ----------------------------------
+
+    def observe(self, served: Served) -> None:
+        try:
+            if self._sink is None or served.decision not in self._decisions:
+                return
+            if self._closed:
+                self._drop("closing", 1, "observed after close")
+                return
+            reason = REASON_UPDATED if served.decision == "updated" else REASON_FALLBACK
+            confirmed = None if served.decision == "updated" else served.last_confirmed
+            key: Key = (served.pod, reason, _statement(served), confirmed)
+            now, since = self._clock(), self._monotonic()
+            item = self._pending.get(key)
+            if item is not None:
+                item.count += 1
+                item.served, item.last, item.since = served, now, since
+            elif len(self._pending) >= self._queue:
+                self._drop("queue_full", 1, f"{self._queue} Events already wait")
+                return
+            else:
+                self._pending[key] = _Pending(served, reason, now, now, since)
+            self._idle.clear()
+            self._wakeup.set()
+        except Exception as exc:  # a bug here must not fail a pull
+            self._drop("internal", 1, repr(exc))
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._sink is not None and self._task is None:
+            self._task = asyncio.create_task(self._run(self._sink), name="kubernetes-events")
+
+    async def close(self) -> None:
+        """Post what can be posted within CLOSE_GRACE, drop (and count) the rest."""
+        self._closed = True
+        if self._task is not None:
+            if self._pending:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), CLOSE_GRACE)
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        left = self.pending
+        if left:
+            self._drop("closing", left, "still pending at shutdown")
+            self._pending.clear()
+        if self._sink is not None:
+            await self._sink.close()
+
+    # -- the worker --------------------------------------------------------------------
+
+    async def _run(self, sink: Sink) -> None:
+        try:
+            await asyncio.wait_for(sink.prepare(), self._timeout)
+        except Exception as exc:  # retried with every post
+            _log.warning("kubernetes client not ready; trying again with the first Event",
+                         error=_text(exc))
+        while True:
+            if not self._pending:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            self._expire()
+            if not self._pending:
+                continue
+            key, item = next(iter(self._pending.items()))
+            try:
+                result = await self._post(sink, key, item)
+            except PostFailed as failure:
+                if failure.retry:
+                    self._failed(failure.detail)
+                else:
+                    self._pending.pop(key, None)
+                    self._drop("refused", item.count, failure.detail)
+                await self._sleep(self._next_backoff())
+                continue
+            except Exception as exc:  # a bug: drop this Event, keep the worker
+                self._pending.pop(key, None)
+                self._drop("internal", item.count, _text(exc))
+                continue
+            self._succeeded(result)
+
+    async def _post(self, sink: Sink, key: Key, item: _Pending) -> str:
+        sent = item.count
+        pod = item.served.pod
+        text = message(item.served, self._clock())
+        posted = self._posted.get(key)
+        total = sent
+        result = "created"
+        if posted is not None:
+            total += posted.count
+            try:
+                await self._bounded(sink.patch(pod.namespace, posted.name, {
+                    "count": total, "lastTimestamp": _timestamp(item.last), "message": text}))
+                result = "updated"
+            except PostFailed as failure:
+                if not failure.missing:
+                    raise
+                posted = None  # expired from the API server: post it anew, count kept
+        if posted is None:
+            # Unique in this process even for Events observed in the same nanosecond.
+            self._stamp = max(int(item.first * 1e9), self._stamp + 1)
+            name = event_name(pod.name, self._stamp)
+            await self._bounded(sink.create(pod.namespace, self._body(item, name, total, text)))
+            posted = _Posted(name, total)
+        posted.count = total
+        self._posted[key] = posted
+        self._posted.move_to_end(key)
+        while len(self._posted) > REMEMBERED:
+            self._posted.popitem(last=False)
+        item.count -= sent  # repeats observed while posting wait for the next round
+        if item.count <= 0:
+            self._pending.pop(key, None)
+        return result
+
+    async def _bounded(self, call: Awaitable[None]) -> None:
+        try:
+            await asyncio.wait_for(call, self._timeout)
+        except asyncio.TimeoutError:
+            raise PostFailed(f"no answer within {self._timeout:g}s", retry=True) from None
+
+    def _body(self, item: _Pending, name: str, count: int, text: str) -> dict[str, Any]:
+        pod = item.served.pod
+        instance = self.node[:_MAX_INSTANCE]
+        return {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": name, "namespace": pod.namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": pod.namespace,
+                               "name": pod.name, "uid": pod.uid},
+            "reason": item.reason, "message": text,
+            "type": "Normal" if item.reason == REASON_UPDATED else "Warning",
+            "source": {"component": COMPONENT, "host": self.node},
+            "reportingComponent": COMPONENT, "reportingInstance": instance,
+            "firstTimestamp": _timestamp(item.first), "lastTimestamp": _timestamp(item.last),
+            "count": count,
+        }
+
+    def _expire(self) -> None:
+        limit = self._monotonic() - self._retry_for
+        for key, item in list(self._pending.items()):
+            if item.since < limit:
+                del self._pending[key]
+                self._drop("expired", item.count, f"not posted within {self._retry_for:g}s")
+
+    def _next_backoff(self) -> float:
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX) if self._backoff else BACKOFF_FIRST
+        return self._backoff * random.uniform(0.8, 1.2)
+
+    # -- accounting: counted always, logged once per episode ----------------------------
+
+    def _failed(self, detail: str) -> None:
+        if not self._failing:
+            self._failing = True
+            _log.warning("kubernetes API server failing; Events wait and are retried",
+                         error=detail, retry_for_s=self._retry_for)
+
+    def _drop(self, reason: str, count: int, detail: str) -> None:
+        self.dropped[reason] += count
+        self._episode_drops += count
+        metrics.KUBE_EVENTS_DROPPED.labels(reason).inc(count)
+        if not self._dropping:
+            self._dropping = True
+            _log.warning("kubernetes Events dropped; counted in "
+                         "nodekeeper_kubernetes_events_dropped, logged again after the "
+                         "next Event posted", reason=reason, count=count, detail=detail)
+
+    def _succeeded(self, result: str) -> None:
+        self.posted[result] += 1
+        metrics.KUBE_EVENTS.labels(result).inc()
+        self._backoff = 0.0
+        if self._failing or self._dropping:
+            _log.info("kubernetes Events posted again", dropped=self._episode_drops)
+        self._failing = self._dropping = False
+        self._episode_drops = 0
+
+
+def _text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
