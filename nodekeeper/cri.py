@@ -25,6 +25,7 @@ from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.containerd import CRI_SERVICE, Containerd
 from nodekeeper.credentials import Credentials
 from nodekeeper.errors import ContainerdError, NodekeeperError, PullFailed, RequestError
+from nodekeeper.events import pod_of
 from nodekeeper.failures import Kind
 from nodekeeper.puller import Puller, PullRequest
 
@@ -112,8 +113,10 @@ class ImageService:
         credentials = Credentials.from_fields(
             auth.username, auth.password, auth.auth, auth.server_address, auth.identity_token,
             auth.registry_token) if parsed.HasField("auth") else None
+        meta = parsed.sandbox_config.metadata
+        pod = pod_of(meta.name, meta.namespace, meta.uid)
         try:
-            outcome = await self._puller.pull(PullRequest(image, credentials, request))
+            outcome = await self._puller.pull(PullRequest(image, credentials, request, pod))
         except PullFailed as failure:
             fields.update(failure.details)
             raise

@@ -87,10 +87,10 @@ class Daemon:
         backing = (Backing(config.backing, session, Copier(session),
                            on_health=lambda health: state.set_meta("backing", health))
                    if config.backing.enabled else None)
-        puller = Puller(containerd, prober, state, self._policy.get, backing)
         # Events on the pod for answers upstream did not confirm, when the kubeconfig
         # allows; started with the background tasks.
         events = Events.from_config(config.kubernetes)
+        puller = Puller(containerd, prober, state, self._policy.get, backing, events)
 
         # The CRI image service the kubelet talks to, on our unix socket.
         service = ImageService(containerd, puller)

@@ -4,6 +4,7 @@
     Upstream   the registry a reference names (registry.Prober)
     BackingStore  the cluster-wide backing registry (backing.Backing)
     StateStore what this node remembers (state.State)
+    Observer   who hears of answers the pod's owner should see (events.Events)
 
 Each has an in-memory fake under tests/fakes/, and one conformance suite under
 tests/conformance/ that the fake and the real implementation both pass.
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from nodekeeper.credentials import Credentials
+from nodekeeper.events import Served
 from nodekeeper.reference import Reference
 from nodekeeper.registry.copy import Location
 from nodekeeper.registry.probe import ProbeResult
@@ -92,3 +94,14 @@ class StateStore(Protocol):
     def record_access(self, repository: str, fingerprint: str) -> None: ...
 
     def record_decision(self, record: PullRecord) -> None: ...
+
+    def mark_stale(self, reference: str, digest: str, kind: str) -> None:
+        """`reference` was answered with `digest` though upstream did not confirm it."""
+
+    def clear_stale(self, reference: str) -> None:
+        """Upstream confirmed what `reference` is answered with."""
+
+
+class Observer(Protocol):
+    def observe(self, served: Served) -> None:
+        """Never waits, never raises."""

@@ -42,6 +42,7 @@ BACKING_UP: Any = _OFF
 BACKING_READS: Any = _OFF
 COPIES: Any = _OFF
 COPY_BYTES: Any = _OFF
+IMAGES_STALE: Any = _OFF
 KUBE_EVENTS: Any = _OFF
 KUBE_EVENTS_DROPPED: Any = _OFF
 
@@ -50,7 +51,7 @@ def enable() -> None:
     """Create the real metrics. Call once, before anything records a value."""
     global RPCS, RPC_SECONDS, CONTAINERD_UP, IMAGE_EVENTS, DECISIONS, FALLBACKS, PROBE_SECONDS
     global UPSTREAM_REQUESTS, POLICY_VALID, POLICY_LOADED, BACKING_UP, BACKING_READS, COPIES
-    global COPY_BYTES, KUBE_EVENTS, KUBE_EVENTS_DROPPED
+    global COPY_BYTES, KUBE_EVENTS, KUBE_EVENTS_DROPPED, IMAGES_STALE
     from prometheus_client import Counter, Gauge, Histogram
 
     RPCS = Counter(
@@ -106,6 +107,11 @@ def enable() -> None:
     )
     COPY_BYTES = Counter(
         "nodekeeper_backing_copy_bytes", "Blob bytes copied to the backing registry",
+    )
+    IMAGES_STALE = Gauge(
+        "nodekeeper_images_served_stale",
+        "References last answered with a copy upstream did not confirm (fallbacks), until "
+        "upstream confirms them again",
     )
     KUBE_EVENTS = Counter(
         "nodekeeper_kubernetes_events",

@@ -12,7 +12,8 @@
               Serve       the answer          Refuse  a clear error
 
 What it records: the check (state), who was seen to pull (state), the decision (state,
-log, metrics), and the copy to backing (write-through).
+log, metrics), the copy to backing (write-through), which references are answered with a
+copy upstream did not confirm (state), and for those an Event on each pod (events).
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ from nodekeeper.decision import (
     Source,
     next_step,
 )
-from nodekeeper.edges import BackingStore, Images, StateStore, Upstream
+from nodekeeper.edges import BackingStore, Images, Observer, StateStore, Upstream
 from nodekeeper.errors import ContainerdError, PullFailed, PullRefused, RequestError
+from nodekeeper.events import Pod, Served
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.policy import Policy, Rule
 from nodekeeper.reference import InvalidReference, Reference, parse
 from nodekeeper.registry import ProbeResult
 from nodekeeper.registry.copy import Location
+from nodekeeper.registry.hosts import default_host
 from nodekeeper.singleflight import Seal, SingleFlight
 from nodekeeper.state import PullRecord
 from nodekeeper.timetext import ago
@@ -64,6 +67,7 @@ class PullRequest:
     # The request as it came, opaque here: Images.pull forwards it, so that fields
     # nodekeeper does not interpret still reach containerd.
     original: object
+    pod: Pod | None = None            # whose pull this is, from the sandbox metadata
 
 
 @dataclass
@@ -76,16 +80,21 @@ class Outcome:
     decision: Decision = Decision.ERROR
     reason: str = ""
     kind: Kind | None = None          # what upstream did, for fallbacks and errors
+    detail: str = ""                  # and what exactly
+    upstream: str = ""                # the registry host asked
     image_ref: str = ""
     local_digest: str = ""
     upstream_digest: str = ""
+    digest: str = ""                  # the digest answered
     probe_ms: float | None = None
+    last_confirmed: float | None = None  # when upstream last confirmed the reference
     shared: bool = False
 
     def fields(self) -> dict[str, object]:
         found: dict[str, object] = {
             "reference": self.reference, "rule": self.rule, "decision": self.decision.value,
             "reason": self.reason, "kind": self.kind.value if self.kind else "",
+            "detail": self.detail if self.decision is not Decision.ERROR else "",
             "local_digest": self.local_digest, "upstream_digest": self.upstream_digest,
             "probe_ms": self.probe_ms}
         if self.shared:
@@ -107,20 +116,31 @@ class _Job:
     last_ok: float | None
     last_digest: str
 
+    @property
+    def registry_host(self) -> str:
+        """The host containerd asks for this registry unless a hosts.toml says otherwise."""
+        return default_host(self.ref.domain)
+
     def facts(self, node: NodeCopy | None, now: float, backing: bool) -> Pull:
         return Pull(self.ref, self.rule.label, self.rule.settings, node, self.access, now,
                     self.last_ok, self.last_digest, backing)
 
 
+# Answers that say something the pod's owner should see on the pod (events.py).
+_NOTICED = frozenset({Decision.FALLBACK, Decision.BACKING_FALLBACK, Decision.UPDATED})
+
+
 class Puller:
     def __init__(self, images: Images, upstream: Upstream, state: StateStore,
                  policy: Callable[[], Policy], backing: BackingStore | None = None,
+                 events: Observer | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._images = images
         self._upstream = upstream
         self._state = state
         self._policy = policy
         self._backing = backing
+        self._events = events
         self._clock = clock
         self._rounds: SingleFlight[tuple[str, str], Outcome] = SingleFlight()
 
@@ -130,6 +150,7 @@ class Puller:
         known = self._answer_known(job)
         if known is not None:
             self._record(known, started)
+            self._notice(request, known)
             return known
         try:
             outcome, shared = await self._rounds.run(
@@ -145,6 +166,7 @@ class Puller:
         if shared:
             outcome = dataclasses.replace(outcome, image=request.image, shared=True)
         self._record(outcome, started)
+        self._notice(request, outcome)
         return outcome
 
     def _job(self, request: PullRequest) -> _Job:
@@ -272,8 +294,10 @@ class Puller:
                 probe: ProbeResult | None = None) -> Outcome:
         decision, failure = step.decision, step.failure
         outcome = Outcome(job.request.image, job.name, job.rule.label, decision, step.reason,
-                          failure.kind if failure else None, step.image_id,
-                          pull.node.digest if pull.node else "", probe_ms=probe_ms)
+                          failure.kind if failure else None, failure.detail if failure else "",
+                          probe.endpoint if probe else job.registry_host, step.image_id,
+                          pull.node.digest if pull.node else "", digest=step.digest,
+                          probe_ms=probe_ms, last_confirmed=job.last_ok)
         probed = pull.probed
         if isinstance(probed, Probed):
             outcome.upstream_digest = probed.digest
@@ -282,6 +306,9 @@ class Puller:
         if decision in (Decision.FRESH, Decision.UPDATED, Decision.BACKING) or (
                 decision is Decision.PULLED and probe is not None):
             self._state.record_check(job.name, "ok", step.digest)
+            self._state.clear_stale(job.name)
+        if failure is not None:
+            self._state.mark_stale(job.name, step.digest, failure.kind.value)
         if probe is not None and decision in (Decision.FRESH, Decision.UPDATED,
                                               Decision.PULLED):
             self._write_through(job, step.digest, probe)
@@ -311,6 +338,15 @@ class Puller:
         creds = job.credentials if probe.authenticated else None
         self._backing.write_through(job.ref, digest, Location(probe.source, job.ref.path, creds),
                                     public=not probe.authenticated)
+
+    def _notice(self, request: PullRequest, outcome: Outcome) -> None:
+        if self._events is None or request.pod is None or outcome.decision not in _NOTICED:
+            return
+        self._events.observe(Served(
+            request.pod, request.image, outcome.reference, outcome.decision.value,
+            outcome.kind.value if outcome.kind else "", outcome.detail, outcome.upstream,
+            outcome.digest, outcome.local_digest if outcome.decision is Decision.UPDATED
+            else "", outcome.last_confirmed))
 
     def _record(self, outcome: Outcome, started: float) -> None:
         metrics.DECISIONS.labels(outcome.decision.value,

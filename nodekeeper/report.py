@@ -184,6 +184,16 @@ def status(config: Config, limit: int = 20) -> str:
             row = None
         health = f"{row[0]} (since {ago(now - row[1])})" if row else "no problem recorded"
         lines.append(f"backing: {config.backing.url}: {health}")
+    try:
+        stale = db.execute("SELECT reference, digest, kind, since, last FROM stale "
+                           "ORDER BY since").fetchall()
+    except sqlite3.Error:  # a database from before the daemon's last upgrade
+        stale = []
+    lines.append(f"\nserved without upstream's confirmation ({len(stale)}; each until "
+                 "upstream confirms it again):")
+    for reference, digest, kind, since, last in stale:
+        lines.append(f"  {reference}\n      {digest} since {ago(now - since)} (upstream "
+                     f"{kind}; last answered {ago(now - last)})")
     lines.append(f"\nrecent decisions (newest first, at most {limit}):")
     for at, image, decision, reason, ms in db.execute(
             "SELECT at, image, decision, reason, duration_ms FROM decisions "

@@ -5,6 +5,9 @@
 - access:    per repository, the keyed fingerprints of credentials (or `anonymous`) seen
              to work upstream. Fallbacks read it; it never holds a credential.
 - decisions: the most recent PullImage decisions, for `nodekeeper status`.
+- stale:     references answered with a copy upstream did not confirm (a fallback),
+             until upstream confirms them again: what `status` lists and the
+             nodekeeper_images_served_stale metric counts.
 - meta:      the daemon's view of things `status` reports (the backing registry's health).
 
 Reads come from memory (loaded at start); writes go through to SQLite in WAL mode, one
@@ -21,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodekeeper import logs
+from nodekeeper import logs, metrics
 
 DB_NAME = "state.db"
 SECRET_NAME = "fingerprint.key"
@@ -46,6 +49,13 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL,
     at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stale (
+    reference TEXT PRIMARY KEY,
+    digest    TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    since     REAL NOT NULL,
+    last      REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS decisions (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -98,6 +108,9 @@ class State:
             (row[0], row[1])
             for row in self._db.execute("SELECT repository, fingerprint FROM access")
         }
+        self._stale: dict[str, str] = dict(
+            self._db.execute("SELECT reference, digest FROM stale"))
+        metrics.IMAGES_STALE.set(len(self._stale))
         self._since_trim = 0
 
     def close(self) -> None:
@@ -155,6 +168,29 @@ class State:
             self._since_trim = 0
             self._write("DELETE FROM decisions WHERE id <= (SELECT MAX(id) FROM decisions) - ?",
                         (KEEP_DECISIONS,))
+
+    def mark_stale(self, reference: str, digest: str, kind: str,
+                   now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self._stale[reference] = digest
+        metrics.IMAGES_STALE.set(len(self._stale))
+        # `since` stays while the same copy keeps standing in.
+        self._write(
+            "INSERT INTO stale (reference, digest, kind, since, last) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(reference) DO UPDATE SET kind = excluded.kind, last = excluded.last, "
+            "since = CASE WHEN stale.digest = excluded.digest THEN stale.since "
+            "ELSE excluded.since END, digest = excluded.digest",
+            (reference, digest, kind, now, now))
+
+    def clear_stale(self, reference: str) -> None:
+        if self._stale.pop(reference, None) is None:
+            return
+        metrics.IMAGES_STALE.set(len(self._stale))
+        self._write("DELETE FROM stale WHERE reference = ?", (reference,))
+
+    def stale(self, reference: str) -> str:
+        """The digest `reference` is answered with while upstream has not confirmed it."""
+        return self._stale.get(reference, "")
 
     def set_meta(self, key: str, value: str) -> None:
         self._write("INSERT INTO meta (key, value, at) VALUES (?, ?, ?) ON CONFLICT(key) "

@@ -267,3 +267,14 @@ class StateSuite:
     def test_decisions_are_recorded(self, state: StateStore) -> None:
         state.record_decision(PullRecord(1.0, "app:1", "defaults", "fresh", "digest unchanged",
                                          "", "", 1.0))
+
+    def test_a_stale_answer_is_remembered_until_upstream_confirms(self,
+                                                                  state: StateStore) -> None:
+        reference, digest = "registry.example/team/app:1", "sha256:" + "b" * 64
+        assert state.stale(reference) == ""
+        state.mark_stale(reference, digest, "unreachable")
+        state.mark_stale(reference, digest, "timeout")
+        assert state.stale(reference) == digest
+        state.clear_stale(reference)
+        state.clear_stale(reference)
+        assert state.stale(reference) == ""

@@ -234,6 +234,7 @@ class FakeState:
         self.checks: dict[str, Check] = {}
         self.access: set[tuple[str, str]] = set()
         self.decisions: list[PullRecord] = []
+        self.stale_since: dict[str, tuple[str, float]] = {}
         self.now = 1_000_000.0
 
     def check(self, reference: str) -> Check | None:
@@ -255,4 +256,16 @@ class FakeState:
 
     def record_decision(self, record: PullRecord) -> None:
         self.decisions.append(record)
+
+    def mark_stale(self, reference: str, digest: str, kind: str) -> None:
+        held = self.stale_since.get(reference)
+        if held is None or held[0] != digest:
+            self.stale_since[reference] = (digest, self.now)
+
+    def clear_stale(self, reference: str) -> None:
+        self.stale_since.pop(reference, None)
+
+    def stale(self, reference: str) -> str:
+        held = self.stale_since.get(reference)
+        return held[0] if held else ""
 

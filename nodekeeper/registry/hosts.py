@@ -62,6 +62,10 @@ def default_server(domain: str) -> str:
     return f"{'http' if is_loopback(domain) else 'https'}://{domain}"
 
 
+def default_host(domain: str) -> str:
+    return urlsplit(default_server(domain)).netloc
+
+
 Signature = tuple[int, int, int]
 
 

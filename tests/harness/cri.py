@@ -91,11 +91,15 @@ class CriClient(_UnixClient):
         image: str,
         auth: cri.AuthConfig | None = None,
         timeout: float | None = None,
+        pod: cri.PodSandboxMetadata | None = None,
     ) -> str:
-        """PullImage; returns ``image_ref`` (containerd answers with the image ID)."""
+        """PullImage; returns ``image_ref`` (containerd answers with the image ID). With
+        ``pod``, the request names the pod as the kubelet's does (sandbox_config)."""
         req = cri.PullImageRequest(image=cri.ImageSpec(image=image))
         if auth is not None:
             req.auth.CopyFrom(auth)
+        if pod is not None:
+            req.sandbox_config.metadata.CopyFrom(pod)
         return self._rpc("PullImage", req, cri.PullImageResponse, timeout).image_ref
 
     def status(

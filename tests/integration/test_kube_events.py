@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +22,21 @@ import pytest
 from structlog.testing import capture_logs
 
 from nodekeeper import metrics
+from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.config import KubernetesConfig
 from nodekeeper.events import Events, Pod, Served, message
 from nodekeeper.kube import client as kube_client
 from nodekeeper.kube.sink import ApiSink
-from tests.harness import FaultProxy
+from tests.conftest import MakeNodekeeper
+from tests.harness import (
+    Containerd,
+    CriClient,
+    FaultProxy,
+    Registry,
+    image_ref,
+    plain_http_hosts_toml,
+    push_new,
+)
 from tests.harness.apiserver import NODE_NAME as NODE
 from tests.harness.apiserver import ApiServer, dump
 from tests.harness.nodekeeper import Nodekeeper
@@ -352,3 +364,41 @@ def test_an_unreadable_kubeconfig_given_in_config_stops_the_start(tmp_path: Path
     assert daemon.proc.wait(15) == 1
     daemon.stop()
     assert f"kubernetes.kubeconfig: {tmp_path / 'absent.conf'}: cannot read" in daemon.log_text()
+
+
+def test_a_fallback_through_the_daemon_shows_on_the_pod_and_in_status(
+        apiserver: ApiServer, registry: Registry, containerd: Containerd,
+        make_nodekeeper: MakeNodekeeper, tmp_path: Path) -> None:
+    kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubelet.conf")
+    daemon = make_nodekeeper(containerd.address, settings={
+        "kubernetes": {"kubeconfig": str(kubeconfig), "node_name": NODE}})
+    containerd.write_hosts_toml(registry.host, plain_http_hosts_toml(registry.host))
+    image = push_new(registry.url, "shop/web", "1", seed="events-e2e")
+    ref = image_ref(registry.host, "shop/web", "1")
+    pod = bound_pod(apiserver)
+    meta = cri.PodSandboxMetadata(name=pod.name, namespace=pod.namespace, uid=pod.uid)
+    with CriClient(daemon.socket) as kubelet:
+        assert kubelet.pull(ref, pod=meta) == image.config_digest
+        registry.stop()
+        for _ in range(2):
+            assert kubelet.pull(ref, pod=meta) == image.config_digest
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        found = [e for e in apiserver.events(pod.namespace) if e.get("reason") ==
+                 "ImageFallback" and e["involvedObject"]["uid"] == pod.uid]
+        if found and found[0].get("count") == 2:
+            break
+        time.sleep(0.2)
+    assert found, dump(apiserver.events(pod.namespace))
+    (event,) = found
+    assert event["type"] == "Warning"
+    assert event["count"] == 2
+    assert event["source"] == {"component": "nodekeeper", "host": NODE}
+    assert f"upstream {registry.host} unreachable" in event["message"]
+    assert f"the node's copy of {ref}, {image.digest}" in event["message"]
+    assert "last confirmed less than a minute ago" in event["message"]
+    status = subprocess.run(
+        [sys.executable, "-m", "nodekeeper", "status", "--config", str(daemon.config_path)],
+        capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "served without upstream's confirmation (1;" in status
+    assert f"{ref}\n      {image.digest} since" in status

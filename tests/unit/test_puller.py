@@ -10,6 +10,7 @@ import pytest
 from nodekeeper.credentials import ANONYMOUS, Credentials, fingerprint
 from nodekeeper.decision import Decision
 from nodekeeper.errors import ContainerdError, PullFailed, PullRefused
+from nodekeeper.events import Pod, Served
 from nodekeeper.failures import Kind
 from nodekeeper.policy import parse as parse_policy
 from nodekeeper.puller import Outcome, Puller, PullRequest
@@ -33,6 +34,16 @@ V1, V2 = published("v1"), published("v2")
 ALICE = Credentials("alice", "alice-pw")
 
 
+class Heard:
+    """Records what the puller tells the pod's owner (events.Events in the daemon)."""
+
+    def __init__(self) -> None:
+        self.served: list[Served] = []
+
+    def observe(self, served: Served) -> None:
+        self.served.append(served)
+
+
 class Node:
     """A puller on fakes, with one upstream registry."""
 
@@ -46,12 +57,14 @@ class Node:
         self.state = FakeState()
         self.backing = FakeBacking(self.registries) if backing else None
         rules = parse_policy(Document("policy.yaml", policy))
-        self.puller = Puller(self.images, self.prober, self.state, lambda: rules, self.backing)
+        self.heard = Heard()
+        self.puller = Puller(self.images, self.prober, self.state, lambda: rules, self.backing,
+                             self.heard)
 
     async def pull(self, credentials: Credentials | None = None,
-                   original: Requested | None = None) -> Outcome:
+                   original: Requested | None = None, pod: Pod | None = None) -> Outcome:
         return await self.puller.pull(PullRequest(
-            REF, credentials, original or Requested(REF, credentials)))
+            REF, credentials, original or Requested(REF, credentials), pod))
 
     async def failure(self, credentials: Credentials | None = None) -> PullFailed:
         with pytest.raises(PullFailed) as failed:
@@ -199,3 +212,49 @@ async def test_containerds_refusal_is_passed_on_when_nothing_better_can_be_said(
     node.images.refuse_with = PullRefused(Kind.NOT_FOUND, said)
     failed = await node.failure()
     assert (failed.kind, failed.answer) == (Kind.NOT_FOUND, said)
+
+
+WEB = Pod("web-1", "shop", "0b4c7d3e-0000-4000-8000-000000000001")
+API = Pod("api-1", "shop", "0b4c7d3e-0000-4000-8000-000000000002")
+
+
+async def test_each_pod_hears_of_the_fallback_it_got() -> None:
+    node = Node()
+    node.upstream.publish(REF, V1)
+    await node.pull(pod=WEB)
+    node.upstream.down = True
+    answers = await asyncio.gather(node.pull(pod=WEB), node.pull(pod=API), node.pull())
+    assert {a.decision for a in answers} == {Decision.FALLBACK}
+    assert sorted(s.pod.name for s in node.heard.served) == ["api-1", "web-1"]
+    served = node.heard.served[0]
+    assert (served.image, served.reference, served.decision) == (REF, NAME, "fallback")
+    assert (served.failure_kind, served.upstream, served.digest) == (
+        "unreachable", HOST, V1.digest)
+    assert "connection refused" in served.failure_detail
+    assert served.last_confirmed == node.state.check(NAME).ok_at  # type: ignore[union-attr]
+
+
+async def test_an_update_is_heard_with_both_digests_and_a_fresh_answer_is_not() -> None:
+    node = Node()
+    node.upstream.publish(REF, V1)
+    await node.pull(pod=WEB)
+    await node.pull(pod=WEB)
+    assert node.heard.served == []
+    node.upstream.publish(REF, V2)
+    await node.pull(pod=WEB)
+    (served,) = node.heard.served
+    assert (served.decision, served.previous_digest, served.digest) == (
+        "updated", V1.digest, V2.digest)
+
+
+async def test_a_fallback_is_remembered_as_stale_until_upstream_confirms_again() -> None:
+    node = Node()
+    node.upstream.publish(REF, V1)
+    await node.pull()
+    node.upstream.down = True
+    await node.pull()
+    await node.pull()
+    assert node.state.stale(NAME) == V1.digest
+    node.upstream.down = False
+    assert (await node.pull()).decision is Decision.FRESH
+    assert node.state.stale(NAME) == ""
