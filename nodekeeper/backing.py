@@ -33,6 +33,7 @@ from nodekeeper.reference import Reference
 from nodekeeper.registry import Endpoint, Session
 from nodekeeper.registry.copy import Copier, Location
 from nodekeeper.registry.probe import ACCEPT
+from nodekeeper.registry.wire import classify
 
 PUBLIC_TAG = "nodekeeper.public"
 DOWN_SECONDS = 30.0
@@ -133,8 +134,8 @@ class Backing:
         except asyncio.TimeoutError:
             self._mark_down(f"no answer within {self.config.timeout:g}s")
             return None
-        except Failure as exc:
-            self._mark_down(str(exc))
+        except Exception as exc:  # classify: a Failure, or whatever else went wrong
+            self._mark_down(str(classify(exc, self.host)))
             return None
         self._mark_up()
         metrics.BACKING_READS.labels("ok").inc()
@@ -205,7 +206,9 @@ class Backing:
                       blobs_copied=report.blobs_copied, blobs_skipped=report.blobs_skipped,
                       blobs_mounted=report.blobs_mounted, public=public,
                       seconds=round(self._clock() - started, 3))
-        except (Failure, asyncio.TimeoutError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, asyncio.TimeoutError):
+                exc = classify(exc, self.host)
             metrics.COPIES.labels("failed").inc()
             _log.warning("copy to backing failed; the next pull of this image retries it",
                          **fields, error=str(exc) or "copy_timeout")

@@ -39,7 +39,6 @@ import contextlib
 import hashlib
 import json
 import random
-import re
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -58,6 +57,7 @@ from nodekeeper.failures import Failure, Kind
 from nodekeeper.registry.hosts import Endpoint
 from nodekeeper.registry.probe import ACCEPT
 from nodekeeper.registry.session import Session
+from nodekeeper.registry.wire import MAX_MANIFEST_BYTES, classify, read_body, valid_digest
 
 INDEX_TYPES = frozenset({
     "application/vnd.oci.image.index.v1+json",
@@ -74,7 +74,6 @@ FOREIGN_LAYER_TYPES = frozenset({
     "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
 })
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_MANIFESTS = 256       # per copy: an index and its children
 MAX_DEPTH = 4             # indexes inside indexes
 # distribution 2.8 (filesystem storage) rewrites a blob's or manifest's link file on every
@@ -84,8 +83,6 @@ MAX_DEPTH = 4             # indexes inside indexes
 # concurrent copies of one image; a short random pause and a retry clear it.
 RACE_ATTEMPTS = 3
 RACE_PAUSE = (0.05, 0.3)
-_HASHES = {"sha256": 64, "sha512": 128}
-_DIGEST = re.compile(r"^([a-z0-9]+):([a-f0-9]+)$")
 
 
 @dataclass(frozen=True)
@@ -138,6 +135,12 @@ class Copier:
 
     async def has_manifest(self, where: Location, digest: str) -> bool:
         """Whether `where` holds the manifest or index `digest` (Failure on failure)."""
+        try:
+            return await self._has_manifest(where, digest)
+        except Exception as exc:
+            raise classify(exc, str(where)) from None
+
+    async def _has_manifest(self, where: Location, digest: str) -> bool:
         _check_digest(digest)
         try:
             await _racing(lambda: self._session.request(
@@ -153,6 +156,13 @@ class Copier:
     async def copy(self, source: Location, dest: Location, digest: str, tag: str | None = None,
                    mount_from: Sequence[str] = ()) -> CopyReport:
         """Copy the manifest or index `digest`, with everything it references, then tag it."""
+        try:
+            return await self._copy(source, dest, digest, tag, mount_from)
+        except Exception as exc:
+            raise classify(exc, f"copying {digest} from {source} to {dest}") from None
+
+    async def _copy(self, source: Location, dest: Location, digest: str, tag: str | None,
+                    mount_from: Sequence[str]) -> CopyReport:
         _check_digest(digest)
         job = _Copy(self._session, source, dest, asyncio.Semaphore(self._parallel),
                     [repo for repo in dict.fromkeys(mount_from) if repo != dest.repository])
@@ -169,6 +179,12 @@ class Copier:
 
     async def push_blob(self, where: Location, data: bytes) -> str:
         """Store `data` as a blob in `where` unless it is there; returns its digest."""
+        try:
+            return await self._push_blob(where, data)
+        except Exception as exc:
+            raise classify(exc, str(where)) from None
+
+    async def _push_blob(self, where: Location, data: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         job = _Copy(self._session, where, where, asyncio.Semaphore(1), [])
         if not await job.blob_exists(digest):
@@ -245,20 +261,12 @@ class _Copy:
         return _Manifest(digest, media_type, body, (*config, *layers)), []
 
     async def _read_manifest(self, response: httpx.Response, digest: str) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                self.manifest_bytes += len(chunk)
-                if size > MAX_MANIFEST_BYTES or self.manifest_bytes > 4 * MAX_MANIFEST_BYTES:
-                    raise Failure(Kind.INVALID, f"{self.source}@{digest}: manifests over "
-                                                   "the size limit")
-                chunks.append(chunk)
-        except httpx.TransportError as exc:
-            raise Failure(Kind.UNREACHABLE, f"{self.source.endpoint.host}: reading "
-                                               f"{digest}: {_describe(exc)}") from None
-        return b"".join(chunks)
+        # Each manifest at most MAX_MANIFEST_BYTES, and an index with its children at most
+        # four times that.
+        budget = min(MAX_MANIFEST_BYTES, 4 * MAX_MANIFEST_BYTES - self.manifest_bytes)
+        body = await read_body(response, budget, f"{self.source}@{digest}")
+        self.manifest_bytes += len(body)
+        return body
 
     async def put_manifest(self, manifest: _Manifest, reference: str) -> None:
         response = await _racing(lambda: self.session.request(
@@ -410,9 +418,10 @@ async def _verified(response: httpx.Response, blob: _Blob,
                 raise Failure(Kind.INVALID, f"{where}: blob {blob.digest} does not match "
                                                "its digest")
             yield chunk
-    except httpx.TransportError as exc:
-        raise Failure(Kind.UNREACHABLE, f"{where}: reading blob {blob.digest}: "
-                                           f"{_describe(exc)}") from None
+    except Failure:
+        raise
+    except Exception as exc:
+        raise classify(exc, f"{where}: reading blob {blob.digest}") from None
     if remaining:
         raise Failure(Kind.INVALID, f"{where}: blob {blob.digest} ended {remaining} bytes "
                                        "short")
@@ -430,7 +439,7 @@ def _descriptors(document: dict[str, Any], key: str, where: str,
         if not isinstance(entry, dict):
             raise Failure(Kind.INVALID, f"{where}: a descriptor in {key!r} is not an object")
         digest, size = entry.get("digest"), entry.get("size")
-        if (not isinstance(digest, str) or not _valid_digest(digest)
+        if (not isinstance(digest, str) or not valid_digest(digest)
                 or not isinstance(size, int) or isinstance(size, bool) or size < 0):
             raise Failure(Kind.INVALID, f"{where}: bad descriptor {str(entry)[:200]}")
         if skip_foreign and entry.get("urls") and entry.get("mediaType") in FOREIGN_LAYER_TYPES:
@@ -439,13 +448,8 @@ def _descriptors(document: dict[str, Any], key: str, where: str,
     return found
 
 
-def _valid_digest(digest: str) -> bool:
-    match = _DIGEST.match(digest)
-    return match is not None and _HASHES.get(match[1]) == len(match[2])
-
-
 def _check_digest(digest: str) -> None:
-    if not _valid_digest(digest):
+    if not valid_digest(digest):
         raise Failure(Kind.INVALID, f"{digest!r} is not a sha256 or sha512 digest")
 
 
@@ -465,9 +469,6 @@ def _push(repository: str) -> str:
 def _ns(endpoint: Endpoint) -> dict[str, str] | None:
     return {"ns": endpoint.namespace} if endpoint.namespace else None
 
-
-def _describe(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 async def _racing(call: Callable[[], Awaitable[httpx.Response]],

@@ -16,6 +16,7 @@ failure of kind `invalid` for the registries it configures, logged once per chan
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -54,16 +55,31 @@ class Endpoint:
     capabilities: frozenset[str] = field(default=frozenset({"pull", "resolve", "push"}))
     # Client certificates: (certificate file, key file; '' when the key is in the first).
     client: tuple[tuple[str, str], ...] = ()
+    # HTTPS that may fall back to plain HTTP (the endpoint after it) when the registry
+    # does not speak TLS: containerd's way with loopback registries.
+    http_fallback: bool = False
 
 
 def default_server(domain: str) -> str:
     if domain == "docker.io":
         return DOCKER_HUB_SERVER
-    return f"{'http' if is_loopback(domain) else 'https'}://{domain}"
+    return f"https://{domain}"
 
 
 def default_host(domain: str) -> str:
     return urlsplit(default_server(domain)).netloc
+
+
+def default_endpoints(domain: str) -> list[Endpoint]:
+    """Where containerd goes for `domain` when no hosts directory says otherwise."""
+    if not is_loopback(domain):
+        return [_endpoint(default_server(domain), {}, "", Path("."))]
+    return [_tls_first(_endpoint(f"https://{domain}", {"skip_verify": True}, "", Path("."))),
+            _endpoint(f"http://{domain}", {}, "", Path("."))]
+
+
+def _tls_first(endpoint: Endpoint) -> Endpoint:
+    return dataclasses.replace(endpoint, http_fallback=True)
 
 
 Signature = tuple[int, int, int]
@@ -102,7 +118,7 @@ class Hosts:
         Raises Failure(invalid) naming the file when it is broken."""
         directory = self.directory(domain)
         if directory is None:
-            return [_endpoint(default_server(domain), {}, "", Path("."))]
+            return default_endpoints(domain)
         path = directory / "hosts.toml"
         # Without a hosts.toml, the directory's listing (its certificates) is what counts.
         signature = _signature(path) or _signature(directory)
@@ -145,10 +161,15 @@ def _parse(directory: Path, path: Path, domain: str) -> list[Endpoint]:
         if not isinstance(settings, dict):
             raise Failure(Kind.INVALID, f"{path}: host.{url!r}: expected a table")
         found.append(_endpoint(url, settings, domain, directory))
-    server = document.get("server") or default_server(domain)
-    if not isinstance(server, str):
+    server = document.get("server")
+    if not server and is_loopback(domain):
+        # No server named: the registry itself, over HTTPS then HTTP, as without a file.
+        found.append(_tls_first(_endpoint(f"https://{domain}",
+                                          {**document, "skip_verify": True}, "", directory)))
+        server = f"http://{domain}"
+    if not isinstance(server or "", str):
         raise Failure(Kind.INVALID, f"{path}: server: expected a URL")
-    found.append(_endpoint(server, document, "", directory))
+    found.append(_endpoint(server or default_server(domain), document, "", directory))
     return [endpoint for endpoint in found if "resolve" in endpoint.capabilities]
 
 

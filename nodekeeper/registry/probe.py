@@ -20,6 +20,7 @@ from nodekeeper.failures import Failure, Kind
 from nodekeeper.reference import Reference
 from nodekeeper.registry.hosts import Endpoint, Hosts
 from nodekeeper.registry.session import Session
+from nodekeeper.registry.wire import MAX_MANIFEST_BYTES, classify, read_body, valid_digest
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -28,8 +29,6 @@ MANIFEST_TYPES = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 ACCEPT = ", ".join(MANIFEST_TYPES)
-# Largest manifest we hash ourselves when a registry omits Docker-Content-Digest.
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -66,9 +65,10 @@ class Prober:
             kind = "timeout"
             raise Failure(Kind.TIMEOUT, f"no answer from {ref.domain} within "
                                           f"probe_timeout {timeout:g}s") from None
-        except Failure as failure:
-            kind = failure.kind
-            raise
+        except Exception as exc:  # every outcome is a result or a Failure of one kind
+            failure = classify(exc, ref.domain)
+            kind = failure.kind.value
+            raise failure from None
         finally:
             metrics.PROBE_SECONDS.labels(ref.domain, kind).observe(self._clock() - started)
 
@@ -92,6 +92,8 @@ class Prober:
                 try:
                     return await self._resolve(endpoint, ref, credentials)
                 except Failure as failure:
+                    if endpoint.http_fallback and failure.kind is Kind.UNREACHABLE:
+                        continue  # no TLS there: plain HTTP, next, gives the answer
                     # Like containerd: an unusable mirror hands over to the next host.
                     first = first or failure
                     if failure.kind in (Kind.UNAUTHORIZED, Kind.RATE_LIMITED):
@@ -108,13 +110,17 @@ class Prober:
         headers = {"Accept": ACCEPT}
         response = await self._session.request("HEAD", endpoint, url, creds=creds, scope=scope,
                                                params=params, headers=headers)
-        digest = response.headers.get("docker-content-digest", "")
+        digest = response.headers.get("docker-content-digest", "").strip()
         if not digest:
             response = await self._session.request("GET", endpoint, url, creds=creds,
-                                                   scope=scope, params=params, headers=headers)
-            if len(response.content) > MAX_MANIFEST_BYTES:
-                raise Failure(Kind.INVALID, f"manifest from {endpoint.host} is too large")
-            digest = "sha256:" + hashlib.sha256(response.content).hexdigest()
+                                                   scope=scope, params=params, headers=headers,
+                                                   stream=True)
+            body = await read_body(response, MAX_MANIFEST_BYTES,
+                                   f"the manifest from {endpoint.host}")
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if not valid_digest(digest):
+            raise Failure(Kind.INVALID, f"{endpoint.host} answered a Docker-Content-Digest "
+                                        f"that is not a digest: {digest[:80]!r}")
         if ref.digest and digest != ref.digest:
             raise Failure(Kind.INVALID, f"{endpoint.host} answered {digest} for {ref.digest}")
         remaining = response.headers.get("ratelimit-remaining", "").split(";", 1)[0].strip()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import json
+import math
 import re
 import ssl
 import time
@@ -26,8 +28,13 @@ from nodekeeper import logs, metrics
 from nodekeeper.credentials import Credentials
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.registry.hosts import Endpoint
+from nodekeeper.registry.wire import MAX_SMALL_BODY, classify, header_safe, read_body, scrub
 
-DEFAULT_TOKEN_SECONDS = 60.0
+DEFAULT_TOKEN_SECONDS = 60.0     # when a token answer has no expires_in, as containerd
+MAX_TOKEN_SECONDS = 3600.0       # a token is never kept longer, whatever it claims
+MAX_TOKEN_CHARS = 16 * 1024      # Docker Hub's are ~2 KiB, the largest seen ~8 KiB
+MAX_CHALLENGE_CHARS = 4096
+MAX_REDIRECTS = 5
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 _log = logs.get("registry")
@@ -63,49 +70,75 @@ class Session:
                       stream: bool = False) -> httpx.Response:
         """One request, answering a 401 challenge once with a token or Basic auth.
 
-        Raises Failure for any answer of 300 or more. With `stream`, the body is
-        not read: the caller iterates it and closes the response. A streamed `content`
-        is sent once: a 401 to it is answered (and cached) but raised, not retried.
+        Raises Failure for any answer of 300 or more, and for anything else that goes
+        wrong (wire.classify). Without `stream` the body is read, at most
+        MAX_SMALL_BODY bytes; with it, the body is left for the caller to read (with
+        wire.read_body) and close. A streamed `content` is sent once: a 401 to it is
+        answered (and cached) but raised, not retried.
         """
         creds = creds if creds and creds.applies_to(endpoint.host) else None
-        sent = {**dict(endpoint.headers), **(headers or {})}
         token_key = (endpoint.host, scope, _identity(creds))
+        try:
+            return await self._request(method, endpoint, url, creds, scope, token_key,
+                                       params, headers, content, stream)
+        except Exception as exc:
+            secrets = _secrets(creds, self._tokens.get(token_key))
+            failure = classify(exc, endpoint.host)
+            raise Failure(failure.kind, scrub(failure.detail, secrets)) from None
+
+    async def _request(self, method: str, endpoint: Endpoint, url: str,
+                       creds: Credentials | None, scope: str,
+                       token_key: tuple[str, str, str], params: Mapping[str, str] | None,
+                       headers: Mapping[str, str] | None,
+                       content: bytes | AsyncIterable[bytes] | None,
+                       stream: bool) -> httpx.Response:
+        sent = {**dict(endpoint.headers), **(headers or {})}
         cached = self._tokens.get(token_key)
         if cached is not None and cached.expires > self._clock():
             sent["Authorization"] = cached.header
-        response = await self._send(method, endpoint, url, params, sent, content, stream)
+        response = await self._send(method, endpoint, url, params, sent, content)
         if response.status_code == 401:
-            await response.aclose()
             challenge = response.headers.get("www-authenticate", "")
+            await response.aclose()
             sent["Authorization"] = await self._answer(endpoint, challenge, creds, scope,
                                                        token_key)
             if content is not None and not isinstance(content, bytes):
                 raise Failure(Kind.UNAUTHORIZED, f"{endpoint.host} challenged a streamed "
-                                                   "upload, which cannot be sent again")
-            response = await self._send(method, endpoint, url, params, sent, content, stream)
+                                                 "upload, which cannot be sent again")
+            response = await self._send(method, endpoint, url, params, sent, content)
         if response.status_code >= 300:
-            await response.aread()
             await response.aclose()
             _raise_for(response, endpoint)
+        if not stream:
+            # The body is read here, bounded; callers see it as response.content.
+            body = await read_body(response, MAX_SMALL_BODY, f"{endpoint.host}{url[-80:]}")
+            response = httpx.Response(response.status_code, headers=response.headers,
+                                      content=body, request=response.request)
         return response
 
     async def _answer(self, endpoint: Endpoint, challenge: str, creds: Credentials | None,
                       scope: str, token_key: tuple[str, str, str]) -> str:
+        if len(challenge) > MAX_CHALLENGE_CHARS:
+            raise Failure(Kind.INVALID, f"{endpoint.host} sent a challenge of "
+                                        f"{len(challenge)} characters")
         scheme = challenge.split(" ", 1)[0].lower()
         fields = dict(_CHALLENGE_PARAM.findall(challenge))
         if scheme == "basic":
             if creds is None or not creds.username:
                 raise Failure(Kind.UNAUTHORIZED, f"{endpoint.host} wants credentials and "
-                                                   "none were given for it")
+                                                 "none were given for it")
             pair = f"{creds.username}:{creds.password}".encode()
             header = f"Basic {base64.b64encode(pair).decode()}"
             self._tokens[token_key] = _Token(header, float("inf"))
             return header
         if scheme != "bearer" or "realm" not in fields:
             raise Failure(Kind.INVALID, f"{endpoint.host} sent an unusable challenge "
-                                          f"{challenge[:120]!r}")
+                                        f"{challenge[:120]!r}")
         if creds is not None and creds.registry_token:
             header = f"Bearer {creds.registry_token}"
+            if not header_safe(header):
+                raise Failure(Kind.INVALID, f"the registry token for {endpoint.host} cannot "
+                                            "be sent in an HTTP header")
             self._tokens[token_key] = _Token(header, float("inf"))
             return header
         token = await self._fetch_token(endpoint, fields, creds, fields.get("scope") or scope)
@@ -115,7 +148,16 @@ class Session:
     async def _fetch_token(self, endpoint: Endpoint, fields: dict[str, str],
                            creds: Credentials | None, scope: str) -> _Token:
         realm = fields["realm"]
-        realm_parts = httpx.URL(realm)
+        what = f"token service {realm[:200]}"
+        try:
+            realm_parts = httpx.URL(realm)
+            usable = (realm_parts.scheme in ("http", "https") and bool(realm_parts.host)
+                      and 0 < (realm_parts.port or 443) < 65536)
+        except (ValueError, TypeError, httpx.InvalidURL):
+            usable = False
+        if not usable:
+            raise Failure(Kind.INVALID, f"{endpoint.host} named a realm that is not a usable "
+                                        f"URL: {realm[:120]!r}")
         # Credentials go to a token service over HTTPS, or to the registry's own host
         # (any port): never in clear text to a third party.
         same_host = realm_parts.host == httpx.URL(endpoint.base).host
@@ -124,44 +166,60 @@ class Session:
         if "service" in fields:
             query["service"] = fields["service"]
         client = self._client(endpoint)
-        try:
-            if send_creds and creds is not None and creds.identity_token:
-                response = await client.post(realm, data={
-                    "grant_type": "refresh_token", "refresh_token": creds.identity_token,
-                    "client_id": "nodekeeper", **query})
-            else:
-                auth = (httpx.BasicAuth(creds.username, creds.password)
-                        if send_creds and creds is not None and creds.username else None)
-                response = await client.get(realm, params=query, auth=auth)
-        except httpx.TransportError as exc:
-            raise Failure(Kind.UNREACHABLE, f"token service {realm}: {_describe(exc)}") from None
+        if send_creds and creds is not None and creds.identity_token:
+            request = client.build_request("POST", realm_parts, data={
+                "grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                "client_id": "nodekeeper", **query})
+        else:
+            basic = {}
+            if send_creds and creds is not None and creds.username:
+                pair = f"{creds.username}:{creds.password}".encode()
+                basic["Authorization"] = f"Basic {base64.b64encode(pair).decode()}"
+            request = client.build_request("GET", realm_parts, params=query, headers=basic)
+        response = await client.send(request, stream=True)
         _count(endpoint, "token", response.status_code)
         if response.status_code in (401, 403):
-            raise Failure(Kind.UNAUTHORIZED, f"token service {realm} refused the credentials "
-                                               f"({response.status_code})")
-        _raise_for(response, endpoint, what=f"token service {realm}")
+            await response.aclose()
+            raise Failure(Kind.UNAUTHORIZED, f"{what} refused the credentials "
+                                             f"({response.status_code})")
+        if response.status_code >= 300:
+            await response.aclose()
+            _raise_for(response, endpoint, what=what)
+        body = await read_body(response, MAX_SMALL_BODY, what)
+        return self._token(body, what)
+
+    def _token(self, body: bytes, what: str) -> _Token:
         try:
-            body = response.json()
-            value = body.get("token") or body.get("access_token")
-            lifetime = float(body.get("expires_in") or DEFAULT_TOKEN_SECONDS)
-        except (ValueError, AttributeError):
-            value, lifetime = None, 0.0
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise Failure(Kind.INVALID, f"{what} answered something that is not a JSON object")
+        value = answer.get("token") or answer.get("access_token")
         if not isinstance(value, str) or not value:
-            raise Failure(Kind.INVALID, f"token service {realm} sent no token")
-        # Renew a little early, so a token never expires between our check and its use.
-        return _Token(f"Bearer {value}", self._clock() + max(lifetime - 5.0, 1.0))
+            raise Failure(Kind.INVALID, f"{what} sent no token")
+        if len(value) > MAX_TOKEN_CHARS or not header_safe(value):
+            raise Failure(Kind.INVALID, f"{what} sent a token that cannot be used "
+                                        f"({len(value)} characters; at most "
+                                        f"{MAX_TOKEN_CHARS} printable ASCII)")
+        lifetime = answer.get("expires_in")
+        if lifetime is None:
+            lifetime = DEFAULT_TOKEN_SECONDS
+        if (isinstance(lifetime, bool) or not isinstance(lifetime, int | float)
+                or not math.isfinite(lifetime)):
+            raise Failure(Kind.INVALID, f"{what} sent an expires_in that is not a number")
+        # As containerd: less than a minute counts as a minute. Renew a little early, so a
+        # token never expires between our check and its use.
+        lifetime = min(max(float(lifetime), DEFAULT_TOKEN_SECONDS), MAX_TOKEN_SECONDS)
+        return _Token(f"Bearer {value}", self._clock() + lifetime - 5.0)
 
     async def _send(self, method: str, endpoint: Endpoint, url: str,
                     params: Mapping[str, str] | None, headers: dict[str, str],
-                    content: bytes | AsyncIterable[bytes] | None,
-                    stream: bool) -> httpx.Response:
+                    content: bytes | AsyncIterable[bytes] | None) -> httpx.Response:
         client = self._client(endpoint)
         request = client.build_request(method, url, params=params, headers=headers,
                                        content=content)
-        try:
-            response = await client.send(request, stream=stream)
-        except httpx.TransportError as exc:
-            raise Failure(Kind.UNREACHABLE, f"{endpoint.host}: {_describe(exc)}") from None
+        response = await client.send(request, stream=True)
         _count(endpoint, method, response.status_code)
         return response
 
@@ -170,17 +228,28 @@ class Session:
         client = self._clients.get(key)
         if client is None:
             client = httpx.AsyncClient(
-                verify=_tls(endpoint), follow_redirects=True, trust_env=False,
-                transport=self._transport,
+                verify=_tls(endpoint), follow_redirects=True, max_redirects=MAX_REDIRECTS,
+                trust_env=False, transport=self._transport,
                 # The probe's own deadline bounds the whole exchange; these only keep a
                 # dead connection from lingering in the pool.
                 timeout=httpx.Timeout(30.0),
                 limits=httpx.Limits(max_connections=self._per_host * 2,
                                     max_keepalive_connections=self._per_host),
-                headers={"User-Agent": "nodekeeper"},
+                # Compressed answers could cost far more than their size: ask for none
+                # (wire.read_body still copes, within its caps).
+                headers={"User-Agent": "nodekeeper", "Accept-Encoding": "identity"},
             )
             self._clients[key] = client
         return client
+
+
+def _secrets(creds: Credentials | None, token: _Token | None) -> list[str]:
+    """What must never appear in a message about a request with these."""
+    found = [token.header.split(" ", 1)[-1]] if token is not None else []
+    if creds is not None:
+        found += [creds.password, creds.identity_token, creds.registry_token,
+                  base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()]
+    return [secret for secret in found if secret]
 
 
 def _identity(creds: Credentials | None) -> str:
@@ -238,7 +307,3 @@ def _raise_for(response: httpx.Response, endpoint: Endpoint, what: str = "") -> 
 
 def _count(endpoint: Endpoint, method: str, status: int) -> None:
     metrics.UPSTREAM_REQUESTS.labels(endpoint.host, method, str(status)).inc()
-
-
-def _describe(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -26,6 +26,7 @@ from tests.harness import (
     push_new,
     resolve,
 )
+from tests.harness._proc import wait_for_count
 from tests.harness.nodekeeper import Nodekeeper
 
 pytestmark = pytest.mark.integration
@@ -238,6 +239,8 @@ def test_blobs_backing_already_holds_are_mounted_not_copied(
     wait_in_backing(backing, backing_repo(registry, "first"), "v1")
     node.pull(image_ref(registry.host, "second", "v1"))
     wait_in_backing(backing, backing_repo(registry, "second"), "v1")
-    copies = [e for e in node.nodekeeper.events() if e.get("event") == "copied to backing"]
+    # The tag is copied last, but the public marker and the log line come after it.
+    copies = wait_for_count(lambda: [e for e in node.nodekeeper.events()
+                                     if e.get("event") == "copied to backing"], 2, 20)
     assert [c["blobs_mounted"] for c in copies] == [0, len(image.blobs)]
     assert copies[1]["bytes"] == 0

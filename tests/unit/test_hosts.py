@@ -28,12 +28,6 @@ def hosts_file(hosts_dir: Path, domain: str, text: str) -> Path:
         ("docker.io", "https://registry-1.docker.io/v2", "registry-1.docker.io"),
         ("ghcr.io", "https://ghcr.io/v2", "ghcr.io"),
         ("registry.example:5000", "https://registry.example:5000/v2", "registry.example:5000"),
-        ("127.0.0.1:5000", "http://127.0.0.1:5000/v2", "127.0.0.1:5000"),
-        ("127.0.0.1", "http://127.0.0.1/v2", "127.0.0.1"),
-        ("127.1.2.3:80", "http://127.1.2.3:80/v2", "127.1.2.3:80"),
-        ("localhost:5000", "http://localhost:5000/v2", "localhost:5000"),
-        ("localhost", "http://localhost/v2", "localhost"),
-        ("[::1]:5000", "http://[::1]:5000/v2", "[::1]:5000"),
         ("10.0.0.1:5000", "https://10.0.0.1:5000/v2", "10.0.0.1:5000"),
         ("localhost.example", "https://localhost.example/v2", "localhost.example"),
     ],
@@ -43,6 +37,17 @@ def test_default_endpoint(tmp_path: Path, domain: str, base: str, host: str) -> 
     assert found == Endpoint(base=base, host=host)
     assert "resolve" in found.capabilities
     assert found.namespace == ""
+
+
+@pytest.mark.parametrize("domain", ["127.0.0.1:5000", "127.0.0.1", "127.1.2.3:80",
+                                    "localhost:5000", "localhost", "[::1]:5000"])
+def test_a_loopback_registry_is_tried_over_https_first_then_http(tmp_path: Path,
+                                                                domain: str) -> None:
+    # As containerd 1.7 and 2.x: HTTPS without verification, then plain HTTP.
+    tls, plain = Hosts([tmp_path]).endpoints(domain)
+    assert (tls.base, tls.skip_verify) == (f"https://{domain}/v2", True)
+    assert (plain.base, plain.skip_verify) == (f"http://{domain}/v2", False)
+    assert tls.host == plain.host == domain
 
 
 def test_missing_hosts_dir_is_fine(tmp_path: Path) -> None:
@@ -89,7 +94,8 @@ def test_server_defaults_to_the_registry(tmp_path: Path) -> None:
     assert [e.base for e in Hosts([tmp_path]).endpoints("docker.io")] == [
         "https://mirror.example/v2", "https://registry-1.docker.io/v2"]
     hosts_file(tmp_path, "127.0.0.1:5000", '[host."https://mirror.example"]\n')
-    assert Hosts([tmp_path]).endpoints("127.0.0.1:5000")[-1].base == "http://127.0.0.1:5000/v2"
+    assert [e.base for e in Hosts([tmp_path]).endpoints("127.0.0.1:5000")][-2:] == [
+        "https://127.0.0.1:5000/v2", "http://127.0.0.1:5000/v2"]
 
 
 def test_server_replaced(tmp_path: Path) -> None:

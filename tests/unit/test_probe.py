@@ -9,7 +9,7 @@ import base64
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -29,7 +29,7 @@ MANIFEST_TYPES = (
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 )
-HOST = "127.0.0.1:5000"
+HOST = "registry.test:5000"
 IMAGE = f"{HOST}/team/app:1.0"
 MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_TYPES[1]}).encode()
 DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
@@ -141,22 +141,6 @@ class Clock:
 MakeProber = Callable[..., MockProber]
 
 
-@pytest.fixture
-async def make_prober(tmp_path: Path) -> AsyncIterator[MakeProber]:
-    made: list[MockProber] = []
-
-    def make(handler: Handler, **kwargs: object) -> MockProber:
-        prober = MockProber(str(tmp_path / "hosts"), handler, **kwargs)  # type: ignore[arg-type]
-        made.append(prober)
-        return prober
-
-    try:
-        yield make
-    finally:
-        for prober in made:
-            await prober.close()
-
-
 async def probe(prober: Prober, image: str = IMAGE, creds: Credentials | None = None,
                 timeout: float = TIMEOUT) -> ProbeResult:
     return await prober.probe(parse(image), creds, timeout)
@@ -183,7 +167,7 @@ async def test_head_with_docker_content_digest(make_prober: MakeProber) -> None:
     assert result == ProbeResult(DIGEST, HOST, authenticated=False, pull_quota_spent=False)
     (request,) = registry.requests
     assert request.method == "HEAD"
-    assert str(request.url) == f"http://{HOST}/v2/team/app/manifests/1.0"
+    assert str(request.url) == f"https://{HOST}/v2/team/app/manifests/1.0"
 
 
 async def test_accept_lists_all_four_manifest_types(make_prober: MakeProber) -> None:
@@ -573,3 +557,32 @@ async def test_no_resolving_endpoint_is_a_probe_failure(make_prober: MakeProber,
 
 def test_reference_parse_matches_the_probed_path() -> None:
     assert parse(IMAGE) == Reference(HOST, "team/app", "1.0")
+
+
+# -- loopback registries: HTTPS first, then plain HTTP, as containerd -------------------------
+
+LOOPBACK_IMAGE = "127.0.0.1:5000/team/app:1.0"
+
+
+@pytest.mark.parametrize(("status", "kind"), [(404, Kind.NOT_FOUND), (401, Kind.UNAUTHORIZED),
+                                              (503, Kind.SERVER_ERROR)])
+async def test_plain_http_answers_for_a_loopback_registry_without_tls(
+        make_prober: MakeProber, status: int, kind: Kind) -> None:
+    schemes: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        schemes.append(request.url.scheme)
+        if request.url.scheme == "https":
+            raise httpx.ConnectError("[SSL: WRONG_VERSION_NUMBER] wrong version number")
+        return httpx.Response(status, headers={"WWW-Authenticate": 'Basic realm="r"'})
+
+    assert (await failure(make_prober(handler), LOOPBACK_IMAGE)).kind is kind
+    assert schemes[:2] == ["https", "http"]
+
+
+async def test_a_loopback_registry_with_tls_is_not_asked_over_http(
+        make_prober: MakeProber) -> None:
+    registry = FakeRegistry()
+    found = await probe(make_prober(registry), LOOPBACK_IMAGE)
+    assert found.digest == DIGEST
+    assert [r.url.scheme for r in registry.requests] == ["https"]
