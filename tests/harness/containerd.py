@@ -93,18 +93,20 @@ def _toml_str(value: str | Path) -> str:
     return json.dumps(str(value))
 
 
-def plain_http_hosts_toml(host: str) -> str:
-    """hosts.toml sending pulls for ``host`` ("127.0.0.1:PORT") over plain HTTP only.
+# hosts.toml names the registry once, as ``server``: a ``[host]`` entry for the same URL
+# would have containerd (and nodekeeper, which follows it) ask that endpoint twice before
+# failing. The empty ``[host]`` table is for 1.6.20, which rejects a file without one
+# ("invalid `host` tree") and then ignores the file altogether.
 
-    Only ``server``: a ``[host]`` entry naming the same URL would make containerd (and
-    nodekeeper, which follows it) ask the same endpoint twice before failing.
-    """
-    return f'server = "http://{host}"\n'
+
+def plain_http_hosts_toml(host: str) -> str:
+    """hosts.toml sending pulls for ``host`` ("127.0.0.1:PORT") over plain HTTP only."""
+    return f'server = "http://{host}"\n\n[host]\n'
 
 
 def tls_hosts_toml(host: str, ca_file: str | Path) -> str:
     """hosts.toml for an HTTPS registry at ``host`` whose certificate ``ca_file`` signed."""
-    return f'server = "https://{host}"\nca = {_toml_str(ca_file)}\n'
+    return f'server = "https://{host}"\nca = {_toml_str(ca_file)}\n\n[host]\n'
 
 
 class Containerd(Service):
