@@ -335,7 +335,7 @@ def test_pinned_sandbox_image_answers_as_containerd_does(
     with CriClient(containerd.address) as direct, CriClient(daemon.socket) as kubelet:
         assert kubelet.pull(sandbox) == pause.config_digest
         status = direct.status(sandbox)
-        # 1.7 and later mark the sandbox image pinned (GC must keep it); 1.6 has no such flag.
+        # 1.7 and later mark the sandbox image pinned (GC must keep it); 1.6 never sets it.
         assert status.image.pinned == (containerd.release.name != "1.6")
         assert kubelet.status(sandbox) == status
         assert kubelet.status(sandbox, verbose=True) == direct.status(sandbox, verbose=True)
