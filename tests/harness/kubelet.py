@@ -9,6 +9,7 @@ unmounts before deleting anything.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import fcntl
@@ -35,6 +36,18 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 class KubeletError(RuntimeError):
     """The kubelet did not start, or another one held the machine for too long."""
+
+
+_LIVE: set[Kubelet] = set()
+
+
+@atexit.register
+def _close_all() -> None:
+    # An interrupted run still removes its pods: their shims would outlive containerd.
+    # Registered after the process reaper's own handler, so it runs before containerd ends.
+    for kubelet in list(_LIVE):
+        with contextlib.suppress(Exception):
+            kubelet.close()
 
 
 def _unix(path: str) -> str:
@@ -105,6 +118,7 @@ class Kubelet(Service):
         self.lock_timeout = lock_timeout
         self.stop_timeout = stop_timeout
         self._lock: IO[bytes] | None = None
+        self._closed = False
         self._proc = ManagedProcess(
             [str(nodebins.binary(KUBELET_BINARY)), "--config", str(self.config_path),
              "--root-dir", str(self.root_dir), "--hostname-override", node_name,
@@ -165,8 +179,11 @@ class Kubelet(Service):
             self._lock = None
 
     def start(self) -> None:
+        if self._closed:
+            raise KubeletError("this kubelet was closed; make a new one")
         if self._lock is None:
             self._acquire()
+        _LIVE.add(self)
         for d in (self.root_dir, self.manifests, self.pod_logs):
             d.mkdir(parents=True, exist_ok=True)
         if self.credentials is not None:
@@ -186,7 +203,12 @@ class Kubelet(Service):
 
     def close(self) -> None:
         """Stop, remove every pod of the runtime through CRI, unmount, delete the root dir,
-        and let the next kubelet have the machine. Safe to call twice."""
+        and let the next kubelet have the machine. Safe to call twice: the second call does
+        nothing (another kubelet may be using the runtime by then)."""
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE.discard(self)
         try:
             self._proc.stop(self.stop_timeout)
             self.remove_pods()

@@ -49,10 +49,10 @@ def first_failure(node: Node, pod: AppPod, since: int, timeout: float = 60.0) ->
     return waiting_reasons(node, pod, since)[0]
 
 
-def started(node: Node, name: str, image: str, record: Record) -> AppPod:
+def started(node: Node, name: str, image: str, record: Record, label: str = "") -> AppPod:
     pod = node.run(name, image)
     seconds = pod.wait_starts(1, POD_START_TIMEOUT)
-    record(f"{node.mode}: pod start", seconds)
+    record(label or f"{node.mode}: pod start", seconds)
     assert seconds is not None, node.kubelet.log_text()[-4000:]
     return pod
 
@@ -135,13 +135,14 @@ def test_a_second_node_starts_a_new_pod_from_backing_while_upstream_is_down(
     backing = make_registry()
     image = upstream.push("app", "v1", seed="scale-out")
     node_a = make_node("nodekeeper", backing_url=backing.url)
-    started(node_a, "app", upstream.ref("app", "v1"), record)
+    started(node_a, "app", upstream.ref("app", "v1"), record, "node A: pod start")
     repo = f"cache/{upstream.host.replace(':', '_')}/app"
     assert wait_until(lambda: resolve(backing.url, repo, "v1") == image.digest, 30)
     upstream.stop()
 
     node_b = make_node("nodekeeper", backing_url=backing.url)  # closes node A's kubelet
-    pod = started(node_b, "app", upstream.ref("app", "v1"), record)
+    pod = started(node_b, "app", upstream.ref("app", "v1"), record,
+                  "node B: new pod from backing, upstream stopped")
     assert pod.builds() == ["scale-out"]
     assert node_b.decisions() == ["backing-fallback"]
     assert node_b.containers(pod)[-1].image_ref == image.config_digest
