@@ -7,13 +7,15 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-# containerd, docker-registry: the integration tests' real parts; skopeo: the copy
-# benchmark's yardstick; binutils, lintian, rpm, rpmlint: building and checking packages;
-# debootstrap, systemd-container: the system test boots Debian 12 under systemd-nspawn;
-# etcd-server: the store behind the real kube-apiserver of the Kubernetes Events tests.
-APT_PACKAGES=(containerd docker-registry skopeo python3-venv ca-certificates
-              binutils binutils-aarch64-linux-gnu lintian rpm rpmlint debootstrap
-              systemd-container etcd-server)
+# containerd, docker-registry: the integration tests' real parts; runc, busybox-static,
+# gcc, libc6-dev: the kubelet tier runs containers (busybox images, a pause binary built
+# static); etcd-server: the store behind the real kube-apiserver of the Events tests;
+# skopeo: the copy benchmark's yardstick; binutils, lintian, rpm, rpmlint: building and
+# checking packages; debootstrap, systemd-container: the system test boots Debian 12
+# under systemd-nspawn.
+APT_PACKAGES=(containerd docker-registry runc busybox-static gcc libc6-dev etcd-server
+              skopeo python3-venv ca-certificates binutils binutils-aarch64-linux-gnu
+              lintian rpm rpmlint debootstrap systemd-container)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

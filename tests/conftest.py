@@ -3,6 +3,7 @@ when containerd or a registry cannot start, the test fails (it never skips)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,15 @@ from typing import Any
 import pytest
 
 from tests.harness import Containerd, CriClient, Registry
+from tests.harness.containerd import ContainerdRelease, selected_releases
 from tests.harness.nodekeeper import Nodekeeper
 
 MakeRegistry = Callable[..., Registry]
 MakeNodekeeper = Callable[..., Nodekeeper]
+MakeContainerd = Callable[..., Containerd]
+
+# NODEKEEPER_CONTAINERD="1.6,2.3" narrows the matrix; every version by default.
+RELEASES = selected_releases()
 
 
 @pytest.fixture
@@ -39,14 +45,37 @@ def registry(make_registry: MakeRegistry) -> Registry:
     return make_registry()
 
 
+@pytest.fixture(params=RELEASES, ids=lambda release: f"containerd-{release.name}")
+def containerd_release(request: pytest.FixtureRequest) -> ContainerdRelease:
+    """The containerd version under test: every test using containerd runs once per version."""
+    release: ContainerdRelease = request.param
+    return release
+
+
 @pytest.fixture
-def containerd(tmp_path: Path) -> Iterator[Containerd]:
-    ctd = Containerd(tmp_path / "containerd")
+def make_containerd(
+    tmp_path: Path, containerd_release: ContainerdRelease
+) -> Iterator[MakeContainerd]:
+    """Start containerds of the version under test on demand; all closed at teardown."""
+    started: list[Containerd] = []
+
+    def make(name: str = "containerd", *, start: bool = True, **kwargs: Any) -> Containerd:
+        ctd = Containerd(tmp_path / name, release=containerd_release, **kwargs)
+        started.append(ctd)  # before start(): a half-started one is closed too
+        if start:
+            ctd.start()
+        return ctd
+
     try:
-        ctd.start()
-        yield ctd
+        yield make
     finally:
-        ctd.close()
+        for ctd in started:
+            ctd.close()
+
+
+@pytest.fixture
+def containerd(make_containerd: MakeContainerd) -> Containerd:
+    return make_containerd()
 
 
 @pytest.fixture
@@ -83,3 +112,23 @@ def nodekeeper(make_nodekeeper: MakeNodekeeper, containerd: Containerd) -> Nodek
 def via_nodekeeper(nodekeeper: Nodekeeper) -> Iterator[CriClient]:
     with CriClient(nodekeeper.socket) as client:
         yield client
+
+
+# -- wall time per containerd version ---------------------------------------------------------
+
+_SECONDS_BY_RELEASE: dict[str, float] = {}
+_RELEASE_ID = re.compile(r"\[(?:.*-)?containerd-(\d+\.\d+)(?:-.*)?\]$")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    found = _RELEASE_ID.search(report.nodeid)
+    if found is not None:
+        name = found.group(1)
+        _SECONDS_BY_RELEASE[name] = _SECONDS_BY_RELEASE.get(name, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _SECONDS_BY_RELEASE:
+        spent = ", ".join(f"{name}: {seconds:.0f} s"
+                          for name, seconds in sorted(_SECONDS_BY_RELEASE.items()))
+        terminalreporter.write_line(f"time in tests per containerd version: {spent}")

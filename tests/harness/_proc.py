@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,10 +53,12 @@ def log_tail(path: Path, max_bytes: int = 6000) -> str:
 class ManagedProcess:
     """One run of a command, appending stdout and stderr to ``log_path``."""
 
-    def __init__(self, argv: Sequence[str], log_path: Path, *, cwd: Path | None = None) -> None:
+    def __init__(self, argv: Sequence[str], log_path: Path, *, cwd: Path | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.argv = list(argv)
         self.log_path = log_path
         self.cwd = cwd
+        self.env = None if env is None else dict(env)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -87,6 +89,7 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.cwd,
+                env=self.env,
                 start_new_session=True,
             )
         _LIVE[self._proc.pid] = self._proc

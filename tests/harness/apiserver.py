@@ -26,7 +26,7 @@ import httpx
 import yaml
 
 from tests.harness._proc import ManagedProcess, Service
-from tests.harness.nodebinaries import node_binary
+from tests.harness.nodebins import binary as node_binary
 from tests.harness.registry import TlsFiles, free_port, make_tls_files
 
 ETCD_BIN = "/usr/bin/etcd"

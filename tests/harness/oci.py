@@ -114,12 +114,14 @@ def build_image(
     seed: str = "",
     platform: tuple[str, str] = ("linux", "amd64"),
     layers: int = 1,
+    cmd: list[str] | None = None,
 ) -> Image:
     """A small OCI image with ``layers`` gzip tar layers.
 
-    ``files`` go into the first layer (default: a tiny ``/hello`` script); each layer also
-    carries a marker file naming the seed, the platform and the layer number, so a different
-    ``seed`` (or platform) gives different layers, config and manifest digests.
+    ``files`` go into the first layer (default: a tiny ``/hello`` script, the default
+    ``cmd``); each layer also carries a marker file naming the seed, the platform and the
+    layer number, so a different ``seed`` (or platform) gives different layers, config and
+    manifest digests.
     """
     if layers < 1:
         raise ValueError("an image needs at least one layer")
@@ -145,7 +147,7 @@ def build_image(
         "os": os_name,
         "created": "1970-01-01T00:00:00Z",
         "config": {
-            "Cmd": ["/hello"],
+            "Cmd": cmd if cmd is not None else ["/hello"],
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "Labels": {"org.nodekeeper.test.seed": seed},
         },

@@ -6,15 +6,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
 
 from nodekeeper._proto import cri_image_pb2 as cri
-from tests.conftest import MakeNodekeeper, MakeRegistry
+from tests.conftest import MakeContainerd, MakeNodekeeper, MakeRegistry
 from tests.harness import (
     Containerd,
     CriClient,
@@ -61,23 +60,18 @@ def backing(make_registry: MakeRegistry) -> Registry:
 
 
 @pytest.fixture
-def make_node(tmp_path: Path, make_nodekeeper: MakeNodekeeper
-              ) -> Iterator[MakeNode]:
-    started: list[Containerd] = []
+def make_node(make_containerd: MakeContainerd, make_nodekeeper: MakeNodekeeper) -> MakeNode:
+    count = 0
 
     def make(backing_url: str, policy: str = ALWAYS, **backing: object) -> Node:
-        containerd = Containerd(tmp_path / f"node{len(started)}-containerd")
-        started.append(containerd)
-        containerd.start()
+        nonlocal count
+        containerd = make_containerd(f"node{count}-containerd")
+        count += 1
         daemon = make_nodekeeper(containerd.address, policy=policy, settings={
             "backing": {"url": backing_url, "timeout": "1s", **backing}})
         return Node(containerd, daemon)
 
-    try:
-        yield make
-    finally:
-        for containerd in started:
-            containerd.close()
+    return make
 
 
 def backing_repo(upstream: Registry, repo: str) -> str:

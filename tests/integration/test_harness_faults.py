@@ -1,6 +1,6 @@
 """The fault proxy and the token-auth registry against the real things: distribution 2.8 and
-containerd 1.6 (CRI). Besides checking the harness, these pin down how containerd itself
-reacts to each fault, which nodekeeper's own tests build on."""
+containerd 1.6, 1.7 and 2.3 (CRI). Besides checking the harness, these pin down how each
+containerd reacts to each fault, which nodekeeper's own tests build on."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from tests.conftest import MakeRegistry
 from tests.harness import (
     NO_RESPONSE,
     BearerAuth,
+    Containerd,
     CriClient,
     FaultProxy,
     ProxyRequest,
@@ -32,6 +34,7 @@ from tests.harness import (
     image_ref,
     oci_error,
     parse_bearer_challenge,
+    plain_http_hosts_toml,
     push_new,
     push_new_with_token,
     sha256_digest,
@@ -45,12 +48,20 @@ MakeTokenServer = Callable[..., TokenServer]
 
 
 @pytest.fixture
-def make_proxy() -> Iterator[MakeProxy]:
+def make_proxy(request: pytest.FixtureRequest) -> Iterator[MakeProxy]:
+    """Start fault proxies. When the test runs a containerd, a hosts.toml tells it each proxy
+    speaks plain HTTP: 1.7 and later try HTTPS first on a loopback host, and give up when
+    the server drops the TLS hello, as this proxy does (see the test of that below)."""
     started: list[FaultProxy] = []
+    containerd: Containerd | None = None
+    if "containerd" in request.fixturenames:
+        containerd = request.getfixturevalue("containerd")
 
     def make(target_url: str, **kwargs: Any) -> FaultProxy:
         proxy = FaultProxy(target_url, **kwargs)
         started.append(proxy)
+        if containerd is not None:
+            containerd.write_hosts_toml(proxy.host, plain_http_hosts_toml(proxy.host))
         return proxy
 
     try:
@@ -111,8 +122,8 @@ def test_containerd_pulls_through_the_proxy(
 
     assert cri_client.pull(ref, timeout=10) == image.config_digest
 
-    # containerd 1.6 speaks plain HTTP to a 127.0.0.1 registry without hosts.toml; it
-    # resolves with HEAD and fetches the manifest and blobs by digest.
+    # Plain HTTP (as hosts.toml says): containerd resolves with HEAD and fetches the
+    # manifest and blobs by digest.
     seen = proxy.requests()
     assert seen[0] == ProxyRequest("HEAD", "/v2/team/app/manifests/v1", 200)
     assert ProxyRequest("GET", f"/v2/team/app/manifests/{image.digest}", 200) in seen
@@ -122,6 +133,28 @@ def test_containerd_pulls_through_the_proxy(
     # Every one of them reached the registry.
     assert len(registry.wait_for_requests(len(seen))) == len(seen)
     assert cri_client.status(ref).image.id == image.config_digest
+
+
+def test_loopback_registry_without_hosts_toml(
+    registry: Registry, containerd: Containerd, cri_client: CriClient
+) -> None:
+    image = push_new(registry.url, "team/app", "v1", seed="no-hosts-toml")
+    with FaultProxy(registry.url) as proxy:
+        ref = image_ref(proxy.host, "team/app", "v1")
+        if containerd.release.name == "1.6":
+            # 1.6 speaks plain HTTP to a 127.0.0.1 registry at once.
+            assert cri_client.pull(ref, timeout=10) == image.config_digest
+            assert proxy.requests()[0] == ProxyRequest("HEAD", "/v2/team/app/manifests/v1", 200)
+        else:
+            # 1.7 and later start with HTTPS; a server that drops the TLS hello is not tried
+            # over HTTP, and nothing reaches it as HTTP.
+            err = pull_error(cri_client, ref)
+            assert f'Head "https://{proxy.host}/v2/team/app/manifests/v1": EOF' in details(err)
+            assert proxy.requests() == []
+    # distribution answers a TLS hello with an HTTP error, which every version takes as a
+    # cue to retry over HTTP.
+    direct = image_ref(registry.host, "team/app", "v1")
+    assert cri_client.pull(direct, timeout=10) == image.config_digest
 
 
 def test_push_through_the_proxy_rewrites_upload_locations(
@@ -211,8 +244,8 @@ def test_concurrent_requests_while_one_hangs(registry: Registry, proxy: FaultPro
 # -- faults seen by containerd ----------------------------------------------------------------
 
 
-def test_500_fails_the_pull_without_retry(
-    registry: Registry, proxy: FaultProxy, cri_client: CriClient
+def test_500_fails_the_pull_with_at_most_one_retry(
+    registry: Registry, proxy: FaultProxy, containerd: Containerd, cri_client: CriClient
 ) -> None:
     push_new(registry.url, "app", "v1", seed="500")
     ref = image_ref(proxy.host, "app", "v1")
@@ -221,15 +254,17 @@ def test_500_fails_the_pull_without_retry(
     err = pull_error(cri_client, ref)
     assert code(err) == grpc.StatusCode.UNKNOWN
     assert "500 Internal Server Error" in details(err)
-    assert proxy.requests() == [ProxyRequest("HEAD", "/v2/app/manifests/v1", 500)]
+    # 2.3 asks once more after a server error; 1.6 and 1.7 give up at once.
+    heads = 2 if containerd.release.name == "2.3" else 1
+    assert proxy.requests() == [ProxyRequest("HEAD", "/v2/app/manifests/v1", 500)] * heads
     assert registry.requests() == []
 
     proxy.passthrough()
     assert cri_client.pull(ref, timeout=10)
 
 
-def test_429_is_retried_by_containerd_at_once_six_times(
-    registry: Registry, proxy: FaultProxy, cri_client: CriClient
+def test_429_is_retried_by_containerd_at_once(
+    registry: Registry, proxy: FaultProxy, containerd: Containerd, cri_client: CriClient
 ) -> None:
     image = push_new(registry.url, "app", "v1", seed="429")
     ref = image_ref(proxy.host, "app", "v1")
@@ -241,10 +276,11 @@ def test_429_is_retried_by_containerd_at_once_six_times(
 
     started = time.monotonic()
     err = pull_error(cri_client, ref)
-    # Retry-After is ignored: six HEADs back to back, then the error.
+    # Retry-After is ignored: HEADs back to back (six; five on 2.3), then the error.
     assert time.monotonic() - started < 5
     assert "429 Too Many Requests" in details(err)
-    assert proxy.requests() == [ProxyRequest("HEAD", "/v2/app/manifests/v1", 429)] * 6
+    heads = 5 if containerd.release.name == "2.3" else 6
+    assert proxy.requests() == [ProxyRequest("HEAD", "/v2/app/manifests/v1", 429)] * heads
 
     # With fewer 429s than containerd's retries the pull gets through.
     proxy.clear()
@@ -510,9 +546,10 @@ def test_containerd_pull_with_token_auth(
 
     tokens.clear()
     wrong = cri.AuthConfig(username="alice", password="nope")
-    assert "failed to fetch oauth token: unexpected status: 401" in details(
-        pull_error(cri_client, private_ref, auth=wrong)
-    )
+    # 1.6 says "unexpected status: 401"; 1.7 and later name the token URL that said 401.
+    assert re.search(r"failed to fetch oauth token: unexpected status: 401"
+                     r"|/token\?.*: 401 Unauthorized$",
+                     details(pull_error(cri_client, private_ref, auth=wrong)))
     # containerd tries the OAuth2 password grant (POST) first and falls back to GET with
     # Basic credentials when the token endpoint answers 401 (or 404, 400, 405).
     first = ("POST", "alice", 401) if oauth_post else ("POST", None, 404)

@@ -26,6 +26,7 @@ from tests.harness import (
     Registry,
     TokenServer,
     image_ref,
+    plain_http_hosts_toml,
     push_new,
     push_new_with_token,
     tls_hosts_toml,
@@ -393,9 +394,11 @@ def test_status_and_explain_show_what_happened(
 
 
 @pytest.fixture
-def proxied(registry: Registry) -> Iterator[FaultProxy]:
-    """The registry behind a proxy that fails on demand; images are named by the proxy."""
+def proxied(registry: Registry, containerd: Containerd) -> Iterator[FaultProxy]:
+    """The registry behind a proxy that fails on demand; images are named by the proxy,
+    which containerd is told speaks plain HTTP (1.7 and later try HTTPS first)."""
     with FaultProxy(registry.url) as proxy:
+        containerd.write_hosts_toml(proxy.host, plain_http_hosts_toml(proxy.host))
         yield proxy
 
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from nodekeeper._proto import cri_image_pb2 as cri
-from tests.conftest import MakeNodekeeper, MakeRegistry
+from tests.conftest import MakeContainerd, MakeNodekeeper, MakeRegistry
 from tests.harness import Containerd, CriClient, Registry, free_port, image_ref, push_new
 from tests.harness.nodekeeper import Nodekeeper
 
@@ -324,3 +324,20 @@ def test_metrics_endpoint(make_nodekeeper: MakeNodekeeper, containerd: Container
     assert "nodekeeper_containerd_reachable 1.0" in body
     eventually(lambda: "nodekeeper_containerd_image_events 1.0"
                in httpx.get(f"http://{address}/metrics", timeout=5).text)
+
+
+def test_pinned_sandbox_image_answers_as_containerd_does(
+    registry: Registry, make_containerd: MakeContainerd, make_nodekeeper: MakeNodekeeper
+) -> None:
+    pause = push_new(registry.url, "pause", "1", seed="sandbox")
+    sandbox = image_ref(registry.host, "pause", "1")
+    containerd = make_containerd(sandbox_image=sandbox)
+    daemon = make_nodekeeper(containerd.address)
+    with CriClient(containerd.address) as direct, CriClient(daemon.socket) as kubelet:
+        assert kubelet.pull(sandbox) == pause.config_digest
+        status = direct.status(sandbox)
+        # 1.7 and later mark the sandbox image pinned (GC must keep it); 1.6 never sets it.
+        assert status.image.pinned == (containerd.release.name != "1.6")
+        assert kubelet.status(sandbox) == status
+        assert kubelet.status(sandbox, verbose=True) == direct.status(sandbox, verbose=True)
+        assert kubelet.list() == direct.list()
