@@ -13,6 +13,12 @@ Images live at `<backing>/<prefix>/<source registry>/<repository>`, digests unch
   `backing_private_fallback: allow`.
 - Isolation: every call on the pull path is bounded by `timeout`. A failure marks backing
   down for DOWN_SECONDS, logged once; meanwhile pulls go straight upstream.
+- Integrity: when containerd finds that backing's bytes for a digest do not match it,
+  that (repository, digest) is not pulled from backing on this node for BAD_SECONDS,
+  logged once, and the next write-through of it checks every manifest and blob that
+  backing holds for it. Content a registry already holds cannot be overwritten through
+  its API (distribution keeps the first bytes it stored under a digest), so a check that
+  still finds bad content says what the registry's operator has to remove.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ from nodekeeper.reference import Reference
 from nodekeeper.registry import Endpoint, Session
 from nodekeeper.registry.copy import Copier, Location
 from nodekeeper.registry.probe import ACCEPT
-from nodekeeper.registry.wire import classify
+from nodekeeper.registry.wire import classify, valid_digest
 
 PUBLIC_TAG = "nodekeeper.public"
 DOWN_SECONDS = 30.0
+BAD_SECONDS = 600.0
 MOUNT_CANDIDATES = 3
 _EMPTY = b"{}"
 _EMPTY_DIGEST = "sha256:" + hashlib.sha256(_EMPTY).hexdigest()
@@ -71,6 +78,8 @@ class Backing:
         # in one repository is often in these, and backing can mount it without a copy.
         self._recent: collections.deque[str] = collections.deque(maxlen=MOUNT_CANDIDATES)
         self._copying: set[tuple[str, str]] = set()
+        # (repository, digest) backing served bad bytes for: until when it is not used.
+        self._bad: dict[tuple[str, str], float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._down_until = 0.0
         self.down_reason = ""
@@ -96,6 +105,8 @@ class Backing:
         if not self.config.read or self._down():
             return False
         key = (self.repository(ref), digest)
+        if self._is_bad(key):
+            return False
         if key in self._known:
             return True
         found = await self._bounded(self._copier.has_manifest(self._location(ref), digest))
@@ -108,7 +119,8 @@ class Backing:
         if not self.config.read or self._down() or not ref.tag:
             return ""
         response = await self._bounded(self._head(ref, ref.tag))
-        return response.get("docker-content-digest", "") if response else ""
+        digest = response.get("docker-content-digest", "") if response else ""
+        return digest if valid_digest(digest) else ""
 
     async def is_public(self, ref: Reference) -> bool:
         """Did a node that copied this repository find it pullable without credentials?"""
@@ -161,13 +173,49 @@ class Backing:
         self.down_reason = ""
         metrics.BACKING_UP.set(1)
 
+    # -- integrity -----------------------------------------------------------------------
+
+    def mark_bad(self, ref: Reference, digest: str, detail: str) -> None:
+        key = (self.repository(ref), digest)
+        self._known.discard(key)
+        metrics.BACKING_CORRUPT.inc()
+        if not self._is_bad(key):
+            _log.error("backing served content that does not match its digest; this node "
+                       "pulls it from upstream instead for a while", backing=self.host,
+                       repository=key[0], digest=digest, error=detail,
+                       retry_after_s=BAD_SECONDS)
+        self._bad[key] = self._clock() + BAD_SECONDS
+
+    def _is_bad(self, key: tuple[str, str]) -> bool:
+        until = self._bad.get(key)
+        if until is not None and self._clock() >= until:
+            del self._bad[key]
+            return False
+        return until is not None
+
+    async def _check(self, dest: Location, digest: str, key: tuple[str, str],
+                     fields: dict[str, str]) -> None:
+        """After a copy of a digest once found bad: is what backing holds right now?"""
+        wrong = await self._copier.check(dest, digest)
+        if not wrong:
+            self._bad.pop(key, None)
+            _log.info("backing's copy checked and correct again", **fields)
+            return
+        self._bad[key] = self._clock() + BAD_SECONDS
+        _log.error("backing still holds content that does not match its digest; remove it "
+                   "from backing's storage (for distribution: delete the blobs and run its "
+                   "garbage collector), nodekeeper cannot overwrite it", **fields,
+                   wrong=wrong)
+
     # -- write-through: in the background --------------------------------------------------
 
     def write_through(self, ref: Reference, digest: str, source: Location,
                       public: bool) -> None:
         """Copy `digest` (obtained from `source`) to backing unless it is there already."""
         key = (self.repository(ref), digest)
-        if not self.config.write or key in self._known or key in self._copying:
+        if not self.config.write or key in self._copying:
+            return
+        if key in self._known and not self._is_bad(key):
             return
         if self._down():
             return  # during an outage; the first pull of this image after it copies it
@@ -182,6 +230,12 @@ class Backing:
         fields = {"image": str(ref), "digest": digest, "backing": f"{self.host}/{dest.repository}"}
         try:
             async with self._slots:
+                if self._is_bad(key):
+                    # Fill in what may be missing, then look at every byte backing holds.
+                    await asyncio.wait_for(self._copy_and_check(source, dest, ref, digest,
+                                                                key, fields),
+                                           self.config.copy_timeout)
+                    return
                 if await self._copier.has_manifest(dest, digest):
                     self._known.add(key)
                     metrics.COPIES.labels("skipped").inc()
@@ -214,6 +268,12 @@ class Backing:
                          **fields, error=str(exc) or "copy_timeout")
         finally:
             self._copying.discard(key)
+
+    async def _copy_and_check(self, source: Location, dest: Location, ref: Reference,
+                              digest: str, key: tuple[str, str],
+                              fields: dict[str, str]) -> None:
+        await self._copier.copy(source, dest, digest, ref.tag or None)
+        await self._check(dest, digest, key, fields)
 
     async def _mark_public(self, dest: Location) -> None:
         scope = f"repository:{dest.repository}:pull,push"

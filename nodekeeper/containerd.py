@@ -18,6 +18,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 from nodekeeper import logs, metrics
+from nodekeeper._proto import containerd_content_pb2 as ctdcontent
 from nodekeeper._proto import containerd_events_pb2 as ctdevents
 from nodekeeper._proto import containerd_images_pb2 as ctdimg
 from nodekeeper._proto import cri_image_pb2 as cri
@@ -30,6 +31,7 @@ from nodekeeper.presence import Presence
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CRI_SERVICE = "runtime.v1.ImageService"
 IMAGES_SERVICE = "containerd.services.images.v1.Images"
+CONTENT_SERVICE = "containerd.services.content.v1.Content"
 EVENTS_SUBSCRIBE = "/containerd.services.events.v1.Events/Subscribe"
 # containerd registers a subscription as soon as the request arrives, but says nothing back
 # until the first event; names are kept only once the stream has stood this long.
@@ -59,8 +61,9 @@ _PULL_ERRORS = (
                                   r"connection reset|network is unreachable|"
                                   r"no route to host|tls:|x509:", re.I)),
     (Kind.INVALID, re.compile(r"unexpected media type|invalid|digest|mismatch|"
-                              r"unexpected commit", re.I)),
+                              r"unexpected commit|failed precondition", re.I)),
 )
+_DIGESTS = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 _log = logs.get("containerd")
 
@@ -69,6 +72,8 @@ def classify_pull_error(error: ContainerdError) -> Kind:
     """The failure kind of containerd's answer to a pull."""
     if error.code == "NOT_FOUND":
         return Kind.NOT_FOUND
+    if error.code == "FAILED_PRECONDITION":  # content that does not match its digest
+        return Kind.INVALID
     for kind, pattern in _PULL_ERRORS:
         if pattern.search(error.message):
             return kind
@@ -130,6 +135,32 @@ class Containerd:
         metadata = (("containerd-namespace", self.namespace),)
         return await self.call(f"/{IMAGES_SERVICE}/{method}", request, timeout, metadata)
 
+    async def content(self, method: str, request: bytes) -> bytes:
+        metadata = (("containerd-namespace", self.namespace),)
+        return await self.call(f"/{CONTENT_SERVICE}/{method}", request, None, metadata)
+
+    async def discard(self, digests: Sequence[str]) -> int:
+        """Abort the downloads in progress (ingests) of `digests`: after a pull fails on
+        content that does not match its digest, containerd 1.7 and 2.x keep the bad bytes
+        and commit them again on the next pull of the same digest, from any registry.
+        Returns how many were aborted."""
+        wanted = set(digests)
+        answer = await self.content("ListStatuses", ctdcontent.ListStatusesRequest()
+                                    .SerializeToString())
+        aborted = 0
+        for status in ctdcontent.ListStatusesResponse.FromString(answer).statuses:
+            named = {status.expected} | {part for part in status.ref.split("-", 1)[1:]}
+            if wanted & named:
+                try:
+                    await self.content("Abort", ctdcontent.AbortRequest(ref=status.ref)
+                                       .SerializeToString())
+                except ContainerdError as exc:
+                    if exc.code != "NOT_FOUND":  # finished or aborted meanwhile
+                        raise
+                else:
+                    aborted += 1
+        return aborted
+
     async def image_id(self, name: str) -> str:
         """The ID of the image containerd holds under `name` ('' when none)."""
         request = cri.ImageStatusRequest(image=cri.ImageSpec(image=name)).SerializeToString()
@@ -188,7 +219,8 @@ class Containerd:
         except ContainerdUnavailable:
             raise
         except ContainerdError as exc:
-            raise PullRefused(classify_pull_error(exc), exc) from None
+            named = tuple(dict.fromkeys(_DIGESTS.findall(exc.message)))
+            raise PullRefused(classify_pull_error(exc), exc, named) from None
         return str(cri.PullImageResponse.FromString(answer).image_ref)
 
     async def alias(self, source: str, names: Sequence[str]) -> None:

@@ -46,6 +46,10 @@ class Images(Protocol):
     async def wait_visible(self, name: str) -> bool:
         """Wait (briefly) until `name` answers ImageStatus; False if it never did."""
 
+    async def discard(self, digests: Sequence[str]) -> int:
+        """Drop what failed downloads of `digests` left behind, so that the next pull
+        fetches their bytes afresh; how many were dropped."""
+
 
 class Upstream(Protocol):
     async def probe(self, ref: Reference, credentials: Credentials | None,
@@ -78,6 +82,10 @@ class BackingStore(Protocol):
     def write_through(self, ref: Reference, digest: str, source: Location,
                       public: bool) -> None:
         """Copy `digest` to backing in the background, unless it is there."""
+
+    def mark_bad(self, ref: Reference, digest: str, detail: str) -> None:
+        """Backing served content for `digest` that does not match it: do not pull it from
+        backing for a while, and check it at the next write-through."""
 
 
 class StateStore(Protocol):

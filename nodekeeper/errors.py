@@ -54,11 +54,14 @@ class ContainerdUnavailable(ContainerdError):
 
 class PullRefused(Failure):
     """containerd refused a pull: classified like a registry failure, with containerd's
-    own answer kept for when nothing better can be said."""
+    own answer kept for when nothing better can be said, and the digests it names (the
+    content that did not match, when that was the trouble)."""
 
-    def __init__(self, kind: Kind, answer: ContainerdError) -> None:
+    def __init__(self, kind: Kind, answer: ContainerdError,
+                 digests: tuple[str, ...] = ()) -> None:
         super().__init__(kind, answer.message)
         self.answer = answer
+        self.digests = digests
 
 
 class PullFailed(NodekeeperError):

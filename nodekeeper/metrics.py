@@ -43,6 +43,7 @@ BACKING_READS: Any = _OFF
 COPIES: Any = _OFF
 COPY_BYTES: Any = _OFF
 IMAGES_STALE: Any = _OFF
+BACKING_CORRUPT: Any = _OFF
 KUBE_EVENTS: Any = _OFF
 KUBE_EVENTS_DROPPED: Any = _OFF
 
@@ -51,7 +52,7 @@ def enable() -> None:
     """Create the real metrics. Call once, before anything records a value."""
     global RPCS, RPC_SECONDS, CONTAINERD_UP, IMAGE_EVENTS, DECISIONS, FALLBACKS, PROBE_SECONDS
     global UPSTREAM_REQUESTS, POLICY_VALID, POLICY_LOADED, BACKING_UP, BACKING_READS, COPIES
-    global COPY_BYTES, KUBE_EVENTS, KUBE_EVENTS_DROPPED, IMAGES_STALE
+    global COPY_BYTES, KUBE_EVENTS, KUBE_EVENTS_DROPPED, IMAGES_STALE, BACKING_CORRUPT
     from prometheus_client import Counter, Gauge, Histogram
 
     RPCS = Counter(
@@ -107,6 +108,11 @@ def enable() -> None:
     )
     COPY_BYTES = Counter(
         "nodekeeper_backing_copy_bytes", "Blob bytes copied to the backing registry",
+    )
+    BACKING_CORRUPT = Counter(
+        "nodekeeper_backing_corrupt",
+        "Pulls from the backing registry that failed because its bytes did not match "
+        "their digest (then pulled from upstream)",
     )
     IMAGES_STALE = Gauge(
         "nodekeeper_images_served_stale",

@@ -264,14 +264,29 @@ class Puller:
             image_id = await self._images.pull(job.request.original)
         except PullRefused as refused:
             if step.source is Source.BACKING:
-                _log.warning("pull from backing failed", image=job.name, digest=step.digest,
-                             kind=refused.kind.value, error=refused.detail)
+                await self._backing_refused(job, step.digest, refused)
             return Failed(refused.kind, refused.detail, refused.answer)
         pulled = await self._images.target_digest(job.name)
         if isinstance(probed, Probed) and pulled and pulled != probed.digest:
             _log.warning("upstream moved during the pull", image=job.name,
                          probed=probed.digest, pulled=pulled)
         return Pulled(image_id, pulled)
+
+    async def _backing_refused(self, job: _Job, digest: str, refused: PullRefused) -> None:
+        """A pull from backing failed. When backing's bytes did not match their digest,
+        what containerd kept of them is dropped (it would commit them again on the pull
+        from upstream that follows), and backing's copy is not used for a while."""
+        _log.warning("pull from backing failed", image=job.name, digest=digest,
+                     kind=refused.kind.value, error=refused.detail)
+        if refused.kind is not Kind.INVALID:
+            return
+        assert self._backing is not None
+        self._backing.mark_bad(job.ref, digest, refused.detail)
+        try:
+            await self._images.discard((digest, *refused.digests))
+        except ContainerdError as exc:
+            _log.warning("could not drop the failed download; the pull from upstream may "
+                         "fail the same way", image=job.name, error=exc.message)
 
     async def _pull_from_backing(self, job: _Job, digest: str) -> str:
         """containerd pulls backing's copy, then records it under the original names, so

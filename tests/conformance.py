@@ -103,6 +103,13 @@ class ImagesSuite:
         assert await images.target_digest(source) == ""
 
 
+    async def test_discarding_what_no_download_left_is_harmless(
+            self, images: Images, image_world: ImageWorld) -> None:
+        reference, image = image_world.publish("app", "1", "discarded")
+        assert await images.discard([image.digest, image.image_id]) == 0
+        assert await images.pull(image_world.request(reference)) == image.image_id
+
+
 # -- the upstream registry ---------------------------------------------------------------
 
 class UpstreamWorld(Protocol):
@@ -225,6 +232,15 @@ class BackingSuite:
         backing.write_through(ref, image.digest, source, public=False)
         await eventually(lambda: backing.holds(ref, image.digest))
         assert not await backing.is_public(ref)
+
+    async def test_a_digest_marked_bad_is_not_held_on_this_node(
+            self, backing: BackingStore, backing_world: BackingWorld) -> None:
+        reference, source, image = backing_world.publish_source("app", "9", "bad")
+        ref = parse(reference)
+        backing.write_through(ref, image.digest, source, public=True)
+        await eventually(lambda: backing.holds(ref, image.digest))
+        backing.mark_bad(ref, image.digest, "unexpected commit digest")
+        assert not await backing.holds(ref, image.digest)
 
     async def test_a_backing_that_is_down_holds_nothing_and_says_why(
             self, backing: BackingStore, backing_world: BackingWorld) -> None:

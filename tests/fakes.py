@@ -83,6 +83,8 @@ class FakeImages:
         self.pulls: list[tuple[object, str | None, Credentials | None]] = []
         self.refuse_with: PullRefused | None = None  # the next pull fails so
         self.pull_seconds = 0.0
+        self.partial: set[str] = set()      # digests with a failed download kept
+        self.discarded: list[str] = []
 
     def known_image_id(self, name: str) -> str:
         held = self.records.get(name)
@@ -133,6 +135,13 @@ class FakeImages:
 
     async def wait_visible(self, name: str) -> bool:
         return name in self.records
+
+    async def discard(self, digests: Sequence[str]) -> int:
+        found = [d for d in digests if d in self.partial]
+        for digest in found:
+            self.partial.discard(digest)
+        self.discarded.extend(digests)
+        return len(found)
 
     def remove(self, name: str) -> None:
         self.records.pop(name, None)
@@ -189,6 +198,7 @@ class FakeBacking:
         self.copies: list[tuple[str, str]] = []
         self.credentials: Credentials | None = Credentials("node", "backing-secret")
         self.down_reason = ""
+        self.bad: set[tuple[str, str]] = set()
 
     def repository(self, ref: Reference) -> str:
         return f"{self.prefix}/{ref.domain.replace(':', '_')}/{ref.path}"
@@ -200,8 +210,12 @@ class FakeBacking:
         return str(Reference(self.host, self.repository(ref), ref.tag, ref.digest))
 
     async def holds(self, ref: Reference, digest: str) -> bool:
-        return not self.down_reason and self._ref(ref.with_digest(digest)) in (
-            self.registry.images)
+        if self.down_reason or (self.repository(ref), digest) in self.bad:
+            return False
+        return self._ref(ref.with_digest(digest)) in self.registry.images
+
+    def mark_bad(self, ref: Reference, digest: str, detail: str) -> None:
+        self.bad.add((self.repository(ref), digest))
 
     async def resolve_tag(self, ref: Reference) -> str:
         if self.down_reason or not ref.tag:

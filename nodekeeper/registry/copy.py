@@ -177,6 +177,28 @@ class Copier:
             await job.put_manifest(manifests[-1], tag)
         return job.report
 
+    async def check(self, where: Location, digest: str) -> list[str]:
+        """The digests of manifests and blobs under `digest` whose bytes in `where` are not
+        what their digest says ([] when all are right). Reads every byte, streamed."""
+        try:
+            return await self._check(where, digest)
+        except Exception as exc:
+            raise classify(exc, str(where)) from None
+
+    async def _check(self, where: Location, digest: str) -> list[str]:
+        _check_digest(digest)
+        job = _Copy(self._session, where, where, asyncio.Semaphore(self._parallel), [])
+        manifests: list[_Manifest] = []
+        try:
+            await job.fetch(digest, "", 0, manifests, set())
+        except Failure as failure:
+            if failure.kind is not Kind.INVALID:
+                raise
+            return [digest]  # a manifest with other bytes: its blobs cannot be known
+        blobs = {blob.digest: blob for m in manifests for blob in m.blobs}
+        wrong = await asyncio.gather(*(job.blob_is_wrong(blob) for blob in blobs.values()))
+        return [blob for blob, bad in zip(blobs, wrong, strict=True) if bad]
+
     async def push_blob(self, where: Location, data: bytes) -> str:
         """Store `data` as a blob in `where` unless it is there; returns its digest."""
         try:
@@ -291,6 +313,31 @@ class _Copy:
             await self._transfer(blob, upload)
             self.report.blobs_copied += 1
             self.report.bytes_copied += blob.size
+
+    async def blob_is_wrong(self, blob: _Blob) -> bool:
+        """Whether the source serves other bytes than `blob`'s (missing counts as right:
+        a copy fills it in)."""
+        async with self.slots:
+            try:
+                response = await self.session.request(
+                    "GET", self.source.endpoint, f"{self.source.base}/blobs/{blob.digest}",
+                    creds=self.source.credentials, scope=_pull(self.source.repository),
+                    params=_ns(self.source.endpoint), stream=True)
+            except Failure as failure:
+                if failure.kind is Kind.NOT_FOUND:
+                    return False
+                raise
+            try:
+                _check_blob_response(response, blob, str(self.source))
+                async for _ in _verified(response, blob, str(self.source)):
+                    pass
+            except Failure as failure:
+                if failure.kind is not Kind.INVALID:
+                    raise
+                return True
+            finally:
+                await response.aclose()
+            return False
 
     async def blob_exists(self, digest: str) -> bool:
         try:

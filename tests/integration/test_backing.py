@@ -238,3 +238,46 @@ def test_blobs_backing_already_holds_are_mounted_not_copied(
                                      if e.get("event") == "copied to backing"], 2, 20)
     assert [c["blobs_mounted"] for c in copies] == [0, len(image.blobs)]
     assert copies[1]["bytes"] == 0
+
+
+def corrupt_blobs(registry: Registry, digests: list[str]) -> None:
+    """Flip every byte of these blobs in the registry's storage, keeping their size."""
+    for digest in digests:
+        data = (registry.storage_dir / "docker/registry/v2/blobs/sha256" / digest[7:9]
+                / digest[7:] / "data")
+        data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
+
+
+def test_a_corrupt_copy_in_backing_falls_through_to_upstream(
+    registry: Registry, backing: Registry, make_node: MakeNode
+) -> None:
+    # containerd 1.7 and 2.x keep the bytes of a download that failed its digest and
+    # commit them again on the next pull from any registry, unless nodekeeper drops them.
+    image = push_new(registry.url, "app", "v1", seed="corrupt-in-backing")
+    ref = image_ref(registry.host, "app", "v1")
+    first = make_node(backing.url)
+    assert first.pull(ref) == image.config_digest
+    wait_in_backing(backing, backing_repo(registry, "app"), "v1")
+    layers = [d for d in image.blobs if d != image.config_digest]
+    corrupt_blobs(backing, layers)
+
+    second = make_node(backing.url)
+    assert second.pull(ref) == image.config_digest  # from upstream, after backing failed
+    assert second.decisions() == ["pulled"]
+    with CriClient(second.containerd.address) as direct:
+        assert direct.status(ref).image.id == image.config_digest  # nothing wrong recorded
+    said = [e for e in second.nodekeeper.events()
+            if e.get("event", "").startswith("backing served content that does not match")]
+    assert len(said) == 1
+    assert said[0]["digest"] == image.digest
+    # The write-through that follows checks backing's bytes and says what must go.
+    still = wait_for_count(lambda: [e for e in second.nodekeeper.events() if e.get(
+        "event", "").startswith("backing still holds content")], 1, 20)
+    assert still[0]["wrong"] == layers
+    # Marked bad on this node: the next pull does not try backing again.
+    with CriClient(second.containerd.address) as direct:
+        direct.remove(ref)
+    assert second.pull(ref) == image.config_digest
+    pulls_from_backing = [e for e in second.nodekeeper.events()
+                          if e.get("event") == "pull from backing failed"]
+    assert len(pulls_from_backing) == 1

@@ -572,3 +572,35 @@ async def test_push_blob(make_world: MakeWorld) -> None:
     assert world.dest.blobs["cache/app", sha(b"{}")] == b"{}"
     await world.copier.push_blob(world.dst(), b"{}")
     assert len(world.dest.seen("PUT")) == 1
+
+
+# -- checking what a registry holds --------------------------------------------------------
+
+async def test_check_finds_the_blobs_whose_bytes_are_wrong(make_world: MakeWorld) -> None:
+    world = make_world()
+    image = build_image(seed="checked", layers=2)
+    world.source.add_image("library/app", image)
+    assert await world.copier.check(world.src(), image.digest) == []
+    layer = image.layer_digests[1]
+    good = image.blobs[layer]
+    world.source.tamper[layer] = bytes([good[0] ^ 1]) + good[1:]
+    assert await world.copier.check(world.src(), image.digest) == [layer]
+
+
+async def test_check_reports_a_manifest_with_other_bytes(make_world: MakeWorld) -> None:
+    world = make_world()
+    image = build_image(seed="checked-manifest")
+    world.source.add_image("library/app", image)
+    media_type, body = world.source.manifests["library/app", image.digest]
+    world.source.manifests["library/app", image.digest] = (media_type, body + b" ")
+    assert await world.copier.check(world.src(), image.digest) == [image.digest]
+
+
+async def test_check_counts_a_missing_blob_as_right(make_world: MakeWorld) -> None:
+    # Missing content is what a copy fills in; only content that is there and wrong needs
+    # the registry's operator.
+    world = make_world()
+    image = build_image(seed="checked-missing")
+    world.source.add_image("library/app", image)
+    del world.source.blobs["library/app", image.layer_digests[0]]
+    assert await world.copier.check(world.src(), image.digest) == []

@@ -258,3 +258,31 @@ async def test_a_fallback_is_remembered_as_stale_until_upstream_confirms_again()
     node.upstream.down = False
     assert (await node.pull()).decision is Decision.FRESH
     assert node.state.stale(NAME) == ""
+
+
+async def test_bad_bytes_from_backing_are_dropped_and_upstream_serves_the_pull() -> None:
+    node = Node(backing=True)
+    assert node.backing is not None
+    node.upstream.publish(REF, V1)
+    node.backing.write_through(parse(REF), V1.digest, None, public=True)  # type: ignore[arg-type]
+    layer = "sha256:" + "e" * 64
+    said = ContainerdError("FAILED_PRECONDITION", f'failed commit on ref "layer-{layer}": '
+                           f"unexpected commit digest sha256:{'f' * 64}, expected {layer}")
+    node.images.refuse_with = PullRefused(Kind.INVALID, said, (f"sha256:{'f' * 64}", layer))
+    answer = await node.pull()
+    assert (answer.decision, answer.image_ref) == (Decision.PULLED, V1.image_id)
+    assert [name for _, name, _ in node.images.pulls] == [
+        node.backing.name(parse(REF), V1.digest), None]
+    assert node.images.discarded == [V1.digest, f"sha256:{'f' * 64}", layer]
+    assert (node.backing.repository(parse(REF)), V1.digest) in node.backing.bad
+
+
+async def test_a_backing_pull_failing_otherwise_marks_nothing_bad() -> None:
+    node = Node(backing=True)
+    assert node.backing is not None
+    node.upstream.publish(REF, V1)
+    node.backing.write_through(parse(REF), V1.digest, None, public=True)  # type: ignore[arg-type]
+    node.images.refuse_with = PullRefused(Kind.UNREACHABLE, ContainerdError("UNKNOWN", "dial"))
+    assert (await node.pull()).decision is Decision.PULLED
+    assert node.images.discarded == []
+    assert node.backing.bad == set()
