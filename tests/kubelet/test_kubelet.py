@@ -100,7 +100,7 @@ def test_a_restarted_container_runs_while_the_registry_fails(
             assert node.decisions() == ["pulled", "fallback"]
             fallback = [e for e in node.nodekeeper.events()
                         if e.get("event", "").startswith("upstream failed")]
-            assert fallback[0]["reason"] == {"stopped": "unreachable",
+            assert fallback[0]["kind"] == {"stopped": "unreachable",
                                              "black-holed": "timeout"}[fault]
     seconds = restart["nodekeeper"]
     assert seconds is not None, f"not running within {RESTART_BOUND:g}s through nodekeeper"
