@@ -17,6 +17,8 @@ from nodekeeper.errors import SettingsError
 from nodekeeper.settings import Document, Section
 
 DEFAULT_PATH = "/etc/nodekeeper/config.yaml"
+# The documented example, every comment included, is under 4 KiB.
+MAX_CONFIG_BYTES = 256 << 10
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 _PREFIX = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
@@ -103,7 +105,7 @@ def load(path: str | None = None, overrides: Overrides | None = None) -> Config:
     if path is None and not os.path.exists(DEFAULT_PATH):
         config = Config()
     else:
-        config = parse(Document.read(path or DEFAULT_PATH))
+        config = parse(Document.read(path or DEFAULT_PATH, MAX_CONFIG_BYTES))
     return _apply(config, overrides or Overrides())
 
 
