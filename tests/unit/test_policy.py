@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import re
+import statistics
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodekeeper import policy
+from nodekeeper import policy, regex
 from nodekeeper.errors import SettingsError
 from nodekeeper.policy import (
     FALLBACK_REASONS,
+    MAX_RULES,
+    MAX_TAG_PATTERNS,
+    MAX_TAG_PROGRAM,
     Plan,
     Settings,
     compile_pattern,
@@ -438,3 +444,126 @@ def test_plan_interval_boundary() -> None:
     settings = Settings("interval", interval=60)
     assert plan(settings, TAGGED, True, NOW - 59.9, NOW, True).action == "local"
     assert plan(settings, TAGGED, True, NOW - 60, NOW, True).action == "probe"
+
+
+# -- linear-time matching --------------------------------------------------------------------
+
+HOSTILE_TAGS = ["(a+)+$", "(a|aa)+$", "(a*)*b", "(.*a){12}", "([a-z0-9]+[.-]?)+x$",
+                "(?:a|a?)+b", "(\\w+\\.?)*!"]
+
+
+def slowest_match_us(pattern: str, tags: list[str]) -> tuple[float, float]:
+    """(first, median of the rest) microseconds for fullmatch of `pattern` over `tags`."""
+    compiled = regex.Pattern(pattern, MAX_TAG_PROGRAM)
+    times = []
+    for tag in tags:
+        started = time.perf_counter()
+        compiled.fullmatch(tag)
+        times.append((time.perf_counter() - started) * 1e6)
+    return times[0], statistics.median(times[1:])
+
+
+@pytest.mark.parametrize("pattern", HOSTILE_TAGS)
+def test_backtracking_patterns_match_in_microseconds(pattern: str) -> None:
+    # With Python's re, (a+)+$ takes seconds on 28 a's and a '-', doubling per character.
+    tags = ["a" * 28 + "-", "a" * 127 + "-", "a" * 128,
+            *("".join(random.Random(n).choice("a.-_x0") for _ in range(128))
+              for n in range(200))]
+    first, typical = slowest_match_us(pattern, tags)
+    assert first < 5000
+    assert typical < 100
+
+
+def test_the_most_complex_pattern_allowed_matches_in_microseconds() -> None:
+    # Counted repetitions cost the most: this one is just under the cap.
+    pattern = "([a-c]{0,3}[.-]?){25}"
+    assert regex.Pattern(pattern).size <= MAX_TAG_PROGRAM
+    tags = ["".join(random.Random(n).choice("abc.-") for _ in range(128)) for n in range(300)]
+    first, typical = slowest_match_us(pattern, tags)
+    assert first < 5000
+    assert typical < 100
+
+
+def test_a_hostile_tag_through_a_loaded_policy(tmp_path: Path) -> None:
+    loaded = load_text(tmp_path, "rules:\n  - match: '**'\n    tags: ['(a+)+$']\n")
+    started = time.perf_counter()
+    assert loaded.rule_for(parse("ghcr.io/a/b:" + "a" * 28 + "-")) is loaded.defaults
+    assert loaded.rule_for(parse("ghcr.io/a/b:" + "a" * 120)) is loaded.rules[0]
+    assert time.perf_counter() - started < 0.01
+
+
+@pytest.mark.parametrize(
+    ("tag", "words"),
+    [("(a)\\1", "invalid escape sequence"), ("v(?=1)", "invalid perl operator"),
+     ("a{1001}", "invalid repetition size"), ("\\Z", "invalid escape"),
+     ("v{,3}", "{0,n}"), (".{0,127}", "too complex: compiles to 1147 instructions")],
+)
+def test_patterns_re2_cannot_take_are_refused_naming_the_rule(tmp_path: Path, tag: str,
+                                                              words: str) -> None:
+    text = f"rules:\n  - match: a/b\n  - match: c/d\n    tags:\n      - ok\n      - '{tag}'\n"
+    message = refused(tmp_path, text)
+    where = f"{tmp_path / 'policy.yaml'}:{line_of(text, tag)}: rules[1].tags[1]: "
+    assert message.startswith(where), message
+    assert words in message
+    assert "linear time" in message
+
+
+def test_refused_patterns_do_not_reach_stderr(tmp_path: Path,
+                                             capfd: pytest.CaptureFixture[str]) -> None:
+    refused(tmp_path, "rules:\n  - match: a/b\n    tags: ['(']\n")
+    assert capfd.readouterr().err == ""
+
+
+def test_repository_patterns_take_any_character_literally() -> None:
+    for literal in ("a.example/x+y", "a.example/(x)", "a.example/[x]", "a.example/x\\y",
+                    "a.example/x{2}", "a.example/^x$", "a.example/x|y"):
+        assert compile_pattern(literal).fullmatch(literal)
+    assert not compile_pattern("a.example/x|y").fullmatch("y")
+
+
+def test_repository_patterns_with_many_stars_match_in_microseconds() -> None:
+    compiled = compile_pattern("ghcr.io/" + "*a" * 60 + "/x")
+    name = "ghcr.io/" + "a" * 200 + "b/x"
+    started = time.perf_counter()
+    for _ in range(100):
+        assert not compiled.fullmatch(name)
+    assert (time.perf_counter() - started) / 100 < 0.001
+
+
+def test_a_repository_pattern_too_large_is_refused(tmp_path: Path) -> None:
+    text = f"rules:\n  - match: a/{'x' * 2000}\n"
+    message = refused(tmp_path, text)
+    assert message.startswith(f"{tmp_path / 'policy.yaml'}:2: rules[0].match: too complex")
+
+
+def test_rule_count_is_capped(tmp_path: Path) -> None:
+    rules = "".join(f"  - match: r{n}.example/app\n" for n in range(MAX_RULES + 1))
+    message = refused(tmp_path, "rules:\n" + rules)
+    line = MAX_RULES + 2
+    assert message.startswith(f"{tmp_path / 'policy.yaml'}:{line}: rules[{MAX_RULES}]: ")
+    assert f"more than {MAX_RULES} rules" in message
+    assert len(load_text(tmp_path, "rules:\n" + rules[:rules.rindex("  - ")]).rules) \
+        == MAX_RULES
+
+
+def test_tag_pattern_count_is_capped(tmp_path: Path) -> None:
+    per_rule = 100
+    rules = "".join(f"  - match: r{n}.example/app\n    tags: [{', '.join(['v1'] * per_rule)}]\n"
+                    for n in range(MAX_TAG_PATTERNS // per_rule + 1))
+    message = refused(tmp_path, "rules:\n" + rules)
+    assert f"rules[{MAX_TAG_PATTERNS // per_rule}].tags: more than {MAX_TAG_PATTERNS}" \
+        in message
+
+
+def test_matching_the_largest_policy_stays_in_milliseconds(tmp_path: Path) -> None:
+    """Every rule's name matches and every tag pattern fails: the most work one PullImage
+    can cause."""
+    per_rule = MAX_TAG_PATTERNS // MAX_RULES
+    rules = "".join(f"  - match: '**'\n    tags: [{', '.join(['(a+)+$'] * per_rule)}]\n"
+                    for _ in range(MAX_RULES))
+    loaded = load_text(tmp_path, "rules:\n" + rules)
+    ref = parse("ghcr.io/org/app:" + "a" * 120 + "-")
+    loaded.rule_for(ref)
+    started = time.perf_counter()
+    assert loaded.rule_for(ref) is loaded.defaults
+    assert time.perf_counter() - started < 0.02
