@@ -30,6 +30,7 @@ from nodekeeper.backing import Backing
 from nodekeeper.containerd import CHANNEL_OPTIONS, Containerd
 from nodekeeper.cri import ImageService
 from nodekeeper.errors import SettingsError
+from nodekeeper.offloop import Loader
 from nodekeeper.policyfile import PolicyFile
 from nodekeeper.puller import Puller
 from nodekeeper.registry import Prober, Session
@@ -61,12 +62,18 @@ class Daemon:
         self._overrides = overrides
         self._notifier = Notifier()
         self._containerd_up = False
-        # Loaded before anything starts: an invalid policy refuses the start.
-        self._policy = PolicyFile(config.policy_file)
+        # Settings files are read on a worker thread, never on the loop (offloop.py).
+        self._loader = Loader()
+        self._policy: PolicyFile
+        self._reload_wanted = False
+        self._reloading: asyncio.Task[None] | None = None
 
     async def run(self) -> int:
         config = self.config
         loop = asyncio.get_running_loop()
+
+        # The policy, before anything starts: an invalid one refuses the start.
+        self._policy = await PolicyFile.open(config.policy_file, self._loader)
 
         # containerd: one channel for every call, reconnecting by itself.
         containerd = Containerd(config.containerd.address, config.containerd.namespace)
@@ -98,7 +105,7 @@ class Daemon:
         signals = _Signals()
         for number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(number, signals.on_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
         # Background tasks: the systemd watchdog, containerd's reachability and image
         # events, and the policy file (a local stat; nothing here polls a registry).
@@ -114,6 +121,8 @@ class Daemon:
 
         await signals.stop.wait()
         await self._shutdown(server, service, signals)
+        if self._reloading is not None:
+            background.append(self._reloading)
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -144,11 +153,24 @@ class Daemon:
         if cancelled:
             _log.warning("cancelled RPCs still running at shutdown", cancelled=cancelled)
 
-    def reload(self) -> None:
+    def _on_sighup(self) -> None:
+        # Signals arriving during a reload make one more reload after it, not one each.
+        self._reload_wanted = True
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.create_task(self._reloads(), name="reload")
+
+    async def _reloads(self) -> None:
+        while self._reload_wanted:
+            self._reload_wanted = False
+            await self.reload()
+
+    async def reload(self) -> None:
         """SIGHUP: re-read the config file and apply what can change while running."""
         self._notifier.reloading()
+        source, overrides = self.config.source or None, self._overrides
         try:
-            fresh = configuration.load(self.config.source or None, self._overrides)
+            fresh = await self._loader.load(source or configuration.DEFAULT_PATH,
+                                            lambda: configuration.load(source, overrides))
         except SettingsError as exc:
             _log.error("reload failed; keeping the running settings", error=str(exc))
             fresh = self.config
@@ -157,7 +179,7 @@ class Daemon:
         if changed:
             _log.warning("changed settings take effect only after a restart", settings=changed)
         self.config = dataclasses.replace(fresh, **fixed)
-        self._policy.reload("SIGHUP")
+        await self._policy.reload("SIGHUP")
         _log.info("reloaded", log_level=fresh.log.level, policy_valid=not self._policy.error)
         logs.setup(fresh.log.level, fresh.log.format)
         self._notifier.reloaded(self._status())

@@ -1,0 +1,86 @@
+"""Loading settings files away from the event loop: on a thread of their own, with a deadline.
+
+The event loop answers the kubelet and pings systemd's watchdog. Reading and compiling the
+largest policy allowed takes about a second of CPU (settings.py and policy.py bound it),
+so it runs on a worker thread while the loop keeps serving; the interpreter lock passes
+between them every few milliseconds. Past the deadline the load is refused like an
+invalid file and the thread is left to finish (the bounds above guarantee it does);
+until it has, further loads are refused rather than piled up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from nodekeeper.errors import SettingsError
+
+LOAD_DEADLINE = 10.0
+
+T = TypeVar("T")
+
+
+def _without_collection(work: Callable[[], T]) -> T:
+    # A full garbage collection walks every object alive, and the largest policy makes
+    # about 250,000 while it is read: each collection its allocations trigger would hold
+    # the interpreter, and with it the event loop, for 30-50 ms. The load is bounded, so
+    # collection waits for it instead.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return work()
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class Loader:
+    """Runs one load at a time on a daemon thread; callers on the loop await the result."""
+
+    def __init__(self, deadline: float = LOAD_DEADLINE) -> None:
+        self.deadline = deadline
+        self._lock = asyncio.Lock()
+        self._finished = threading.Event()
+        self._finished.set()
+
+    async def load(self, what: str, work: Callable[[], T]) -> T:
+        """work() on the worker thread. SettingsError (naming `what`) when it takes longer
+        than the deadline, or while an earlier load that overran it is still running."""
+        async with self._lock:
+            if not self._finished.is_set():
+                raise SettingsError(f"{what}: an earlier load that overran its "
+                                    f"{self.deadline:g}s deadline is still running")
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[T] = loop.create_future()
+            finished = self._finished = threading.Event()
+
+            def settle(result: T | None, error: BaseException | None) -> None:
+                if future.done():  # the caller gave up at the deadline
+                    return
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)  # type: ignore[arg-type]
+
+            def run() -> None:
+                result: T | None = None
+                error: BaseException | None = None
+                try:
+                    result = _without_collection(work)
+                except BaseException as exc:  # handed to the caller, raised there
+                    error = exc
+                finished.set()
+                # RuntimeError: the loop closed while this worked, so nobody waits for it.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(settle, result, error)
+
+            threading.Thread(target=run, name=f"load {what}", daemon=True).start()
+            try:
+                return await asyncio.wait_for(future, self.deadline)
+            except asyncio.TimeoutError:
+                raise SettingsError(f"{what}: loading took longer than {self.deadline:g}s; "
+                                    "refused") from None
