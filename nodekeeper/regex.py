@@ -72,7 +72,9 @@ class Pattern:
         return int(self._program.ProgramSize())
 
     def fullmatch(self, text: str) -> bool:
-        data = text.encode()
+        return self.fullmatch_utf8(text.encode())
+
+    def fullmatch_utf8(self, data: bytes) -> bool:
         spans = self._program.Match(_BOTH, data, 0, len(data))
         return bool(spans[0][0] >= 0)
 

@@ -17,6 +17,7 @@ from nodekeeper import policy, regex
 from nodekeeper.errors import SettingsError
 from nodekeeper.policy import (
     FALLBACK_REASONS,
+    MAX_PROGRAM_TOTAL,
     MAX_RULES,
     MAX_TAG_PATTERNS,
     MAX_TAG_PROGRAM,
@@ -26,6 +27,7 @@ from nodekeeper.policy import (
     plan,
 )
 from nodekeeper.reference import parse
+from tests.harness.policies import HOSTILE_TAGS, largest_policy
 
 REPO = Path(__file__).resolve().parents[2]
 DIGEST = "sha256:" + hashlib.sha256(b"m").hexdigest()
@@ -448,7 +450,7 @@ def test_plan_interval_boundary() -> None:
 
 # -- linear-time matching --------------------------------------------------------------------
 
-HOSTILE_TAGS = ["(a+)+$", "(a|aa)+$", "(a*)*b", "(.*a){12}", "([a-z0-9]+[.-]?)+x$",
+BACKTRACKING = ["(a+)+$", "(a|aa)+$", "(a*)*b", "(.*a){12}", "([a-z0-9]+[.-]?)+x$",
                 "(?:a|a?)+b", "(\\w+\\.?)*!"]
 
 
@@ -463,7 +465,7 @@ def slowest_match_us(pattern: str, tags: list[str]) -> tuple[float, float]:
     return times[0], statistics.median(times[1:])
 
 
-@pytest.mark.parametrize("pattern", HOSTILE_TAGS)
+@pytest.mark.parametrize("pattern", BACKTRACKING)
 def test_backtracking_patterns_match_in_microseconds(pattern: str) -> None:
     # With Python's re, (a+)+$ takes seconds on 28 a's and a '-', doubling per character.
     tags = ["a" * 28 + "-", "a" * 127 + "-", "a" * 128,
@@ -567,3 +569,28 @@ def test_matching_the_largest_policy_stays_in_milliseconds(tmp_path: Path) -> No
     started = time.perf_counter()
     assert loaded.rule_for(ref) is loaded.defaults
     assert time.perf_counter() - started < 0.02
+
+
+def test_the_patterns_of_a_policy_have_a_budget(tmp_path: Path) -> None:
+    pattern = "(a{0,12}){10}"  # 244 instructions, under the cap for one pattern
+    per_rule = compile_pattern("**").size + regex.Pattern(pattern).size
+    fit = MAX_PROGRAM_TOTAL // per_rule
+    rules = "".join(f"  - match: '**'\n    tags: ['{pattern}']\n" for _ in range(fit + 1))
+    message = refused(tmp_path, "rules:\n" + rules)
+    assert f"rules[{fit}]: the policy's patterns compile to more than" in message
+    assert len(load_text(tmp_path, "rules:\n" + rules[:rules.rindex("  - ")]).rules) == fit
+
+
+def test_a_fresh_hostile_tag_through_the_largest_policy_costs_milliseconds(
+        tmp_path: Path) -> None:
+    """Every rule tried, every automaton built anew: the most one PullImage can cost."""
+    loaded = load_text(tmp_path, largest_policy(match="**"))
+    slowest = 0.0
+    # At 128 characters, longer than any of its counted patterns can match: no rule does.
+    for tag in [*(t for t in HOSTILE_TAGS if len(t) == 128),
+                *("a" + "".join(random.Random(n).choice("abc.-") for _ in range(126)) + "z"
+                  for n in range(20))]:
+        started = time.perf_counter()
+        assert loaded.rule_for(parse(f"127.0.0.1:5000/app:{tag}")) is loaded.defaults
+        slowest = max(slowest, time.perf_counter() - started)
+    assert slowest < 0.03
