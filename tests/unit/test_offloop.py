@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 import threading
 import time
@@ -132,5 +133,7 @@ async def test_a_load_yields_the_interpreter_often_and_collects_nothing() -> Non
     before = sys.getswitchinterval()
     assert await Loader().load("x", sys.getswitchinterval) == SWITCH_INTERVAL < before
     assert await Loader().load("x", gc.isenabled) is False
+    assert await Loader().load(
+        "x", lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())) == 19
     assert sys.getswitchinterval() == before
     assert gc.isenabled()
