@@ -17,25 +17,29 @@ change without a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
 
 from nodekeeper import config as configuration
-from nodekeeper import listener, logs, metrics
+from nodekeeper import listener, logs, metrics, runstatus
 from nodekeeper.backing import Backing
 from nodekeeper.containerd import CHANNEL_OPTIONS, Containerd
 from nodekeeper.cri import ImageService
 from nodekeeper.errors import SettingsError
+from nodekeeper.looplag import LagMonitor
 from nodekeeper.offloop import Loader
 from nodekeeper.policyfile import PolicyFile
 from nodekeeper.puller import Puller
 from nodekeeper.registry import Prober, Session
 from nodekeeper.registry.copy import Copier
-from nodekeeper.state import State
+from nodekeeper.state import Health, State
 from nodekeeper.systemd import Notifier
 
 _log = logs.get("daemon")
@@ -43,6 +47,8 @@ _log = logs.get("daemon")
 # Settings bound at start (sockets, directories, ports); a reload leaves them as they are.
 _RESTART_ONLY = ("listen", "containerd", "metrics_address", "state_dir", "policy_file",
                  "backing")
+# How often the view `nodekeeper status` reads (runstatus.py) is refreshed, when it changed.
+STATUS_FILE_SECONDS = 5.0
 
 
 @dataclass
@@ -67,6 +73,10 @@ class Daemon:
         self._policy: PolicyFile
         self._reload_wanted = False
         self._reloading: asyncio.Task[None] | None = None
+        self._state_health: Health | None = None
+        self._lag = LagMonitor()
+        self._status_path = runstatus.path_for(config.listen)
+        self._published: dict[str, object] = {}
 
     async def run(self) -> int:
         config = self.config
@@ -79,7 +89,13 @@ class Daemon:
         containerd = Containerd(config.containerd.address, config.containerd.namespace)
 
         # What PullImage decides with: state, the registry prober, the policy in force.
-        state = State(config.state_dir)
+        # State never fails the start: whatever its directory's condition, it is kept in
+        # memory, and its health reported (called from state's writer thread).
+        def on_state(health: Health) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
+                loop.call_soon_threadsafe(self._on_state, health)
+
+        state = State(config.state_dir, on_health=on_state)
         session = Session()
         prober = Prober(config.containerd.hosts_dir, session)
         # The cluster-wide backing registry, when configured.
@@ -107,10 +123,13 @@ class Daemon:
             loop.add_signal_handler(number, signals.on_stop)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
-        # Background tasks: the systemd watchdog, containerd's reachability and image
-        # events, and the policy file (a local stat; nothing here polls a registry).
+        # Background tasks: the systemd watchdog, the loop's own lag and the view of it
+        # `status` reads, containerd's reachability and image events, and the policy file
+        # (a local stat; nothing here polls a registry).
         background = [
             asyncio.create_task(self._notifier.watchdog(), name="watchdog"),
+            asyncio.create_task(self._lag.run(), name="loop-lag"),
+            asyncio.create_task(self._publish_every(STATUS_FILE_SECONDS), name="status-file"),
             asyncio.create_task(containerd.watch(self._on_containerd), name="containerd-watch"),
             asyncio.create_task(containerd.follow_images(), name="containerd-images"),
             asyncio.create_task(self._policy.watch(), name="policy-watch"),
@@ -131,6 +150,7 @@ class Daemon:
         await containerd.close()
         await session.close()
         state.close()
+        self._status_path.unlink(missing_ok=True)
         listener.remove(config.listen, identity)
         _log.info("stopped")
         return 0
@@ -184,6 +204,36 @@ class Daemon:
         logs.setup(fresh.log.level, fresh.log.format)
         self._notifier.reloaded(self._status())
 
+    def _on_state(self, health: Health) -> None:
+        self._state_health = health
+        metrics.STATE_PERSISTENT.set(1 if health.persistent else 0)
+        self._notifier.status(self._status())
+        self._publish()
+
+    def _publish(self) -> None:
+        """Write the view `nodekeeper status` reads, when it changed."""
+        lag = self._lag.view()
+        health = self._state_health
+        view: dict[str, object] = {
+            "pid": os.getpid(),
+            "state": None if health is None else dataclasses.asdict(health),
+            "loop_lag": dataclasses.asdict(lag),
+        }
+        if view == self._published:
+            return
+        try:
+            runstatus.write(self._status_path, {**view, "written_at": time.time()})
+        except OSError as exc:
+            _log.debug("cannot write the status file", path=str(self._status_path),
+                       error=str(exc))
+            return
+        self._published = view
+
+    async def _publish_every(self, seconds: float) -> None:
+        while True:
+            self._publish()
+            await asyncio.sleep(seconds)
+
     def _on_containerd(self, reachable: bool) -> None:
         self._containerd_up = reachable
         metrics.CONTAINERD_UP.set(1 if reachable else 0)
@@ -193,8 +243,9 @@ class Daemon:
         state = "reachable" if self._containerd_up else "not reachable"
         policy = "policy reload FAILED, previous policy in force" if self._policy.error else (
             f"policy {len(self._policy.current.rules)} rules")
+        stored = "" if self._state_health is None else f"; {self._state_health.summary()}"
         return (f"Serving on {self.config.listen}; containerd at "
-                f"{self.config.containerd.address} {state}; {policy}")
+                f"{self.config.containerd.address} {state}; {policy}{stored}")
 
 
 def serve(config: configuration.Config, overrides: configuration.Overrides) -> int:

@@ -42,13 +42,15 @@ BACKING_UP: Any = _OFF
 BACKING_READS: Any = _OFF
 COPIES: Any = _OFF
 COPY_BYTES: Any = _OFF
+LOOP_LAG: Any = _OFF
+STATE_PERSISTENT: Any = _OFF
 
 
 def enable() -> None:
     """Create the real metrics. Call once, before anything records a value."""
     global RPCS, RPC_SECONDS, CONTAINERD_UP, IMAGE_EVENTS, DECISIONS, FALLBACKS, PROBE_SECONDS
     global UPSTREAM_REQUESTS, POLICY_VALID, POLICY_LOADED, BACKING_UP, BACKING_READS, COPIES
-    global COPY_BYTES
+    global COPY_BYTES, LOOP_LAG, STATE_PERSISTENT
     from prometheus_client import Counter, Gauge, Histogram
 
     RPCS = Counter(
@@ -102,6 +104,15 @@ def enable() -> None:
     )
     COPY_BYTES = Counter(
         "nodekeeper_backing_copy_bytes", "Blob bytes copied to the backing registry",
+    )
+    LOOP_LAG = Histogram(
+        "nodekeeper_event_loop_lag_seconds",
+        "How late the event loop serving the kubelet ran a timer (sampled every 0.1 s)",
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    )
+    STATE_PERSISTENT = Gauge(
+        "nodekeeper_state_persistent", "1 while state writes reach the state directory; 0 "
+        "while it fails and state is kept in memory only",
     )
 
 
