@@ -137,3 +137,10 @@ async def test_a_load_yields_the_interpreter_often_and_collects_nothing() -> Non
         "x", lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())) == 19
     assert sys.getswitchinterval() == before
     assert gc.isenabled()
+
+
+async def test_every_load_runs_on_the_same_thread() -> None:
+    # So that the memory one large load leaves free is what the next one reuses.
+    loader = Loader()
+    threads = {await loader.load("x", threading.get_ident) for _ in range(3)}
+    assert len(threads) == 1
