@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 from nodekeeper import logs, metrics
 
-INTERVAL = 0.1
+# A loop blocked for B seconds shows as a lag of at least B - INTERVAL. Each wake-up
+# costs about 0.3 ms of CPU here (measured idle: 0.7% of a core at 50 ms, 1.6% at 20 ms,
+# 0.4% at 100 ms).
+INTERVAL = 0.05
 STALL_SECONDS = 0.25
 WINDOW = 60.0
 
