@@ -8,6 +8,7 @@ lock. A separate process measures only the daemon (and the machine).
         ...                      # whatever the daemon must survive
     sampler.latencies            # seconds, in the order sent
     sampler.errors               # gRPC status codes of calls that failed
+    sampler.failures             # (seconds since the first call, code) of each failure
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Sampler(Service):
         self.socket, self.image, self.pause = socket, image, pause
         self.latencies: list[float] = []
         self.errors: list[str] = []
+        self.failures: list[tuple[float, str]] = []
         self._proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
@@ -48,13 +50,15 @@ class Sampler(Service):
         self._proc.send_signal(signal.SIGTERM)
         out, _ = self._proc.communicate(timeout=30)
         found = json.loads(out)
-        self.latencies, self.errors = found["latencies"], found["errors"]
+        self.latencies = found["latencies"]
+        self.failures = [(at, code) for at, code in found["failures"]]
+        self.errors = [code for _, code in self.failures]
         self._proc = None
 
 
 def _main(socket: str, image: str, pause: float) -> None:
     latencies: list[float] = []
-    errors: list[str] = []
+    failures: list[tuple[float, str]] = []
     stopping = False
 
     def stop(*_: object) -> None:
@@ -65,15 +69,16 @@ def _main(socket: str, image: str, pause: float) -> None:
     with CriClient(socket) as client:
         client.status(image, timeout=10)  # connected before the first timed call
         print("ready", flush=True)
+        first = time.perf_counter()
         while not stopping:
             started = time.perf_counter()
             try:
                 client.status(image, timeout=10)
             except grpc.RpcError as exc:
-                errors.append(exc.code().name)
+                failures.append((round(started - first, 3), exc.code().name))
             latencies.append(time.perf_counter() - started)
             time.sleep(pause)
-    print(json.dumps({"latencies": latencies, "errors": errors}), flush=True)
+    print(json.dumps({"latencies": latencies, "failures": failures}), flush=True)
 
 
 if __name__ == "__main__":
