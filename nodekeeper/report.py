@@ -160,7 +160,9 @@ def status(config: Config, limit: int = 20) -> str:
         lines.append(f"daemon:  not running (no status beside {config.listen})")
     else:
         health = view.get("state") or {}
-        if health.get("persistent") and not health.get("key_problem"):
+        if not health:
+            stored = "not reported yet"
+        elif health.get("persistent") and not health.get("key_problem"):
             stored = "on disk"
         else:
             stored = "; ".join(
