@@ -89,7 +89,7 @@ rules:
     interval: 20s
 """
 BAD_POLICIES = ("defaults: &a {update: always}\nrules: [*a, *a]\n",
-                "rules:\n  - match: '**'\n    tags: ['(v)\\\\1']\n")
+                "rules:\n  - match: '**'\n    tags: ['(v)\\1']\n")
 USER, PASSWORD = "kubelet", "soak-password"
 PULL_TIMEOUT_S = 30.0
 
@@ -458,8 +458,9 @@ def run(plan: Plan, workdir: Path) -> Results:
                 kubelet.close()
         seen.samples.append(sample(pid, since))
         alive = daemon.proc.poll() is None
-        statuses = [line for message in notify.drain() for line in message.splitlines()
-                    if line.startswith("STATUS=")]
+        # The work directory is this run's own: shown as $WORK.
+        statuses = [line.replace(str(workdir), "$WORK") for message in notify.drain()
+                    for line in message.splitlines() if line.startswith("STATUS=")]
         metrics = scrape(address)
         decisions, errors, episodes = from_log(daemon)
         view = runstatus.read(runstatus.path_for(daemon.socket)) or {}
