@@ -449,6 +449,7 @@ def test_plan_interval_boundary() -> None:
 
 
 # -- linear-time matching --------------------------------------------------------------------
+# Costs are measured in this thread's CPU time: other processes on the machine do not count.
 
 BACKTRACKING = ["(a+)+$", "(a|aa)+$", "(a*)*b", "(.*a){12}", "([a-z0-9]+[.-]?)+x$",
                 "(?:a|a?)+b", "(\\w+\\.?)*!"]
@@ -459,9 +460,9 @@ def slowest_match_us(pattern: str, tags: list[str]) -> tuple[float, float]:
     compiled = regex.Pattern(pattern, MAX_TAG_PROGRAM)
     times = []
     for tag in tags:
-        started = time.perf_counter()
+        started = time.thread_time()
         compiled.fullmatch(tag)
-        times.append((time.perf_counter() - started) * 1e6)
+        times.append((time.thread_time() - started) * 1e6)
     return times[0], statistics.median(times[1:])
 
 
@@ -488,10 +489,10 @@ def test_the_most_complex_pattern_allowed_matches_in_microseconds() -> None:
 
 def test_a_hostile_tag_through_a_loaded_policy(tmp_path: Path) -> None:
     loaded = load_text(tmp_path, "rules:\n  - match: '**'\n    tags: ['(a+)+$']\n")
-    started = time.perf_counter()
+    started = time.thread_time()
     assert loaded.rule_for(parse("ghcr.io/a/b:" + "a" * 28 + "-")) is loaded.defaults
     assert loaded.rule_for(parse("ghcr.io/a/b:" + "a" * 120)) is loaded.rules[0]
-    assert time.perf_counter() - started < 0.01
+    assert time.thread_time() - started < 0.01
 
 
 @pytest.mark.parametrize(
@@ -526,10 +527,10 @@ def test_repository_patterns_take_any_character_literally() -> None:
 def test_repository_patterns_with_many_stars_match_in_microseconds() -> None:
     compiled = compile_pattern("ghcr.io/" + "*a" * 60 + "/x")
     name = "ghcr.io/" + "a" * 200 + "b/x"
-    started = time.perf_counter()
+    started = time.thread_time()
     for _ in range(100):
         assert not compiled.fullmatch(name)
-    assert (time.perf_counter() - started) / 100 < 0.001
+    assert (time.thread_time() - started) / 100 < 0.001
 
 
 def test_a_repository_pattern_too_large_is_refused(tmp_path: Path) -> None:
@@ -566,9 +567,9 @@ def test_matching_the_largest_policy_stays_in_milliseconds(tmp_path: Path) -> No
     loaded = load_text(tmp_path, "rules:\n" + rules)
     ref = parse("ghcr.io/org/app:" + "a" * 120 + "-")
     loaded.rule_for(ref)
-    started = time.perf_counter()
+    started = time.thread_time()
     assert loaded.rule_for(ref) is loaded.defaults
-    assert time.perf_counter() - started < 0.02
+    assert time.thread_time() - started < 0.02
 
 
 def test_the_patterns_of_a_policy_have_a_budget(tmp_path: Path) -> None:
@@ -590,7 +591,7 @@ def test_a_fresh_hostile_tag_through_the_largest_policy_costs_milliseconds(
     for tag in [*(t for t in HOSTILE_TAGS if len(t) == 128),
                 *("a" + "".join(random.Random(n).choice("abc.-") for _ in range(126)) + "z"
                   for n in range(20))]:
-        started = time.perf_counter()
+        started = time.thread_time()
         assert loaded.rule_for(parse(f"127.0.0.1:5000/app:{tag}")) is loaded.defaults
-        slowest = max(slowest, time.perf_counter() - started)
+        slowest = max(slowest, time.thread_time() - started)
     assert slowest < 0.03
