@@ -12,8 +12,6 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import yaml
-
 from nodekeeper.addresses import is_loopback, split_host_port
 from nodekeeper.credentials import Credentials
 from nodekeeper.errors import SettingsError
@@ -21,6 +19,9 @@ from nodekeeper.kube import kubeconfig
 from nodekeeper.settings import Document, Section
 
 DEFAULT_PATH = "/etc/nodekeeper/config.yaml"
+CREDENTIALS_LIMIT = 64 * 1024
+# The documented example, every comment included, is under 4 KiB.
+MAX_CONFIG_BYTES = 256 << 10
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 _PREFIX = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
@@ -127,7 +128,7 @@ def load(path: str | None = None, overrides: Overrides | None = None) -> Config:
     if path is None and not os.path.exists(DEFAULT_PATH):
         config = Config()
     else:
-        config = parse(Document.read(path or DEFAULT_PATH))
+        config = parse(Document.read(path or DEFAULT_PATH, MAX_CONFIG_BYTES))
     return _apply(config, overrides or Overrides())
 
 
@@ -205,17 +206,16 @@ def _backing(section: Section) -> BackingConfig:
 
 
 def read_credentials(path: str) -> Credentials | None:
-    """`username:` and `password:` from a YAML file readable by root only. Errors never
-    quote the file, which holds a secret."""
+    """`username:` and `password:` from a YAML file readable by root only, read as
+    boundedly as any settings file. Errors never quote the file: it holds a secret."""
     if not path:
         return None
     try:
-        with open(path, "rb") as handle:
-            text = handle.read(64 * 1024)
-        document = yaml.safe_load(text)
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"{path}: cannot read backing credentials: "
-                            f"{type(exc).__name__}") from None
+        document = Document.read(path, CREDENTIALS_LIMIT).value
+    except SettingsError:
+        raise SettingsError(f"{path}: cannot read backing credentials (unreadable, larger "
+                            f"than {CREDENTIALS_LIMIT} bytes, or not valid YAML without "
+                            "anchors)") from None
     if (not isinstance(document, dict) or not isinstance(document.get("username"), str)
             or not document["username"]
             or not isinstance(document.get("password", ""), str)):

@@ -46,6 +46,8 @@ IMAGES_STALE: Any = _OFF
 BACKING_CORRUPT: Any = _OFF
 KUBE_EVENTS: Any = _OFF
 KUBE_EVENTS_DROPPED: Any = _OFF
+LOOP_LAG: Any = _OFF
+STATE_PERSISTENT: Any = _OFF
 
 
 def enable() -> None:
@@ -53,6 +55,7 @@ def enable() -> None:
     global RPCS, RPC_SECONDS, CONTAINERD_UP, IMAGE_EVENTS, DECISIONS, FALLBACKS, PROBE_SECONDS
     global UPSTREAM_REQUESTS, POLICY_VALID, POLICY_LOADED, BACKING_UP, BACKING_READS, COPIES
     global COPY_BYTES, KUBE_EVENTS, KUBE_EVENTS_DROPPED, IMAGES_STALE, BACKING_CORRUPT
+    global LOOP_LAG, STATE_PERSISTENT
     from prometheus_client import Counter, Gauge, Histogram
 
     RPCS = Counter(
@@ -128,6 +131,15 @@ def enable() -> None:
         "nodekeeper_kubernetes_events_dropped",
         "Kubernetes Events not posted, by reason (queue_full, refused, expired, closing, "
         "internal)", ["reason"],
+    )
+    LOOP_LAG = Histogram(
+        "nodekeeper_event_loop_lag_seconds",
+        "How late the event loop serving the kubelet ran a timer (sampled every 50 ms)",
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    )
+    STATE_PERSISTENT = Gauge(
+        "nodekeeper_state_persistent", "1 while state writes reach the state directory; 0 "
+        "while it fails and state is kept in memory only",
     )
 
 

@@ -4,24 +4,45 @@ may stand in for an upstream that does not answer.
     defaults: {update: interval, interval: 15m, probe_timeout: 2s, ...}
     rules:
       - match: docker.io/library/postgres     # normalized name; * = one segment, ** = any
-        tags: ['15(\\..*)?']                  # optional anchored regular expressions
+        tags: ['15(\\..*)?']                  # optional anchored regular expressions (RE2)
         update: interval
         interval: 1h
 
 The first rule that matches wins; a setting a rule leaves out comes from `defaults`.
 What PullImage does with a rule is decision.py's. Pure: loading reads a file, nothing
 else does I/O.
+
+Matching is bounded whatever the file says: patterns are matched by RE2 in time linear
+in the name or tag, and a policy holds at most MAX_RULES rules and MAX_TAG_PATTERNS tag
+patterns, so one PullImage tries at most a few thousand automata of bounded size.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nodekeeper import regex
 from nodekeeper.failures import Kind
 from nodekeeper.reference import Reference
 from nodekeeper.settings import Document, Section
+
+# The largest policy file read: far above any hand-written policy, and parsed in well
+# under a second.
+MAX_POLICY_BYTES = 1 << 20
+MAX_RULES = 1000
+MAX_TAG_PATTERNS = 1000
+# RE2 instructions per tag pattern: `latest` takes 10, `15(\..*)?` 17,
+# `[0-9]+\.[0-9]+\.[0-9]+(-alpine)?` 20, `.{0,127}` 1147. The cap keeps even the first
+# match of a 128-character tag (while RE2 builds its automaton) well under a millisecond.
+MAX_TAG_PROGRAM = 256
+# A repository pattern of 255 literal characters compiles to about 260 instructions.
+MAX_NAME_PROGRAM = 1024
+# All of a policy's patterns together. A new name or tag can cost RE2 up to about half a
+# microsecond per instruction the first time (while it builds its automaton), and one
+# PullImage may try every rule: this keeps that under about 10 ms on the event loop.
+# A typical rule takes 30-60 (`ghcr.io/org/*` 24, `15(\..*)?` 17).
+MAX_PROGRAM_TOTAL = 20_000
 
 UPDATE_MODES = ("always", "interval", "never")
 AUTH_FALLBACK = ("known-credentials", "never")
@@ -51,15 +72,23 @@ class Rule:
     match: str
     tags: tuple[str, ...]
     settings: Settings
-    _name: re.Pattern[str] = field(repr=False, compare=False)
-    _tags: tuple[re.Pattern[str], ...] = field(repr=False, compare=False)
+    _name: regex.Pattern = field(repr=False, compare=False)
+    _tags: tuple[regex.Pattern, ...] = field(repr=False, compare=False)
 
     def matches(self, ref: Reference) -> bool:
-        if not self._name.fullmatch(ref.name):
+        return self.matches_utf8(ref.name.encode(), ref.tag.encode())
+
+    def matches_utf8(self, name: bytes, tag: bytes) -> bool:
+        """`matches` for a name and tag encoded once for all the rules they are tried on."""
+        if not self._name.fullmatch_utf8(name):
             return False
         if not self._tags:
             return True
-        return bool(ref.tag) and any(tag.fullmatch(ref.tag) for tag in self._tags)
+        return bool(tag) and any(pattern.fullmatch_utf8(tag) for pattern in self._tags)
+
+    @property
+    def program_size(self) -> int:
+        return self._name.size + sum(pattern.size for pattern in self._tags)
 
     @property
     def label(self) -> str:
@@ -73,13 +102,14 @@ class Policy:
     rules: tuple[Rule, ...]
 
     def rule_for(self, ref: Reference) -> Rule:
+        name, tag = ref.name.encode(), ref.tag.encode()
         for rule in self.rules:
-            if rule.matches(ref):
+            if rule.matches_utf8(name, tag):
                 return rule
         return self.defaults
 
 
-def compile_pattern(pattern: str) -> re.Pattern[str]:
+def compile_pattern(pattern: str) -> regex.Pattern:
     """A repository pattern as a regular expression: `*` is any part of one path segment,
     `**` is any number of whole segments, including none (`a/**` matches `a`)."""
     if not pattern:
@@ -88,27 +118,27 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
     # `**/**` means no more than `**`.
     segments = [s for i, s in enumerate(segments)
                 if not (s == "**" and i > 0 and segments[i - 1] == "**")]
-    regex = ""
+    expression = ""
     for position, segment in enumerate(segments):
         first, last = position == 0, position == len(segments) - 1
         if segment == "**":
             if first:
-                regex += ".+" if last else "(?:[^/]+/)*"
+                expression += ".+" if last else "(?:[^/]+/)*"
             else:
-                regex += "(?:/[^/]+)*" if last else "/(?:[^/]+/)*"
+                expression += "(?:/[^/]+)*" if last else "/(?:[^/]+/)*"
             continue
         if "**" in segment:
             raise ValueError(f"'**' must be a whole path segment, got {segment!r}")
         if not segment:
             raise ValueError(f"empty path segment in {pattern!r}")
         if not first and segments[position - 1] != "**":
-            regex += "/"
-        regex += "[^/]*".join(re.escape(piece) for piece in segment.split("*"))
-    return re.compile(regex)
+            expression += "/"
+        expression += "[^/]*".join(regex.escape(piece) for piece in segment.split("*"))
+    return regex.Pattern(expression, MAX_NAME_PROGRAM)
 
 
 def load(path: str | Path) -> Policy:
-    return parse(Document.read(path))
+    return parse(Document.read(path, MAX_POLICY_BYTES))
 
 
 def parse(doc: Document) -> Policy:
@@ -116,10 +146,26 @@ def parse(doc: Document) -> Policy:
     defaults_section = root.section("defaults")
     base = _settings(defaults_section, Settings())
     defaults_section.finish()
-    defaults = Rule(None, "**", (), base, re.compile(".*"), ())
-    rules = tuple(_rule(section, base) for section in root.sections("rules"))
+    defaults = Rule(None, "**", (), base, compile_pattern("**"), ())
+    rules: list[Rule] = []
+    tag_patterns = program = 0
+    for section in root.sections("rules"):
+        if len(rules) == MAX_RULES:
+            raise doc.error(section.key, f"more than {MAX_RULES} rules; merge rules with "
+                                         "`*`, `**` or several tag patterns")
+        rule = _rule(section, base)
+        tag_patterns += len(rule.tags)
+        if tag_patterns > MAX_TAG_PATTERNS:
+            raise doc.error((*section.key, "tags"),
+                            f"more than {MAX_TAG_PATTERNS} tag patterns in the policy")
+        program += rule.program_size
+        if program > MAX_PROGRAM_TOTAL:
+            raise doc.error(section.key, f"the policy's patterns compile to more than "
+                                         f"{MAX_PROGRAM_TOTAL} RE2 instructions in all; "
+                                         "merge rules, or simplify their patterns")
+        rules.append(rule)
     root.finish()
-    return Policy(doc.path, defaults, rules)
+    return Policy(doc.path, defaults, tuple(rules))
 
 
 def _rule(section: Section, base: Settings) -> Rule:
@@ -136,10 +182,11 @@ def _rule(section: Section, base: Settings) -> Rule:
     compiled = []
     for position, tag in enumerate(tags):
         try:
-            compiled.append(re.compile(tag))
-        except re.error as exc:
-            raise section.doc.error((*section.key, "tags", position),
-                                    f"not a valid regular expression: {exc}") from None
+            compiled.append(regex.Pattern(tag, MAX_TAG_PROGRAM))
+        except regex.PatternError as exc:
+            raise section.doc.error(
+                (*section.key, "tags", position),
+                f"not a regular expression RE2 matches in linear time: {exc}") from None
     settings = _settings(section, base)
     section.finish()
     return Rule(index, match, tags, settings, name, tuple(compiled))

@@ -1,7 +1,8 @@
 """The policy in force, and reloading it: on SIGHUP and when the file changes on disk.
 
 A policy that fails to load at start stops the daemon. One that fails on reload is
-logged, counted in metrics, and the last good policy stays in force.
+logged, counted in metrics, and the last good policy stays in force. Every load runs off
+the event loop (offloop.py), so serving and the watchdog never wait for one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 
 from nodekeeper import logs, metrics, policy
 from nodekeeper.errors import SettingsError
+from nodekeeper.offloop import Loader
 
 WATCH_SECONDS = 2.0
 
@@ -27,22 +29,30 @@ def _signature(path: str) -> tuple[int, int, int] | None:
 
 
 class PolicyFile:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, loader: Loader, current: policy.Policy,
+                 signature: tuple[int, int, int] | None) -> None:
         self.path = path
-        self._signature = _signature(path)
-        self.current = policy.load(path)
+        self._loader = loader
+        self._signature = signature
+        self.current = current
         self.loaded_at = time.time()
         self.error = ""
         metrics.POLICY_VALID.set(1)
         metrics.POLICY_LOADED.set(self.loaded_at)
 
+    @classmethod
+    async def open(cls, path: str, loader: Loader) -> PolicyFile:
+        """The policy at start; SettingsError when it is invalid or too slow to load."""
+        signature = _signature(path)
+        return cls(path, loader, await loader.load(path, lambda: policy.load(path)), signature)
+
     def get(self) -> policy.Policy:
         return self.current
 
-    def reload(self, why: str) -> bool:
+    async def reload(self, why: str) -> bool:
         self._signature = _signature(self.path)
         try:
-            fresh = policy.load(self.path)
+            fresh = await self._loader.load(self.path, lambda: policy.load(self.path))
         except SettingsError as exc:
             self.error = str(exc)
             metrics.POLICY_VALID.set(0)
@@ -61,4 +71,4 @@ class PolicyFile:
         while True:
             await asyncio.sleep(WATCH_SECONDS)
             if _signature(self.path) != self._signature:
-                self.reload("file changed")
+                await self.reload("file changed")

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nodekeeper import policy as policies
+from nodekeeper import runstatus
 from nodekeeper.backing import Backing
 from nodekeeper.config import Config
 from nodekeeper.containerd import Containerd, LocalImage
@@ -172,11 +173,36 @@ def status(config: Config, limit: int = 20) -> str:
     except SettingsError as exc:
         lines.append(f"policy:  INVALID on disk (a running daemon keeps its last good "
                      f"policy): {exc}")
+    now = time.time()
+    # What only the running daemon knows: whether its state reaches the disk, how late
+    # its event loop has run.
+    view = runstatus.read(runstatus.path_for(config.listen))
+    if view is None:
+        lines.append(f"daemon:  not running (no status beside {config.listen})")
+    else:
+        health = view.get("state") or {}
+        if not health:
+            stored = "not reported yet"
+        elif health.get("persistent") and not health.get("key_problem"):
+            stored = "on disk"
+        else:
+            stored = "; ".join(
+                ([f"IN MEMORY ONLY since {ago(now - health.get('since', now))}: "
+                  f"{health.get('problem')}; retrying, {health.get('pending', 0)} records "
+                  "waiting"] if not health.get("persistent") else [])
+                + ([f"fingerprint key in memory: {health['key_problem']}"]
+                   if health.get("key_problem") else []))
+        lag = view.get("loop_lag") or {}
+        lines.append(f"daemon:  pid {view['pid']}; state {stored}")
+        lines.append(f"loop:    worst lag {lag.get('worst_s', 0) * 1000:.1f} ms "
+                     f"({ago(now - lag.get('worst_at', now))}), last minute "
+                     f"{lag.get('last_minute_s', 0) * 1000:.1f} ms")
     db = _db(config)
     if db is None:
-        lines.append(f"state:   no database in {config.state_dir} yet")
+        exists = (Path(config.state_dir) / DB_NAME).exists()
+        lines.append(f"state:   {'database unreadable' if exists else 'no database'} in "
+                     f"{config.state_dir}")
         return "\n".join(lines)
-    now = time.time()
     if config.backing.enabled:
         try:
             row = db.execute("SELECT value, at FROM meta WHERE key = 'backing'").fetchone()

@@ -16,6 +16,13 @@ class Notifier:
 
     def __init__(self) -> None:
         self._notifier = sdnotify.SystemdNotifier()
+        if self._notifier.socket is not None:
+            # Sent from the event loop: when the reader falls behind (a busy or stuck PID 1;
+            # a datagram socket queues only net.unix.max_dgram_qlen messages, 10 by
+            # default), a blocking send would stall every RPC with it. A message that does
+            # not fit is dropped instead (sdnotify ignores the error): the next STATUS=
+            # says the same and more, and the next watchdog ping comes half an interval on.
+            self._notifier.socket.setblocking(False)
 
     def _send(self, message: str) -> None:
         self._notifier.notify(message)

@@ -12,9 +12,11 @@ PY=.venv/bin/python
 VERSION=$("$PY" -c 'import nodekeeper; print(nodekeeper.__version__)')
 export VERSION
 PYTHONS=(3.10 3.11 3.12)
-# Debian architecture, the wheels' platform tag, and a strip that reads its binaries.
-ARCHES=("amd64 manylinux2014_x86_64 strip"
-        "arm64 manylinux2014_aarch64 aarch64-linux-gnu-strip")
+# Debian architecture, the wheels' platform tag, the newer tag google-re2's wheels carry
+# (glibc 2.28; Debian 12 has 2.36, Ubuntu 22.04 2.35, RHEL 9 2.34), and a strip that reads
+# its binaries.
+ARCHES=("amd64 manylinux2014_x86_64 manylinux_2_28_x86_64 strip"
+        "arm64 manylinux2014_aarch64 manylinux_2_28_aarch64 aarch64-linux-gnu-strip")
 
 rm -rf build/package build/wheels
 mkdir -p build/package/doc/examples build/wheels dist
@@ -38,28 +40,33 @@ vendor() {  # vendor DIR PYTHON-VERSION PIP-ARGS...
 }
 
 for entry in "${ARCHES[@]}"; do
-    read -r ARCH PLATFORM STRIP <<<"$entry"
+    read -r ARCH OLDER NEWER STRIP <<<"$entry"
     export ARCH
+    PLATFORM=$OLDER
     LIB=build/package/lib
-    rm -rf "$LIB" build/grpcio-*
+    rm -rf "$LIB" build/native-*
     find nodekeeper -name '*.py' -o -name '*.pyi' | while read -r file; do
         install -D -m 0644 "$file" "$LIB/app/$file"
     done
     install -m 0644 packaging/launch.py "$LIB/launch.py"
     # One tree serves every Python: all dependencies are pure Python or abi3 (protobuf)
-    # except grpcio's extension, whose file name carries the CPython version
-    # (cygrpc.cpython-311-x86_64-linux-gnu.so), so the builds for 3.10, 3.11 and 3.12 sit
-    # side by side. tomli and exceptiongroup are what 3.10 lacks.
+    # except three extensions whose file names carry the CPython version
+    # (cygrpc.cpython-311-x86_64-linux-gnu.so): grpcio's, PyYAML's libyaml parser and
+    # google-re2's, so the builds for 3.10, 3.11 and 3.12 sit side by side. tomli and
+    # exceptiongroup are what 3.10 lacks.
     vendor "$LIB/vendor" 3.11 httpx pyyaml sdnotify structlog prometheus-client protobuf grpcio
+    PLATFORM=$NEWER vendor "$LIB/vendor" 3.11 --no-deps google-re2
     vendor "$LIB/vendor" 3.10 --no-deps tomli exceptiongroup
     for version in "${PYTHONS[@]}"; do
-        vendor "build/grpcio-$version" "$version" --no-deps grpcio
-        cp build/grpcio-"$version"/grpc/_cython/cygrpc.cpython-*.so "$LIB/vendor/grpc/_cython/"
+        native=build/native-$version
+        vendor "$native" "$version" --no-deps grpcio pyyaml
+        PLATFORM=$NEWER vendor "$native" "$version" --no-deps google-re2
+        cp "$native"/grpc/_cython/cygrpc.cpython-*.so "$LIB/vendor/grpc/_cython/"
+        cp "$native"/yaml/_yaml.cpython-*.so "$LIB/vendor/yaml/"
+        cp "$native"/re2/_re2.cpython-*.so "$LIB/vendor/re2/"
     done
     find "$LIB" -depth -name '__pycache__' -exec rm -rf {} +
     rm -rf "$LIB/vendor/bin"
-    # PyYAML falls back to pure Python without its libyaml extension; config is read once.
-    rm -f "$LIB"/vendor/yaml/_yaml.*.so
     find "$LIB" -name '*.h' -delete
     # Modules, not scripts: drop the shebangs some vendored files carry.
     grep -rl --include='*.py' -m1 '^#!' "$LIB" | xargs -r sed -i '1{/^#!/d}'

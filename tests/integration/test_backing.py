@@ -218,9 +218,16 @@ def test_explain_and_status_show_backing(
         node.pull(image_ref(registry.host, "other", "v1"))  # a pull that consults backing
     finally:
         backing.thaw()
-    status = subprocess.run([*cli, "status", "--config", config], capture_output=True,
-                            text=True, timeout=30, check=True).stdout
-    assert f"backing: {backing.url}: down" in status
+
+    def status() -> str:
+        return subprocess.run([*cli, "status", "--config", config], capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+
+    # The daemon's view reaches the state database a moment later.
+    deadline = time.monotonic() + 10
+    while f"backing: {backing.url}: down" not in status():
+        assert time.monotonic() < deadline, status()
+        time.sleep(0.1)
 
 
 def test_blobs_backing_already_holds_are_mounted_not_copied(

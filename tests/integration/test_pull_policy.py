@@ -380,9 +380,18 @@ def test_status_and_explain_show_what_happened(
         pull(kubelet, ref)
         pull(kubelet, ref)
     cli = [sys.executable, "-m", "nodekeeper"]
-    status = subprocess.run([*cli, "status", "--config", str(daemon.config_path)],
-                            capture_output=True, text=True, timeout=30, check=True).stdout
+
+    def status() -> str:
+        return subprocess.run([*cli, "status", "--config", str(daemon.config_path)],
+                              capture_output=True, text=True, timeout=30, check=True).stdout
+
+    # Decisions reach the database a moment after their answers.
+    shown = wait_for_count(lambda: ["ok"] if "local-interval" in status() else [], 1, 10)
+    assert shown
+    status = status()
     assert "local-interval" in status
+    assert f"pid {daemon.proc.pid if daemon.proc else '?'}; state on disk" in status
+    assert "loop:    worst lag" in status
     assert f"{ref}" in status
     assert image.digest in status
     explain = subprocess.run([*cli, "explain", ref, "--config", str(daemon.config_path)],

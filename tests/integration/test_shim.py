@@ -296,9 +296,11 @@ def test_sighup_reload_applies_log_level_and_survives_a_broken_file(
     via_nodekeeper.status("absent:1")
     eventually(lambda: any(e.get("rpc") == "ImageStatus" for e in nodekeeper.events()))
 
+    eventually(lambda: nodekeeper.log_text().count('"reloaded"') == 1)
     nodekeeper.config_path.write_text(original.replace("level: debug", "level: warning"))
     nodekeeper.signal(1)
-    eventually(lambda: '"reloaded"' in nodekeeper.log_text())
+    # Reloads run off the event loop: wait for this one, not the first one's line.
+    eventually(lambda: nodekeeper.log_text().count('"reloaded"') == 2)
     before = len([e for e in nodekeeper.events() if e.get("rpc") == "ImageStatus"])
     via_nodekeeper.status("absent:2")
     time.sleep(0.3)

@@ -51,11 +51,14 @@ def test_deb_contents_and_conffiles(packages: tuple[Path, Path], tmp_path: Path)
                  "./usr/share/doc/nodekeeper/README.md", "./usr/share/doc/nodekeeper/copyright",
                  "./usr/share/doc/nodekeeper/changelog.Debian.gz",
                  "./usr/share/doc/nodekeeper/examples/kubelet-config.yaml",
-                 "./usr/share/man/man1/nodekeeper.1.gz",
-                 "./usr/lib/nodekeeper/vendor/grpc/_cython/cygrpc.cpython-310-x86_64-linux-gnu.so",
-                 "./usr/lib/nodekeeper/vendor/grpc/_cython/cygrpc.cpython-311-x86_64-linux-gnu.so",
-                 "./usr/lib/nodekeeper/vendor/grpc/_cython/cygrpc.cpython-312-x86_64-linux-gnu.so"):
+                 "./usr/share/man/man1/nodekeeper.1.gz"):
         assert path in listing, path
+    # The extensions named for each CPython the launcher may pick.
+    for version in ("310", "311", "312"):
+        for extension in ("grpc/_cython/cygrpc", "yaml/_yaml", "re2/_re2"):
+            path = (f"./usr/lib/nodekeeper/vendor/{extension}.cpython-{version}"
+                    "-x86_64-linux-gnu.so")
+            assert path in listing, path
     run("dpkg-deb", "-e", str(packages[0]), str(tmp_path / "control"))
     conffiles = (tmp_path / "control" / "conffiles").read_text().split()
     assert conffiles == ["/etc/nodekeeper/config.yaml", "/etc/nodekeeper/policy.yaml"]
@@ -80,7 +83,8 @@ def test_runs_on_the_distribution_python_without_pip(packages: tuple[Path, Path]
     run("dpkg-deb", "-x", str(packages[0]), str(tmp_path))
     home = tmp_path / "usr/lib/nodekeeper"
     code = (f"import sys; sys.path[:0] = ['{home}/app', '{home}/vendor']; "
-            "from nodekeeper.cli import main; import nodekeeper.daemon, grpc, httpx; "
+            "from nodekeeper.cli import main; import nodekeeper.daemon, grpc, httpx, re2; "
+            "import yaml; assert yaml.__with_libyaml__; "
             "sys.exit(main(['check-policy', sys.argv[1]]))")
     output = run("/usr/bin/python3", "-s", "-E", "-c", code,
                  str(tmp_path / "etc/nodekeeper/policy.yaml"))
@@ -97,3 +101,13 @@ def test_rpm_installs_into_a_scratch_root(packages: tuple[Path, Path], tmp_path:
     assert (root / "etc/nodekeeper/policy.yaml").read_text() == (
         REPO / "etc/policy.yaml").read_text()
     assert (root / "usr/lib/nodekeeper/vendor/grpc/_cython").is_dir()
+
+
+def test_arm64_deb_carries_the_extensions_for_each_python(packages: tuple[Path, Path]) -> None:
+    [deb] = (REPO / "dist").glob("nodekeeper_*_arm64.deb")
+    listing = run("dpkg-deb", "-c", str(deb))
+    for version in ("310", "311", "312"):
+        for extension in ("grpc/_cython/cygrpc", "yaml/_yaml", "re2/_re2"):
+            path = (f"./usr/lib/nodekeeper/vendor/{extension}.cpython-{version}"
+                    "-aarch64-linux-gnu.so")
+            assert path in listing, path

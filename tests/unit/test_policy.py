@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+import random
+import statistics
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodekeeper import policy
+from nodekeeper import policy, regex
 from nodekeeper.errors import SettingsError
 from nodekeeper.failures import Kind
-from nodekeeper.policy import FALLBACK_REASONS, Settings, compile_pattern
+from nodekeeper.policy import (
+    FALLBACK_REASONS,
+    MAX_PROGRAM_TOTAL,
+    MAX_RULES,
+    MAX_TAG_PATTERNS,
+    MAX_TAG_PROGRAM,
+    Settings,
+    compile_pattern,
+)
 from nodekeeper.reference import parse
+from tests.harness.policies import HOSTILE_TAGS, largest_policy
 
 REPO = Path(__file__).resolve().parents[2]
 DIGEST = "sha256:" + hashlib.sha256(b"m").hexdigest()
@@ -372,3 +384,152 @@ def test_tag_patterns_are_regular_expressions(tmp_path: Path) -> None:
     assert not rule.matches(parse("a/b:v12-rc"))
     assert not rule.matches(parse("a/b:unstable"))
     assert not rule.matches(parse(f"a/b@{DIGEST}"))
+
+
+# -- linear-time matching --------------------------------------------------------------------
+# Costs are measured in this thread's CPU time: other processes on the machine do not count.
+
+BACKTRACKING = ["(a+)+$", "(a|aa)+$", "(a*)*b", "(.*a){12}", "([a-z0-9]+[.-]?)+x$",
+                "(?:a|a?)+b", "(\\w+\\.?)*!"]
+
+
+def slowest_match_us(pattern: str, tags: list[str]) -> tuple[float, float]:
+    """(first, median of the rest) microseconds for fullmatch of `pattern` over `tags`."""
+    compiled = regex.Pattern(pattern, MAX_TAG_PROGRAM)
+    times = []
+    for tag in tags:
+        started = time.thread_time()
+        compiled.fullmatch(tag)
+        times.append((time.thread_time() - started) * 1e6)
+    return times[0], statistics.median(times[1:])
+
+
+@pytest.mark.parametrize("pattern", BACKTRACKING)
+def test_backtracking_patterns_match_in_microseconds(pattern: str) -> None:
+    # With Python's re, (a+)+$ takes seconds on 28 a's and a '-', doubling per character.
+    tags = ["a" * 28 + "-", "a" * 127 + "-", "a" * 128,
+            *("".join(random.Random(n).choice("a.-_x0") for _ in range(128))
+              for n in range(200))]
+    first, typical = slowest_match_us(pattern, tags)
+    assert first < 5000
+    assert typical < 100
+
+
+def test_the_most_complex_pattern_allowed_matches_in_microseconds() -> None:
+    # Counted repetitions cost the most: this one is just under the cap.
+    pattern = "([a-c]{0,3}[.-]?){25}"
+    assert regex.Pattern(pattern).size <= MAX_TAG_PROGRAM
+    tags = ["".join(random.Random(n).choice("abc.-") for _ in range(128)) for n in range(300)]
+    first, typical = slowest_match_us(pattern, tags)
+    assert first < 5000
+    assert typical < 100
+
+
+def test_a_hostile_tag_through_a_loaded_policy(tmp_path: Path) -> None:
+    loaded = load_text(tmp_path, "rules:\n  - match: '**'\n    tags: ['(a+)+$']\n")
+    started = time.thread_time()
+    assert loaded.rule_for(parse("ghcr.io/a/b:" + "a" * 28 + "-")) is loaded.defaults
+    assert loaded.rule_for(parse("ghcr.io/a/b:" + "a" * 120)) is loaded.rules[0]
+    assert time.thread_time() - started < 0.01
+
+
+@pytest.mark.parametrize(
+    ("tag", "words"),
+    [("(a)\\1", "invalid escape sequence"), ("v(?=1)", "invalid perl operator"),
+     ("a{1001}", "invalid repetition size"), ("\\Z", "invalid escape"),
+     ("v{,3}", "{0,n}"), (".{0,127}", "too complex: compiles to 1147 instructions")],
+)
+def test_patterns_re2_cannot_take_are_refused_naming_the_rule(tmp_path: Path, tag: str,
+                                                              words: str) -> None:
+    text = f"rules:\n  - match: a/b\n  - match: c/d\n    tags:\n      - ok\n      - '{tag}'\n"
+    message = refused(tmp_path, text)
+    where = f"{tmp_path / 'policy.yaml'}:{line_of(text, tag)}: rules[1].tags[1]: "
+    assert message.startswith(where), message
+    assert words in message
+    assert "linear time" in message
+
+
+def test_refused_patterns_do_not_reach_stderr(tmp_path: Path,
+                                             capfd: pytest.CaptureFixture[str]) -> None:
+    refused(tmp_path, "rules:\n  - match: a/b\n    tags: ['(']\n")
+    assert capfd.readouterr().err == ""
+
+
+def test_repository_patterns_take_any_character_literally() -> None:
+    for literal in ("a.example/x+y", "a.example/(x)", "a.example/[x]", "a.example/x\\y",
+                    "a.example/x{2}", "a.example/^x$", "a.example/x|y"):
+        assert compile_pattern(literal).fullmatch(literal)
+    assert not compile_pattern("a.example/x|y").fullmatch("y")
+
+
+def test_repository_patterns_with_many_stars_match_in_microseconds() -> None:
+    compiled = compile_pattern("ghcr.io/" + "*a" * 60 + "/x")
+    name = "ghcr.io/" + "a" * 200 + "b/x"
+    started = time.thread_time()
+    for _ in range(100):
+        assert not compiled.fullmatch(name)
+    assert (time.thread_time() - started) / 100 < 0.001
+
+
+def test_a_repository_pattern_too_large_is_refused(tmp_path: Path) -> None:
+    text = f"rules:\n  - match: a/{'x' * 2000}\n"
+    message = refused(tmp_path, text)
+    assert message.startswith(f"{tmp_path / 'policy.yaml'}:2: rules[0].match: too complex")
+
+
+def test_rule_count_is_capped(tmp_path: Path) -> None:
+    rules = "".join(f"  - match: r{n}.example/app\n" for n in range(MAX_RULES + 1))
+    message = refused(tmp_path, "rules:\n" + rules)
+    line = MAX_RULES + 2
+    assert message.startswith(f"{tmp_path / 'policy.yaml'}:{line}: rules[{MAX_RULES}]: ")
+    assert f"more than {MAX_RULES} rules" in message
+    assert len(load_text(tmp_path, "rules:\n" + rules[:rules.rindex("  - ")]).rules) \
+        == MAX_RULES
+
+
+def test_tag_pattern_count_is_capped(tmp_path: Path) -> None:
+    per_rule = 100
+    rules = "".join(f"  - match: r{n}.example/app\n    tags: [{', '.join(['v1'] * per_rule)}]\n"
+                    for n in range(MAX_TAG_PATTERNS // per_rule + 1))
+    message = refused(tmp_path, "rules:\n" + rules)
+    assert f"rules[{MAX_TAG_PATTERNS // per_rule}].tags: more than {MAX_TAG_PATTERNS}" \
+        in message
+
+
+def test_matching_the_largest_policy_stays_in_milliseconds(tmp_path: Path) -> None:
+    """Every rule's name matches and every tag pattern fails: the most work one PullImage
+    can cause."""
+    per_rule = MAX_TAG_PATTERNS // MAX_RULES
+    rules = "".join(f"  - match: '**'\n    tags: [{', '.join(['(a+)+$'] * per_rule)}]\n"
+                    for _ in range(MAX_RULES))
+    loaded = load_text(tmp_path, "rules:\n" + rules)
+    ref = parse("ghcr.io/org/app:" + "a" * 120 + "-")
+    loaded.rule_for(ref)
+    started = time.thread_time()
+    assert loaded.rule_for(ref) is loaded.defaults
+    assert time.thread_time() - started < 0.02
+
+
+def test_the_patterns_of_a_policy_have_a_budget(tmp_path: Path) -> None:
+    pattern = "(a{0,12}){10}"  # 244 instructions, under the cap for one pattern
+    per_rule = compile_pattern("**").size + regex.Pattern(pattern).size
+    fit = MAX_PROGRAM_TOTAL // per_rule
+    rules = "".join(f"  - match: '**'\n    tags: ['{pattern}']\n" for _ in range(fit + 1))
+    message = refused(tmp_path, "rules:\n" + rules)
+    assert f"rules[{fit}]: the policy's patterns compile to more than" in message
+    assert len(load_text(tmp_path, "rules:\n" + rules[:rules.rindex("  - ")]).rules) == fit
+
+
+def test_a_fresh_hostile_tag_through_the_largest_policy_costs_milliseconds(
+        tmp_path: Path) -> None:
+    """Every rule tried, every automaton built anew: the most one PullImage can cost."""
+    loaded = load_text(tmp_path, largest_policy(match="**"))
+    slowest = 0.0
+    # At 128 characters, longer than any of its counted patterns can match: no rule does.
+    for tag in [*(t for t in HOSTILE_TAGS if len(t) == 128),
+                *("a" + "".join(random.Random(n).choice("abc.-") for _ in range(126)) + "z"
+                  for n in range(20))]:
+        started = time.thread_time()
+        assert loaded.rule_for(parse(f"127.0.0.1:5000/app:{tag}")) is loaded.defaults
+        slowest = max(slowest, time.thread_time() - started)
+    assert slowest < 0.03

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -66,3 +67,20 @@ def test_ready_carries_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     [(_, message)] = received(sock)
     assert message.splitlines() == ["READY=1", "STATUS=Serving"]
     sock.close()
+
+
+def test_a_reader_that_falls_behind_never_blocks_the_sender(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = notify_socket(tmp_path, monkeypatch)  # bound, and never read
+    notifier = Notifier()
+    sent = threading.Event()
+
+    def many() -> None:
+        for n in range(200):
+            notifier.status(f"status {n}")
+        sent.set()
+
+    sender = threading.Thread(target=many, daemon=True)
+    sender.start()
+    assert sent.wait(5), "a notification blocked"
+    assert received(sock)[0][1] == "STATUS=status 0"

@@ -1,0 +1,55 @@
+"""`nodekeeper status` shows what only the running daemon knows, from its status file."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from nodekeeper import report, runstatus
+from nodekeeper.config import Config
+
+
+def config(tmp_path: Path) -> Config:
+    (tmp_path / "policy.yaml").write_text("rules: []\n")
+    return Config(listen=str(tmp_path / "cri.sock"), state_dir=str(tmp_path / "state"),
+                  policy_file=str(tmp_path / "policy.yaml"))
+
+
+def publish(tmp_path: Path, state: dict[str, object] | None) -> None:
+    runstatus.write(runstatus.path_for(str(tmp_path / "cri.sock")), {
+        "pid": os.getpid(), "state": state,
+        "loop_lag": {"worst_s": 0.0123, "worst_at": time.time() - 120,
+                     "last_minute_s": 0.002}})
+
+
+def test_no_daemon(tmp_path: Path) -> None:
+    shown = report.status(config(tmp_path))
+    assert "daemon:  not running" in shown
+    assert f"state:   no database in {tmp_path / 'state'}" in shown
+
+
+def test_state_in_memory_and_the_loop(tmp_path: Path) -> None:
+    publish(tmp_path, {"persistent": False, "problem": "Read-only file system: x",
+                       "since": time.time() - 300, "key_problem": "", "pending": 7})
+    shown = report.status(config(tmp_path))
+    assert (f"daemon:  pid {os.getpid()}; state IN MEMORY ONLY since 5.0m ago: Read-only "
+            "file system: x; retrying, 7 records waiting") in shown
+    assert "loop:    worst lag 12.3 ms (2.0m ago), last minute 2.0 ms" in shown
+
+
+def test_state_on_disk_with_a_key_in_memory(tmp_path: Path) -> None:
+    publish(tmp_path, {"persistent": True, "problem": "", "since": time.time(),
+                       "key_problem": "cannot read it", "pending": 0})
+    assert "; state fingerprint key in memory: cannot read it" in report.status(
+        config(tmp_path))
+
+
+def test_state_not_reported_yet(tmp_path: Path) -> None:
+    publish(tmp_path, None)
+    assert "; state not reported yet" in report.status(config(tmp_path))
+
+
+def test_an_unreadable_database_is_not_called_missing(tmp_path: Path) -> None:
+    (tmp_path / "state" / "state.db").mkdir(parents=True)
+    assert "state:   database unreadable in" in report.status(config(tmp_path))
