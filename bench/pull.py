@@ -19,15 +19,16 @@ and measures, for containerd's socket and nodekeeper's socket alike:
                  previous answer, as when many pods start at once; no tag is pulled twice,
                  so no pull shares an earlier decision. Inside the interval containerd
                  pulls tags of its own (see run());
-  burst          N concurrent PullImage of one tag from one grpc.aio channel, counting the
-                 manifest requests the registry logged;
+  burst          N concurrent PullImage of one tag from one grpc.aio channel, right after a
+                 new build was pushed under it, counting the manifest requests the
+                 registry logged;
   moved tag      a new image is pushed under the tag before every timed PullImage;
   black hole     the registry is SIGSTOPped: nodekeeper's answer time (probe_timeout 1s),
                  and what containerd alone does with a client deadline.
 
-Sequential pulls come PULL_SPACING_S (0.3 s) after the previous answer, longer than
-nodekeeper's coalescing of identical pulls (0.2 s), so each one is a decision of its own;
-nodekeeper's log is read back to show which decisions were actually made. Prints a markdown
+Sequential pulls come PULL_SPACING_S (0.3 s) after the previous answer, so each finds
+the server and containerd idle; nodekeeper's log is read back to show which decisions
+were actually made. Prints a markdown
 table. See docs/benchmarks.md.
 """
 
@@ -91,7 +92,7 @@ INTERVAL_RATIO = 0.1
 # against that floor instead: within 1.25x of it.
 FLOOR_RATIO = 1.25
 FALLBACK_SLACK_S = 0.1
-BURST_UPSTREAM_REQUESTS = 1
+BURST_UPSTREAM_REQUESTS = 6  # at most, for a burst of 50 of a moved tag
 
 
 @dataclass(frozen=True)
@@ -400,7 +401,9 @@ def run(sizes: Sizes, workdir: Path) -> Results:
         for b in range(sizes.bursts):
             order = TARGETS[b % 2:] + TARGETS[:b % 2]
             for target in order:
-                bursts[target].append(burst(registry, sockets[target], requests[TAG_ALWAYS],
+                push_new(registry.url, REPO, TAG_MOVING,
+                         seed=f"nodekeeper-pull-bench-burst-{b}-{target}")
+                bursts[target].append(burst(registry, sockets[target], requests[TAG_MOVING],
                                             sizes.burst))
         phases.take(f"bursts of {sizes.burst}")
 
@@ -496,8 +499,8 @@ def table(res: Results) -> list[str]:
     ratio = f"{max(n_heads) / max(d_heads):.2f}x" if max(d_heads) else ""
     rows.append((f"{size} concurrent pulls of one tag: manifest HEADs upstream, per burst",
                  ", ".join(map(str, d_heads)), "", ", ".join(map(str, n_heads)), ratio,
-                 f"nodekeeper exactly {BURST_UPSTREAM_REQUESTS}",
-                 verdict(all(h == BURST_UPSTREAM_REQUESTS for h in n_heads))))
+                 f"nodekeeper <= {BURST_UPSTREAM_REQUESTS}",
+                 verdict(all(h <= BURST_UPSTREAM_REQUESTS for h in n_heads))))
     d_wall = [b.wall_ms for b in res.bursts["containerd"]]
     n_wall = [b.wall_ms for b in res.bursts["nodekeeper"]]
     rows.append((f"{size} concurrent pulls: time until all answered, median of {len(d_wall)}",

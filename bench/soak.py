@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import httpx
 from _common import (
     load_average,
     machine_info,
@@ -74,7 +73,7 @@ from tests.harness import (
     push_new,
 )
 from tests.harness.mounts import Tmpfs
-from tests.harness.nodekeeper import Nodekeeper
+from tests.harness.nodekeeper import Nodekeeper, scrape
 from tests.harness.policies import largest_policy
 from tests.harness.sampler import Sampler
 
@@ -350,15 +349,6 @@ def sample(pid: int, since: float) -> Sample:
 
 
 # -- the run ---------------------------------------------------------------------------------
-
-def scrape(address: str) -> dict[str, float]:
-    found = {}
-    for line in httpx.get(f"http://{address}/metrics", timeout=5).text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            found[name] = float(value)
-    return found
-
 
 def lag_counts(metrics: dict[str, float]) -> tuple[float, float]:
     """Event loop lag samples: how many were over 50 ms, and how many in all."""

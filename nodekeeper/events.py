@@ -42,6 +42,7 @@ from typing import Any, Protocol
 from nodekeeper import logs, metrics
 from nodekeeper.config import KubernetesConfig
 from nodekeeper.kube import kubeconfig
+from nodekeeper.timetext import ago_in_words
 
 REASON_FALLBACK = "ImageFallback"  # fallback and backing-fallback: one reason to select on
 REASON_UPDATED = "ImageUpdated"
@@ -107,14 +108,6 @@ def pod_of(name: str, namespace: str, uid: str) -> Pod | None:
     return None
 
 
-def _age(seconds: float) -> str:
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= size:
-            count = int(seconds // size)
-            return f"{count} {unit}{'s' if count != 1 else ''} ago"
-    return "less than a minute ago"
-
-
 def _statement(served: Served) -> str:
     """The message without the age of the last confirmation."""
     if served.decision == "updated":
@@ -136,7 +129,7 @@ def message(served: Served, now: float) -> str:
     confirmed 3 days ago"."""
     text = _statement(served)
     if served.decision != "updated":
-        text += (f", last confirmed {_age(now - served.last_confirmed)}"
+        text += (f", last confirmed {ago_in_words(now - served.last_confirmed)}"
                  if served.last_confirmed is not None
                  else ", never confirmed upstream from this node")
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."

@@ -283,3 +283,18 @@ class FakeState:
         held = self.stale_since.get(reference)
         return held[0] if held else ""
 
+
+
+class RecordingMetric:
+    """Stands in for a prometheus metric with one label: what was counted, by label."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, float] = {}
+        self._label = ""
+
+    def labels(self, label: str) -> RecordingMetric:
+        self._label = label
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        self.counts[self._label] = self.counts.get(self._label, 0) + amount

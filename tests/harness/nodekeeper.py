@@ -12,9 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 DEFAULT_POLICY = "defaults:\n  update: always\n"
+
+
+def scrape(address: str) -> dict[str, float]:
+    """One scrape of nodekeeper's /metrics: every sample by its name and labels."""
+    found = {}
+    for line in httpx.get(f"http://{address}/metrics", timeout=5).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            found[name] = float(value)
+    return found
 
 
 class NotifySocket:

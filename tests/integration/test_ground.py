@@ -17,14 +17,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 
 from nodekeeper.state import DB_NAME
 from tests.conftest import MakeNodekeeper
 from tests.harness import Containerd, CriClient, Registry, free_port, image_ref, push_new
 from tests.harness.mounts import Tmpfs
-from tests.harness.nodekeeper import Nodekeeper
+from tests.harness.nodekeeper import Nodekeeper, scrape
 from tests.harness.policies import HOSTILE_TAGS, largest_policy
 from tests.harness.sampler import Sampler
 
@@ -55,23 +54,13 @@ def start(make: MakeNodekeeper, containerd: Containerd, state_dir: Path,
     return daemon, address
 
 
-def metrics(address: str) -> dict[str, float]:
-    """One scrape: every sample by its name and labels."""
-    found = {}
-    for line in httpx.get(f"http://{address}/metrics", timeout=5).text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            found[name] = float(value)
-    return found
-
-
 def metric(address: str, name: str) -> float:
-    return metrics(address)[name]
+    return scrape(address)[name]
 
 
 def late_and_all(address: str) -> tuple[float, float]:
     """The event loop's lag samples: how many were over 50 ms, and how many in all."""
-    scraped = metrics(address)
+    scraped = scrape(address)
     count = scraped["nodekeeper_event_loop_lag_seconds_count"]
     return count - scraped['nodekeeper_event_loop_lag_seconds_bucket{le="0.05"}'], count
 

@@ -28,6 +28,7 @@ from nodekeeper.events import Events, Pod, Served, message
 from nodekeeper.kube import client as kube_client
 from nodekeeper.kube.sink import ApiSink
 from tests.conftest import MakeNodekeeper
+from tests.fakes import RecordingMetric
 from tests.harness import (
     Containerd,
     CriClient,
@@ -50,24 +51,9 @@ INSTANT_S = 0.002
 CONFIRMED = time.time() - 3 * 86400 - 60
 
 
-class Recorder:
-    """Stands in for a prometheus counter with one label."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, float] = {}
-        self._label = ""
-
-    def labels(self, label: str) -> Recorder:
-        self._label = label
-        return self
-
-    def inc(self, amount: float = 1) -> None:
-        self.counts[self._label] = self.counts.get(self._label, 0) + amount
-
-
 @pytest.fixture
-def dropped(monkeypatch: pytest.MonkeyPatch) -> Recorder:
-    recorder = Recorder()
+def dropped(monkeypatch: pytest.MonkeyPatch) -> RecordingMetric:
+    recorder = RecordingMetric()
     monkeypatch.setattr(metrics, "KUBE_EVENTS_DROPPED", recorder)
     return recorder
 
@@ -171,7 +157,7 @@ async def test_updated_is_a_normal_event_when_enabled(apiserver: ApiServer,
 
 
 async def test_token_file_is_read_again_after_a_401(apiserver: ApiServer, tmp_path: Path,
-                                                    dropped: Recorder) -> None:
+                                                    dropped: RecordingMetric) -> None:
     token = tmp_path / "token"
     token.write_text("not-a-token-the-server-knows\n")
     kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig",
@@ -195,7 +181,7 @@ async def test_token_file_is_read_again_after_a_401(apiserver: ApiServer, tmp_pa
 
 
 async def test_a_changed_credential_file_is_read_again(apiserver: ApiServer, tmp_path: Path,
-                                                       dropped: Recorder,
+                                                       dropped: RecordingMetric,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kube_client, "RECHECK_SECONDS", 0.0)
     token = tmp_path / "token"
@@ -266,8 +252,9 @@ def proxied_events(apiserver: ApiServer, proxy: FaultProxy, tmp_path: Path, *,
                   queue=queue)
 
 
-async def test_api_server_down_costs_observe_nothing(apiserver: ApiServer, proxy: FaultProxy,
-                                                     tmp_path: Path, dropped: Recorder) -> None:
+async def test_api_server_down_costs_observe_nothing(
+        apiserver: ApiServer, proxy: FaultProxy, tmp_path: Path,
+        dropped: RecordingMetric) -> None:
     proxy.refuse()
     pods = [bound_pod(apiserver) for _ in range(6)]
     events = proxied_events(apiserver, proxy, tmp_path)
@@ -311,7 +298,7 @@ async def test_api_server_silent_costs_observe_nothing(apiserver: ApiServer,
 
 async def test_a_refusing_api_server_costs_observe_nothing(apiserver: ApiServer,
                                                            tmp_path: Path,
-                                                           dropped: Recorder) -> None:
+                                                           dropped: RecordingMetric) -> None:
     kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig",
                                             user={"token": apiserver.stranger_token})
     pod = bound_pod(apiserver)

@@ -20,6 +20,7 @@ from nodekeeper import metrics
 from nodekeeper.config import KubernetesConfig
 from nodekeeper.events import Events, Pod, PostFailed, Served, event_name, message, pod_of
 from nodekeeper.kube.kubeconfig import KubeconfigError
+from tests.fakes import RecordingMetric
 
 NOW = 1_800_000_000.0
 DIGEST = "sha256:" + "a" * 64
@@ -152,24 +153,9 @@ class Sleeps:
         await asyncio.sleep(0)
 
 
-class Recorder:
-    """Stands in for a prometheus metric."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, float] = {}
-        self._label = ""
-
-    def labels(self, label: str) -> Recorder:
-        self._label = label
-        return self
-
-    def inc(self, amount: float = 1) -> None:
-        self.counts[self._label] = self.counts.get(self._label, 0) + amount
-
-
 @pytest.fixture
-def dropped_metric(monkeypatch: pytest.MonkeyPatch) -> Recorder:
-    recorder = Recorder()
+def dropped_metric(monkeypatch: pytest.MonkeyPatch) -> RecordingMetric:
+    recorder = RecordingMetric()
     monkeypatch.setattr(metrics, "KUBE_EVENTS_DROPPED", recorder)
     return recorder
 
@@ -327,7 +313,7 @@ async def test_the_memory_of_posted_events_is_bounded(make_events: MakeEvents, s
 
 
 async def test_observe_is_instant_and_bounded(make_events: MakeEvents, sink: FakeSink,
-                                              dropped_metric: Recorder,
+                                              dropped_metric: RecordingMetric,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(events_module, "CLOSE_GRACE", 0.05)
     sink.hang = True
@@ -351,7 +337,8 @@ async def test_observe_is_instant_and_bounded(make_events: MakeEvents, sink: Fak
     await events.close()
 
 
-async def test_observe_never_raises(make_events: MakeEvents, dropped_metric: Recorder) -> None:
+async def test_observe_never_raises(make_events: MakeEvents,
+                                    dropped_metric: RecordingMetric) -> None:
     events = make_events()
     broken = served(pod=None)  # type: ignore[arg-type]
     object.__setattr__(broken, "failure_detail", None)  # slicing None fails inside
@@ -396,7 +383,7 @@ async def test_back_off_is_capped(make_events: MakeEvents, sink: FakeSink) -> No
 
 
 async def test_a_refusal_is_dropped_not_retried(make_events: MakeEvents, sink: FakeSink,
-                                                dropped_metric: Recorder) -> None:
+                                                dropped_metric: RecordingMetric) -> None:
     sink.failures = [PostFailed("403 events is forbidden", retry=False)]
     events = make_events()
     await events.start()
@@ -409,8 +396,9 @@ async def test_a_refusal_is_dropped_not_retried(make_events: MakeEvents, sink: F
     assert dropped_metric.counts == {"refused": 2}
 
 
-async def test_events_given_up_after_retry_for(make_events: MakeEvents, sink: FakeSink,
-                                               clock: Clock, dropped_metric: Recorder) -> None:
+async def test_events_given_up_after_retry_for(
+        make_events: MakeEvents, sink: FakeSink, clock: Clock,
+        dropped_metric: RecordingMetric) -> None:
     sink.failures = [PostFailed("unreachable", retry=True) for _ in range(1000)]
     sleeps = Sleeps()
 
@@ -446,7 +434,7 @@ async def test_each_request_has_a_timeout(make_events: MakeEvents, sink: FakeSin
 
 async def test_close_is_bounded_and_counts_what_is_left(make_events: MakeEvents, sink: FakeSink,
                                                         monkeypatch: pytest.MonkeyPatch,
-                                                        dropped_metric: Recorder) -> None:
+                                                        dropped_metric: RecordingMetric) -> None:
     monkeypatch.setattr(events_module, "CLOSE_GRACE", 0.1)
     sink.hang = True
     events = make_events(timeout=30)
