@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.harness import Containerd, CriClient, Registry
+from tests.harness.apiserver import ApiServer
 from tests.harness.containerd import ContainerdRelease, selected_releases
 from tests.harness.nodekeeper import Nodekeeper
 
@@ -132,3 +133,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         spent = ", ".join(f"{name}: {seconds:.0f} s"
                           for name, seconds in sorted(_SECONDS_BY_RELEASE.items()))
         terminalreporter.write_line(f"time in tests per containerd version: {spent}")
+
+
+@pytest.fixture(scope="module")
+def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    """A real kube-apiserver and etcd for the module's tests; fails when either cannot
+    start (they are started, never skipped)."""
+    server = ApiServer(tmp_path_factory.mktemp("apiserver"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()

@@ -165,7 +165,8 @@ def make_node(
 
     def make(mode: str, *, containerd: Containerd | None = None,
              nodekeeper: Nodekeeper | None = None, backing_url: str | None = None,
-             credentials: dict[str, tuple[str, str]] | None = None) -> Node:
+             credentials: dict[str, tuple[str, str]] | None = None,
+             kubernetes: dict[str, str] | None = None) -> Node:
         assert mode in MODES
         for previous in kubelets:
             previous.close()
@@ -181,6 +182,8 @@ def make_node(
             settings: dict[str, Any] = {}
             if backing_url is not None:
                 settings["backing"] = {"url": backing_url, "timeout": "2s"}
+            if kubernetes is not None:
+                settings["kubernetes"] = kubernetes
             nodekeeper = make_nodekeeper(containerd.address, policy=POLICY, settings=settings)
         endpoint = nodekeeper.socket if nodekeeper is not None else containerd.address
         kubelet = Kubelet(tmp_path / f"node{number}-kubelet", runtime_endpoint=containerd.address,

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import MakeRegistry
 from tests.harness import resolve
+from tests.harness.apiserver import NODE_NAME, ApiServer
 from tests.harness.pods import AppPod
 from tests.kubelet.conftest import (
     MODES,
@@ -197,3 +200,34 @@ def test_node_wide_credentials_get_the_nodes_copy_and_wrong_ones_are_refused(
         assert "guess" not in log
     assert restart["nodekeeper"] is not None
     assert restart["containerd"] is None
+
+
+def test_a_fallback_shows_on_the_pod_as_an_event(
+    make_node: MakeNode, upstream: Upstream, apiserver: ApiServer, tmp_path: Path
+) -> None:
+    # What the kubelet itself reports as "Successfully pulled image": nodekeeper adds the
+    # truth beside it, a Warning on the pod posted as the node.
+    kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubelet.conf")
+    image = upstream.push("app", "v1", seed="event-on-the-pod")
+    node = make_node("nodekeeper", kubernetes={"kubeconfig": str(kubeconfig),
+                                               "node_name": NODE_NAME})
+    pod = node.run("app", upstream.ref("app", "v1"))
+    assert pod.wait_starts(1, POD_START_TIMEOUT) is not None
+    upstream.stop()
+    try:
+        pod.crash()
+        assert pod.wait_starts(2, RESTART_BOUND) is not None
+    finally:
+        upstream.restore()
+    name = f"{pod.name}-{node.kubelet.node_name}"
+
+    def fallback_events() -> list[dict[str, Any]]:
+        return [e for e in apiserver.events("default") if e.get("reason") == "ImageFallback"
+                and e["involvedObject"]["name"] == name]
+
+    assert wait_until(lambda: bool(fallback_events()), 15), apiserver.events("default")
+    (event,) = fallback_events()
+    assert event["type"] == "Warning"
+    assert event["source"] == {"component": "nodekeeper", "host": NODE_NAME}
+    assert event["involvedObject"]["uid"]  # the static pod's own uid, from the sandbox
+    assert f"the node's copy of {upstream.ref('app', 'v1')}, {image.digest}" in event["message"]
