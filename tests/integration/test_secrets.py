@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 GOOD = 'go"od\n-pass\\wörd=='
 WRONG = "wr'ong\npass-ü=="
 IDENTITY = 'identity-"token"\nwith-ünicode'
-REGISTRY_TOKEN = "registry\r\ntoken-ß"
+REGISTRY_TOKEN = "rt-7q9x\r\nzz-tok-ß"
 
 
 def forms(secret: str) -> list[str]:
