@@ -1,13 +1,13 @@
 """The edges of the PullImage core: what the puller needs from the world, as Protocols.
 
-    Images     containerd's images (containerd.Containerd)
-    Upstream   the registry a reference names (registry.Prober)
+    Images        containerd's images (containerd.Containerd)
+    Upstream      the registry a reference names (registry.Prober)
     BackingStore  the cluster-wide backing registry (backing.Backing)
-    StateStore what this node remembers (state.State)
-    Observer   who hears of answers the pod's owner should see (events.Events)
+    StateStore    what this node remembers (state.State)
+    Observer      who hears of answers the pod's owner should see (events.Events)
 
-Each has an in-memory fake under tests/fakes/, and one conformance suite under
-tests/conformance/ that the fake and the real implementation both pass.
+The first four each have an in-memory fake in tests/fakes.py, and a conformance suite in
+tests/conformance.py that the fake and the real implementation both pass.
 """
 
 from __future__ import annotations
