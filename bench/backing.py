@@ -56,7 +56,7 @@ from _common import (
 from registry_copy import random_image
 
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.backing import DOWN_SECONDS
+from nodekeeper.registry.backing import DOWN_SECONDS
 from tests.harness import Containerd, CriClient, Image, Registry, image_ref, push, push_new
 from tests.harness.nodekeeper import Nodekeeper
 from tests.harness.registry import HARNESS_USER_AGENT

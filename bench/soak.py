@@ -61,8 +61,8 @@ from _common import (
     work_directory,
 )
 
-from nodekeeper import runstatus
 from nodekeeper._proto import cri_image_pb2 as cri
+from nodekeeper.host import runstatus
 from tests.harness import (
     Containerd,
     CriClient,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nodekeeper import __version__, config, policy, report
+from nodekeeper import __version__, config
+from nodekeeper.commands import report
 from nodekeeper.errors import SettingsError, StartupError
-from nodekeeper.reference import InvalidReference
+from nodekeeper.pull import policy
+from nodekeeper.pull.reference import InvalidReference
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             print(report.explain(config.load(args.config), args.image, args.policy))
             return 0
         if args.command == "doctor":
-            from nodekeeper import doctor
+            from nodekeeper.commands import doctor
 
             return doctor.main(args.config, args.namespace)
         if args.command == "status":

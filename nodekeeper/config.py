@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from nodekeeper.addresses import is_loopback, split_host_port
-from nodekeeper.credentials import Credentials
 from nodekeeper.errors import SettingsError
 from nodekeeper.kube import kubeconfig
+from nodekeeper.pull.credentials import Credentials
 from nodekeeper.settings import Document, Section
 
 DEFAULT_PATH = "/etc/nodekeeper/config.yaml"

@@ -22,12 +22,12 @@ from google.protobuf.message import DecodeError, Message
 
 from nodekeeper import logs, metrics
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.containerd import CRI_SERVICE, Containerd
-from nodekeeper.credentials import Credentials
+from nodekeeper.containerd.client import CRI_SERVICE, Containerd
 from nodekeeper.errors import ContainerdError, NodekeeperError, PullFailed, RequestError
-from nodekeeper.events import pod_of
 from nodekeeper.failures import Kind
-from nodekeeper.puller import Puller, PullRequest
+from nodekeeper.kube.events import pod_of
+from nodekeeper.pull.credentials import Credentials
+from nodekeeper.pull.puller import Puller, PullRequest
 
 # No valid reference comes near this (a name is at most 255 characters, a tag 128, a
 # digest about 135); anything longer is refused before it costs containerd a lookup.

@@ -12,7 +12,7 @@
                        events.Events ──> kube-apiserver: an Event on the pod for every
                        answer upstream did not confirm (queued; never holds up a pull)
 
-The puller reaches its edges through the Protocols in edges.py; failures outside
+The puller reaches its edges through the Protocols in pull/edges.py; failures outside
 nodekeeper are one vocabulary (failures.Kind), and cri.py alone turns errors into gRPC
 status codes.
 
@@ -35,27 +35,28 @@ import grpc
 import grpc.aio
 
 from nodekeeper import config as configuration
-from nodekeeper import listener, logs, metrics, runstatus
-from nodekeeper.backing import Backing
-from nodekeeper.containerd import CHANNEL_OPTIONS, Containerd
+from nodekeeper import logs, metrics
+from nodekeeper.containerd.client import CHANNEL_OPTIONS, Containerd
 from nodekeeper.cri import ImageService
 from nodekeeper.errors import SettingsError
-from nodekeeper.events import Events
-from nodekeeper.looplag import LagMonitor
+from nodekeeper.host import listener, runstatus
+from nodekeeper.host.looplag import LagMonitor
+from nodekeeper.host.systemd import Notifier
+from nodekeeper.kube.events import Events
 from nodekeeper.offloop import Loader
 from nodekeeper.policyfile import PolicyFile
-from nodekeeper.puller import Puller
+from nodekeeper.pull.puller import Puller
 from nodekeeper.registry import Hosts, Prober, Session
+from nodekeeper.registry.backing import Backing
 from nodekeeper.registry.copy import Copier
-from nodekeeper.state import Health, State
-from nodekeeper.systemd import Notifier
+from nodekeeper.state.memory import Health, State
 
 _log = logs.get("daemon")
 
 # Settings bound at start (sockets, directories, ports); a reload leaves them as they are.
 _RESTART_ONLY = ("listen", "containerd", "metrics_address", "state_dir", "policy_file",
                  "backing", "kubernetes")
-# How often the view `nodekeeper status` reads (runstatus.py) is refreshed, when it changed.
+# How often the view `nodekeeper status` reads (host/runstatus.py) is refreshed, when it changed.
 STATUS_FILE_SECONDS = 5.0
 
 

@@ -11,9 +11,10 @@ import asyncio
 import os
 import time
 
-from nodekeeper import logs, metrics, policy
+from nodekeeper import logs, metrics
 from nodekeeper.errors import SettingsError
 from nodekeeper.offloop import Loader
+from nodekeeper.pull import policy
 
 WATCH_SECONDS = 2.0
 

@@ -1,4 +1,4 @@
-"""What the PullImage core relies on from each of its edges (nodekeeper/edges.py), as test
+"""What the PullImage core relies on from each of its edges (nodekeeper/pull/edges.py), as test
 suites that the in-memory fakes (tests/fakes.py) and the real parts both pass.
 
 A suite is a class of tests over fixtures that a subclass provides: the unit tier runs
@@ -14,13 +14,13 @@ from typing import Protocol
 
 import pytest
 
-from nodekeeper.credentials import Credentials
-from nodekeeper.edges import BackingStore, Images, StateStore, Upstream
 from nodekeeper.errors import PullRefused
 from nodekeeper.failures import Failure, Kind
-from nodekeeper.reference import parse
+from nodekeeper.pull.credentials import Credentials
+from nodekeeper.pull.edges import BackingStore, Images, StateStore, Upstream
+from nodekeeper.pull.reference import parse
 from nodekeeper.registry.copy import Location
-from nodekeeper.state import PullRecord
+from nodekeeper.state.memory import PullRecord
 from tests.fakes import Published
 
 USER, PASSWORD = "alice", "alice-pw"

@@ -1,4 +1,4 @@
-"""In-memory stand-ins for the PullImage core's edges (nodekeeper/edges.py).
+"""In-memory stand-ins for the PullImage core's edges (nodekeeper/pull/edges.py).
 
 Each passes the same conformance suite (tests/conformance.py) as the real part it stands
 for, so a unit test of the puller on these fakes means what it would on real parts.
@@ -11,14 +11,14 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from nodekeeper.credentials import Credentials
 from nodekeeper.errors import ContainerdError, PullRefused
 from nodekeeper.failures import Failure, Kind
-from nodekeeper.reference import Reference, parse
+from nodekeeper.pull.credentials import Credentials
+from nodekeeper.pull.reference import Reference, parse
 from nodekeeper.registry.copy import Location
 from nodekeeper.registry.hosts import Endpoint, default_server
 from nodekeeper.registry.probe import ProbeResult
-from nodekeeper.state import Check, PullRecord
+from nodekeeper.state.memory import Check, PullRecord
 
 
 @dataclass(frozen=True)

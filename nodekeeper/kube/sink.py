@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodekeeper.events import PostFailed
 from nodekeeper.kube.client import ApiError, Client
+from nodekeeper.kube.events import PostFailed
 from nodekeeper.kube.kubeconfig import Kubeconfig
 
 # Worth another try later: the server or the way to it may come back, credentials may be

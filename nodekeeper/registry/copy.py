@@ -52,8 +52,8 @@ from typing import Any
 
 import httpx
 
-from nodekeeper.credentials import Credentials
 from nodekeeper.failures import Failure, Kind
+from nodekeeper.pull.credentials import Credentials
 from nodekeeper.registry.hosts import Endpoint
 from nodekeeper.registry.probe import ACCEPT
 from nodekeeper.registry.session import Session

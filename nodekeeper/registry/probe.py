@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nodekeeper import metrics
-from nodekeeper.credentials import Credentials
 from nodekeeper.failures import Failure, Kind
-from nodekeeper.reference import Reference
+from nodekeeper.pull.credentials import Credentials
+from nodekeeper.pull.reference import Reference
 from nodekeeper.registry.hosts import Endpoint, Hosts
 from nodekeeper.registry.session import Session
 from nodekeeper.registry.wire import MAX_MANIFEST_BYTES, classify, read_body, valid_digest

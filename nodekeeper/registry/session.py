@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import httpx
 
 from nodekeeper import logs, metrics
-from nodekeeper.credentials import Credentials
 from nodekeeper.failures import Failure, Kind
+from nodekeeper.pull.credentials import Credentials
 from nodekeeper.registry.hosts import Endpoint
 from nodekeeper.registry.wire import MAX_SMALL_BODY, classify, header_safe, read_body, scrub
 

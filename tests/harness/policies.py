@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from nodekeeper import policy, regex
-from nodekeeper.policy import MAX_POLICY_BYTES, MAX_PROGRAM_TOTAL, MAX_RULES
+from nodekeeper.pull import policy, regex
+from nodekeeper.pull.policy import MAX_POLICY_BYTES, MAX_PROGRAM_TOTAL, MAX_RULES
 from nodekeeper.settings import MAX_NODES
 
 # Patterns that backtrack exponentially in Python's re, and patterns near the size cap

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nodekeeper.credentials import Credentials
 from nodekeeper.failures import Failure, Kind
+from nodekeeper.pull.credentials import Credentials
 from nodekeeper.registry import Copier, Endpoint, Location, Session
 from tests.conftest import MakeRegistry
 from tests.harness import (

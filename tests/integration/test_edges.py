@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.backing import Backing
 from nodekeeper.config import BackingConfig
-from nodekeeper.containerd import Containerd as ContainerdClient
-from nodekeeper.reference import parse
+from nodekeeper.containerd.client import Containerd as ContainerdClient
+from nodekeeper.pull.reference import parse
 from nodekeeper.registry import Copier, Endpoint, Hosts, Location, Prober, Session
-from nodekeeper.state import State
+from nodekeeper.registry.backing import Backing
+from nodekeeper.state.memory import State
 from tests import conformance
 from tests.conftest import MakeRegistry
 from tests.fakes import Published

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nodekeeper.state import DB_NAME
+from nodekeeper.state.memory import DB_NAME
 from tests.conftest import MakeNodekeeper
 from tests.harness import Containerd, CriClient, Registry, free_port, image_ref, push_new
 from tests.harness.mounts import Tmpfs

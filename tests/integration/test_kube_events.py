@@ -24,8 +24,8 @@ from structlog.testing import capture_logs
 from nodekeeper import metrics
 from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.config import KubernetesConfig
-from nodekeeper.events import Events, Pod, Served, message
 from nodekeeper.kube import client as kube_client
+from nodekeeper.kube.events import Events, Pod, Served, message
 from nodekeeper.kube.sink import ApiSink
 from tests.conftest import MakeNodekeeper
 from tests.fakes import RecordingMetric

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from nodekeeper.backing import Backing
 from nodekeeper.config import BackingConfig, read_credentials
 from nodekeeper.errors import SettingsError
-from nodekeeper.reference import parse
+from nodekeeper.pull.reference import parse
 from nodekeeper.registry import Session
+from nodekeeper.registry.backing import Backing
 from nodekeeper.registry.copy import Copier
 
 DIGEST = "sha256:" + "c" * 64

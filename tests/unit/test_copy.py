@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from nodekeeper.credentials import Credentials
 from nodekeeper.failures import Failure, Kind
+from nodekeeper.pull.credentials import Credentials
 from nodekeeper.registry import Copier, CopyReport, Endpoint, Location, Session
 from tests.harness.oci import DOCKER_MANIFEST, Image, Index, build_image, build_index
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodekeeper.credentials import ANONYMOUS, Credentials, fingerprint
+from nodekeeper.pull.credentials import ANONYMOUS, Credentials, fingerprint
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

@@ -10,7 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-from nodekeeper.decision import (
+from nodekeeper.errors import ContainerdError
+from nodekeeper.failures import Kind
+from nodekeeper.pull.decision import (
     Access,
     AskBacking,
     BackingView,
@@ -29,10 +31,8 @@ from nodekeeper.decision import (
     Step,
     next_step,
 )
-from nodekeeper.errors import ContainerdError
-from nodekeeper.failures import Kind
-from nodekeeper.policy import FALLBACK_REASONS, Settings
-from nodekeeper.reference import parse
+from nodekeeper.pull.policy import FALLBACK_REASONS, Settings
+from nodekeeper.pull.reference import parse
 
 
 def sha(text: str) -> str:

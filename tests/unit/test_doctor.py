@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nodekeeper import doctor
+from nodekeeper.commands import doctor
 
 
 def test_an_invalid_config_is_the_one_failure(tmp_path: Path,

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from nodekeeper import events as events_module
 from nodekeeper import metrics
 from nodekeeper.config import KubernetesConfig
-from nodekeeper.events import Events, Pod, PostFailed, Served, event_name, message, pod_of
+from nodekeeper.kube import events as events_module
+from nodekeeper.kube.events import Events, Pod, PostFailed, Served, event_name, message, pod_of
 from nodekeeper.kube.kubeconfig import KubeconfigError
 from tests.fakes import RecordingMetric
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodekeeper.reference import parse
+from nodekeeper.pull.reference import parse
 from nodekeeper.registry.copy import Location
 from nodekeeper.registry.hosts import Endpoint
 from tests import conformance

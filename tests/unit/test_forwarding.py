@@ -17,14 +17,14 @@ import grpc.aio
 import pytest
 
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.containerd import CHANNEL_OPTIONS, Containerd
-from nodekeeper.credentials import Credentials
+from nodekeeper.containerd.client import CHANNEL_OPTIONS, Containerd
 from nodekeeper.cri import ImageService
-from nodekeeper.policy import parse as parse_policy
-from nodekeeper.puller import Puller
+from nodekeeper.pull.credentials import Credentials
+from nodekeeper.pull.policy import parse as parse_policy
+from nodekeeper.pull.puller import Puller
 from nodekeeper.registry import Hosts, Prober, Session
 from nodekeeper.settings import Document
-from nodekeeper.state import State
+from nodekeeper.state.memory import State
 
 DIGEST_REF = "docker.io/library/nginx@sha256:" + "b" * 64
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import structlog
 
-from nodekeeper.credentials import Credentials
 from nodekeeper.failures import Kind
+from nodekeeper.pull.credentials import Credentials
 from nodekeeper.registry import wire
 from nodekeeper.registry.session import MAX_TOKEN_SECONDS
 from tests.unit.test_probe import (

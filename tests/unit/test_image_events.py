@@ -14,10 +14,10 @@ import grpc
 import grpc.aio
 import pytest
 
-from nodekeeper import containerd as containerd_module
 from nodekeeper import logs
 from nodekeeper._proto import containerd_events_pb2 as ctdevents
-from nodekeeper.containerd import EVENTS_SUBSCRIBE, Containerd
+from nodekeeper.containerd import client as containerd_module
+from nodekeeper.containerd.client import EVENTS_SUBSCRIBE, Containerd
 
 ID = "sha256:" + "a" * 64
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nodekeeper import listener
 from nodekeeper.errors import StartupError
+from nodekeeper.host import listener
 
 
 def test_creates_missing_directory(tmp_path: Path) -> None:

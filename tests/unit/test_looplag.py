@@ -9,8 +9,8 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from nodekeeper import runstatus
-from nodekeeper.looplag import STALL_SECONDS, WINDOW, LagMonitor
+from nodekeeper.host import runstatus
+from nodekeeper.host.looplag import STALL_SECONDS, WINDOW, LagMonitor
 
 
 async def test_a_blocked_loop_shows_as_lag() -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from nodekeeper import policy
 from nodekeeper.errors import SettingsError
 from nodekeeper.offloop import SWITCH_INTERVAL, Loader
 from nodekeeper.policyfile import PolicyFile
+from nodekeeper.pull import policy
 from tests.harness.policies import largest_policy
 
 

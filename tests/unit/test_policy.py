@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodekeeper import policy, regex
 from nodekeeper.errors import SettingsError
 from nodekeeper.failures import Kind
-from nodekeeper.policy import (
+from nodekeeper.pull import policy, regex
+from nodekeeper.pull.policy import (
     FALLBACK_REASONS,
     MAX_PROGRAM_TOTAL,
     MAX_RULES,
@@ -24,7 +24,7 @@ from nodekeeper.policy import (
     Settings,
     compile_pattern,
 )
-from nodekeeper.reference import parse
+from nodekeeper.pull.reference import parse
 from tests.harness.policies import HOSTILE_TAGS, largest_policy
 
 REPO = Path(__file__).resolve().parents[2]

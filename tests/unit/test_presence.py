@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nodekeeper.presence import Presence
+from nodekeeper.containerd.presence import Presence
 
 ID_A, ID_B = "sha256:" + "a" * 64, "sha256:" + "b" * 64
 

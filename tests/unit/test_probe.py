@@ -17,9 +17,9 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from nodekeeper.credentials import Credentials
 from nodekeeper.failures import Failure, Kind
-from nodekeeper.reference import Reference, parse
+from nodekeeper.pull.credentials import Credentials
+from nodekeeper.pull.reference import Reference, parse
 from nodekeeper.registry import Hosts, Prober, ProbeResult, Session
 
 # The four manifest types containerd accepts (FACTS.md, "Registry protocol").

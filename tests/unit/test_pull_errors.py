@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodekeeper.containerd import classify_pull_error
+from nodekeeper.containerd.client import classify_pull_error
 from nodekeeper.errors import ContainerdError
 
 PULL = 'failed to pull and unpack image "{0}": failed to resolve reference "{0}": '

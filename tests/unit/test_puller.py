@@ -7,14 +7,14 @@ import asyncio
 
 import pytest
 
-from nodekeeper.credentials import ANONYMOUS, Credentials, fingerprint
-from nodekeeper.decision import Decision
 from nodekeeper.errors import ContainerdError, PullFailed, PullRefused
-from nodekeeper.events import Pod, Served
 from nodekeeper.failures import Kind
-from nodekeeper.policy import parse as parse_policy
-from nodekeeper.puller import Outcome, Puller, PullRequest
-from nodekeeper.reference import parse
+from nodekeeper.kube.events import Pod, Served
+from nodekeeper.pull.credentials import ANONYMOUS, Credentials, fingerprint
+from nodekeeper.pull.decision import Decision
+from nodekeeper.pull.policy import parse as parse_policy
+from nodekeeper.pull.puller import Outcome, Puller, PullRequest
+from nodekeeper.pull.reference import parse
 from nodekeeper.settings import Document
 from tests.fakes import (
     FakeBacking,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from nodekeeper.reference import (
+from nodekeeper.pull.reference import (
     DOCKER_HUB,
     MAX_NAME_LENGTH,
     InvalidReference,

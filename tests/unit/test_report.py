@@ -6,8 +6,9 @@ import os
 import time
 from pathlib import Path
 
-from nodekeeper import report, runstatus
+from nodekeeper.commands import report
 from nodekeeper.config import Config
+from nodekeeper.host import runstatus
 
 
 def config(tmp_path: Path) -> Config:

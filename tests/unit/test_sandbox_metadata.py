@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.events import Pod, pod_of
+from nodekeeper.kube.events import Pod, pod_of
 
 
 def _varint(value: int) -> bytes:

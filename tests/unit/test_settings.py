@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from nodekeeper import config, policy
+from nodekeeper import config
 from nodekeeper.errors import SettingsError
+from nodekeeper.pull import policy
 from nodekeeper.settings import MAX_DEPTH, MAX_NODES, Document, format_size
 
 

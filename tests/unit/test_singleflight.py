@@ -8,7 +8,7 @@ import gc
 
 import pytest
 
-from nodekeeper.singleflight import Seal, SingleFlight
+from nodekeeper.pull.singleflight import Seal, SingleFlight
 
 
 class Work:

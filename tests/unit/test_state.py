@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nodekeeper.state import (
+from nodekeeper.state.memory import (
     DB_NAME,
     KEEP_DECISIONS,
     SECRET_NAME,

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from nodekeeper import statedisk
-from nodekeeper.credentials import ANONYMOUS
-from nodekeeper.state import DB_NAME, SECRET_NAME, Check, Health, PullRecord, State
+from nodekeeper.pull.credentials import ANONYMOUS
+from nodekeeper.state import disk as statedisk
+from nodekeeper.state.memory import DB_NAME, SECRET_NAME, Check, Health, PullRecord, State
 from tests.harness.mounts import Tmpfs
 
 REF = "docker.io/library/postgres:15"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nodekeeper.systemd import Notifier
+from nodekeeper.host.systemd import Notifier
 
 
 def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> socket.socket:

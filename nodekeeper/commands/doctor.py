@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nodekeeper import config as configuration
-from nodekeeper import policy
-from nodekeeper.containerd import Containerd
+from nodekeeper.containerd.client import Containerd
 from nodekeeper.errors import NodekeeperError, SettingsError
 from nodekeeper.failures import Failure
 from nodekeeper.kube import kubeconfig
 from nodekeeper.kube.client import ApiError, Client
+from nodekeeper.pull import policy
 from nodekeeper.registry import hosts
 
 CONTAINERD_TIMEOUT = 3.0

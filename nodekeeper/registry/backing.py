@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from nodekeeper import logs, metrics
 from nodekeeper.config import BackingConfig
 from nodekeeper.failures import Failure, Kind
-from nodekeeper.reference import Reference
+from nodekeeper.pull.reference import Reference
 from nodekeeper.registry import Endpoint, Session
 from nodekeeper.registry.copy import Copier, Location
 from nodekeeper.registry.probe import ACCEPT

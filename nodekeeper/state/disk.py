@@ -1,6 +1,6 @@
 """The state directory on disk: the SQLite database and the fingerprint key.
 
-Only State's writer thread calls this (state.py), never the event loop: a disk that is
+Only State's writer thread calls this (state/memory.py), never the event loop: a disk that is
 slow, full, locked or gone costs that thread time, not the kubelet.
 
 Each batch of writes is one session: open the database by its path, write, commit,

@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from nodekeeper.credentials import Credentials
-from nodekeeper.events import Served
-from nodekeeper.reference import Reference
+from nodekeeper.kube.events import Served
+from nodekeeper.pull.credentials import Credentials
+from nodekeeper.pull.reference import Reference
 from nodekeeper.registry.copy import Location
 from nodekeeper.registry.probe import ProbeResult
-from nodekeeper.state import Check, PullRecord
+from nodekeeper.state.memory import Check, PullRecord
 
 
 class Images(Protocol):

@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nodekeeper import regex
 from nodekeeper.failures import Kind
-from nodekeeper.reference import Reference
+from nodekeeper.pull import regex
+from nodekeeper.pull.reference import Reference
 from nodekeeper.settings import Document, Section
 
 # The largest policy file read: far above any hand-written policy, and parsed in well

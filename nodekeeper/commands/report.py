@@ -12,13 +12,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from nodekeeper import policy as policies
-from nodekeeper import runstatus
-from nodekeeper.backing import Backing
 from nodekeeper.config import Config
-from nodekeeper.containerd import Containerd, LocalImage
-from nodekeeper.credentials import ANONYMOUS
-from nodekeeper.decision import (
+from nodekeeper.containerd.client import Containerd, LocalImage
+from nodekeeper.errors import NodekeeperError, SettingsError
+from nodekeeper.failures import Kind
+from nodekeeper.host import runstatus
+from nodekeeper.pull import policy as policies
+from nodekeeper.pull.credentials import ANONYMOUS
+from nodekeeper.pull.decision import (
     Access,
     AskBacking,
     Decision,
@@ -32,13 +33,12 @@ from nodekeeper.decision import (
     backing_copy_refusal,
     next_step,
 )
-from nodekeeper.errors import NodekeeperError, SettingsError
-from nodekeeper.failures import Kind
-from nodekeeper.policy import Settings
-from nodekeeper.reference import Reference, parse
+from nodekeeper.pull.policy import Settings
+from nodekeeper.pull.reference import Reference, parse
 from nodekeeper.registry import Session
+from nodekeeper.registry.backing import Backing
 from nodekeeper.registry.copy import Copier
-from nodekeeper.state import DB_NAME, read_only
+from nodekeeper.state.memory import DB_NAME, read_only
 from nodekeeper.timetext import ago
 
 

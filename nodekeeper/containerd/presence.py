@@ -1,5 +1,5 @@
 """Which image the node holds under each name, as learned from containerd, kept true by
-containerd's image events. Pure: the event stream lives in containerd.py.
+containerd's image events. Pure: the event stream lives in client.py.
 
 Inside an `interval`, a PullImage is answered with the node's copy without any network.
 Asking containerd's ImageStatus first would double the cost of that answer, so the last

@@ -25,8 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nodekeeper import logs, metrics
-from nodekeeper.credentials import ANONYMOUS, Credentials, fingerprint
-from nodekeeper.decision import (
+from nodekeeper.errors import ContainerdError, PullFailed, PullRefused, RequestError
+from nodekeeper.failures import Failure, Kind
+from nodekeeper.kube.events import Pod, Served
+from nodekeeper.pull.credentials import ANONYMOUS, Credentials, fingerprint
+from nodekeeper.pull.decision import (
     Access,
     AskBacking,
     BackingView,
@@ -44,17 +47,14 @@ from nodekeeper.decision import (
     Source,
     next_step,
 )
-from nodekeeper.edges import BackingStore, Images, Observer, StateStore, Upstream
-from nodekeeper.errors import ContainerdError, PullFailed, PullRefused, RequestError
-from nodekeeper.events import Pod, Served
-from nodekeeper.failures import Failure, Kind
-from nodekeeper.policy import Policy, Rule
-from nodekeeper.reference import InvalidReference, Reference, parse
+from nodekeeper.pull.edges import BackingStore, Images, Observer, StateStore, Upstream
+from nodekeeper.pull.policy import Policy, Rule
+from nodekeeper.pull.reference import InvalidReference, Reference, parse
+from nodekeeper.pull.singleflight import Seal, SingleFlight
 from nodekeeper.registry import ProbeResult
 from nodekeeper.registry.copy import Location
 from nodekeeper.registry.hosts import default_host
-from nodekeeper.singleflight import Seal, SingleFlight
-from nodekeeper.state import PullRecord
+from nodekeeper.state.memory import PullRecord
 from nodekeeper.timetext import ago
 
 _log = logs.get("puller")
@@ -126,7 +126,7 @@ class _Job:
                     self.last_ok, self.last_digest, backing)
 
 
-# Answers that say something the pod's owner should see on the pod (events.py).
+# Answers that say something the pod's owner should see on the pod (kube/events.py).
 _NOTICED = frozenset({Decision.FALLBACK, Decision.BACKING_FALLBACK, Decision.UPDATED})
 
 

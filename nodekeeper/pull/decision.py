@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, replace
 
 from nodekeeper.errors import ContainerdError
 from nodekeeper.failures import Kind
-from nodekeeper.policy import Settings
-from nodekeeper.reference import Reference
+from nodekeeper.pull.policy import Settings
+from nodekeeper.pull.reference import Reference
 
 
 class Decision(str, enum.Enum):

@@ -22,10 +22,10 @@ from nodekeeper._proto import containerd_content_pb2 as ctdcontent
 from nodekeeper._proto import containerd_events_pb2 as ctdevents
 from nodekeeper._proto import containerd_images_pb2 as ctdimg
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.credentials import Credentials
+from nodekeeper.containerd.presence import Presence
 from nodekeeper.errors import ContainerdError, ContainerdUnavailable, PullRefused
 from nodekeeper.failures import Kind
-from nodekeeper.presence import Presence
+from nodekeeper.pull.credentials import Credentials
 
 # The kubelet's own limit; a ListImages answer for a very full node can be large.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -169,7 +169,7 @@ class Containerd:
 
     def known_image_id(self, name: str) -> str:
         """The image ID image events vouch for under `name` ('' when containerd must be
-        asked): see presence.py."""
+        asked): see presence.py beside this module."""
         return self.presence.image_id(name)
 
     async def held_image_id(self, name: str) -> str:

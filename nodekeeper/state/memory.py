@@ -11,7 +11,7 @@
 - meta:      the daemon's view of things `status` reports (the backing registry's health).
 
 Reads come from memory, always. A write changes memory at once and returns; a writer
-thread puts it on disk in batches (statedisk.py: SQLite, no memory-mapped files). When
+thread puts it on disk in batches (state/disk.py: SQLite, no memory-mapped files). When
 the state directory cannot take writes (read-only, full, locked, deleted, replaced by
 another kind of file), nothing fails: the daemon serves from memory, the writer logs
 the failure once at error level, `health` says so (STATUS=, the
@@ -36,9 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodekeeper import logs, metrics, statedisk
-from nodekeeper.credentials import ANONYMOUS
-from nodekeeper.statedisk import (
+from nodekeeper import logs, metrics
+from nodekeeper.pull.credentials import ANONYMOUS
+from nodekeeper.state import disk as statedisk
+from nodekeeper.state.disk import (
     DB_NAME,
     KEEP_DECISIONS,
     SECRET_NAME,

@@ -1,0 +1,1 @@
+"""Commands an operator runs beside the daemon: explain and status (report), doctor."""
