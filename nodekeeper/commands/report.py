@@ -1,7 +1,8 @@
 """`nodekeeper explain` and `nodekeeper status`: read-only views for operators.
 
-Both read the state database beside a running daemon (read-only, WAL) and ask
-containerd what the node holds; neither sends anything to a registry.
+Both read the state database beside a running daemon through state/view.py (read-only;
+the daemon keeps it with a rollback journal, never WAL) and ask containerd what the node
+holds; neither sends anything to a registry.
 """
 
 from __future__ import annotations
