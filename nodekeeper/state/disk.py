@@ -236,7 +236,7 @@ def read(directory: Path) -> Found:
         path = directory / DB_NAME
         if not path.is_file():
             raise
-        view = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True)
+        view = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro&immutable=1", uri=True)
         try:
             view.execute("PRAGMA mmap_size=0")
             info = os.stat(path)
