@@ -108,7 +108,7 @@ class Daemon:
         # The policy, before anything starts: an invalid one refuses the start. It is read
         # on the settings loader's thread, which reloads use too.
         parts.callback(self._loader.close)
-        self._policy = await PolicyFile.open(config.policy_file, self._loader)
+        self._policy = await PolicyFile.open(path=config.policy_file, loader=self._loader)
 
         # Signals, from here on: a stop asked for while starting takes effect once
         # serving; their handlers go last, so a second signal is heard until the end.
@@ -125,13 +125,13 @@ class Daemon:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
                 loop.call_soon_threadsafe(self._on_state, health)
 
-        state = State(config.state_dir, on_health=on_state)
+        state = State(directory=config.state_dir, on_health=on_state)
         parts.callback(state.close)
 
         # Registries: one HTTP session for the probes upstream and the backing registry.
         session = Session()
         parts.push_async_callback(session.close)
-        prober = Prober(hosts=Hosts(config.containerd.hosts_dir), session=session)
+        prober = Prober(hosts=Hosts(roots=config.containerd.hosts_dir), session=session)
 
         # containerd: one channel for every call, reconnecting by itself.
         containerd = Containerd(address=config.containerd.address,
