@@ -59,10 +59,6 @@ class StatusView:
     checks: dict[str, Check]  # by reference, in order
 
 
-def exists(directory: str | Path) -> bool:
-    return (Path(directory) / DB_NAME).exists()
-
-
 def reference(directory: str | Path, reference: str, repository: str) -> ReferenceView | None:
     """None when there is no database; StateUnreadable when it cannot be read."""
     with _open(directory) as db:
