@@ -453,9 +453,10 @@ def run(plan: Plan, workdir: Path) -> Results:
                     for line in message.splitlines() if line.startswith("STATUS=")]
         metrics = scrape(address)
         decisions, errors, episodes = from_log(daemon)
-        view = runstatus.read(runstatus.path_for(daemon.socket)) or {}
+        running = runstatus.read(runstatus.path_for(daemon.socket))
     (over_after, count_after), (over_before, count_before) = lag_counts(metrics), lag_before
-    worst = float(view.get("loop_lag", {}).get("worst_s", -1))
+    lag = running.loop_lag if running is not None else None
+    worst = lag.worst_s if lag is not None else -1.0
     return Results(plan, seen, timed.latencies, timed.errors, timed.failures,
                    direct.latencies, decisions, errors, episodes, over_after - over_before,
                    count_after - count_before, worst, alive,

@@ -16,6 +16,11 @@ The puller reaches its edges through the Protocols in pull/edges.py; failures ou
 nodekeeper are one vocabulary (failures.Kind), and cri.py alone turns errors into gRPC
 status codes.
 
+Start and stop are pairs: each part's stop is registered on one AsyncExitStack where the
+part is built or started, so stopping (or a failure part-way through starting) stops
+what started, newest first: background tasks, the status file, metrics, the gRPC server,
+the socket, Events, backing, containerd, the HTTP session, state, the signal handlers.
+
 Signals: SIGTERM/SIGINT stop gracefully (stop accepting, let in-flight RPCs finish within
 shutdown_grace, cancel the rest); a second one stops at once. SIGHUP reloads what can
 change without a restart.
@@ -38,7 +43,7 @@ from nodekeeper import config as configuration
 from nodekeeper import logs, metrics
 from nodekeeper.containerd.client import CHANNEL_OPTIONS, Containerd
 from nodekeeper.cri import ImageService
-from nodekeeper.errors import SettingsError
+from nodekeeper.errors import SettingsError, StartupError
 from nodekeeper.host import listener, runstatus
 from nodekeeper.host.looplag import LagMonitor
 from nodekeeper.host.systemd import Notifier
@@ -85,89 +90,113 @@ class Daemon:
         self._state_health: Health | None = None
         self._lag = LagMonitor()
         self._status_path = runstatus.path_for(config.listen)
-        self._published: dict[str, object] = {}
+        self._status_open = False
+        self._published: runstatus.RunStatus | None = None
 
     async def run(self) -> int:
+        """Serve until a signal says stop. Each part's stop is registered where it starts,
+        so a failure part-way stops what already started, newest first."""
+        async with contextlib.AsyncExitStack() as parts:
+            await self._serve(parts)
+        _log.info("stopped")
+        return 0
+
+    async def _serve(self, parts: contextlib.AsyncExitStack) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
 
-        # The policy, before anything starts: an invalid one refuses the start.
-        self._policy = await PolicyFile.open(config.policy_file, self._loader)
+        # The policy, before anything starts: an invalid one refuses the start. It is read
+        # on the settings loader's thread, which reloads use too.
+        parts.callback(self._loader.close)
+        self._policy = await PolicyFile.open(path=config.policy_file, loader=self._loader)
 
-        # containerd: one channel for every call, reconnecting by itself.
-        containerd = Containerd(config.containerd.address, config.containerd.namespace)
+        # Signals, from here on: a stop asked for while starting takes effect once
+        # serving; their handlers go last, so a second signal is heard until the end.
+        signals = _Signals()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(number, signals.on_stop)
+            parts.callback(loop.remove_signal_handler, number)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        parts.callback(loop.remove_signal_handler, signal.SIGHUP)
 
-        # What PullImage decides with: state, the registry prober, the policy in force.
-        # State never fails the start: whatever its directory's condition, it is kept in
+        # State: never fails the start. Whatever its directory's condition, it is kept in
         # memory, and its health reported (called from state's writer thread).
         def on_state(health: Health) -> None:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
                 loop.call_soon_threadsafe(self._on_state, health)
 
-        state = State(config.state_dir, on_health=on_state)
+        state = State(directory=config.state_dir, on_health=on_state)
+        parts.callback(state.close)
+
+        # Registries: one HTTP session for the probes upstream and the backing registry.
         session = Session()
-        prober = Prober(Hosts(config.containerd.hosts_dir), session)
+        parts.push_async_callback(session.close)
+        prober = Prober(hosts=Hosts(roots=config.containerd.hosts_dir), session=session)
+
+        # containerd: one channel for every call, reconnecting by itself.
+        containerd = Containerd(address=config.containerd.address,
+                                namespace=config.containerd.namespace)
+        parts.push_async_callback(containerd.close)
+
         # The cluster-wide backing registry, when configured.
-        backing = (Backing(config.backing, session, Copier(session),
-                           on_health=lambda health: state.set_meta("backing", health))
-                   if config.backing.enabled else None)
+        backing = None
+        if config.backing.enabled:
+            backing = Backing(config=config.backing, session=session,
+                              copier=Copier(session=session),
+                              on_health=lambda health: state.set_meta("backing", health))
+            parts.push_async_callback(backing.close)
+
         # Events on the pod for answers upstream did not confirm, when the kubeconfig
-        # allows; started with the background tasks.
+        # allows; posting starts with the background tasks.
         events = Events.from_config(config.kubernetes)
-        puller = Puller(containerd, prober, state, self._policy.get, backing, events)
+        parts.push_async_callback(events.close)
+
+        # PullImage: the puller decides with state, the prober and the policy in force.
+        puller = Puller(images=containerd, upstream=prober, state=state,
+                        policy=self._policy.get, backing=backing, events=events)
 
         # The CRI image service the kubelet talks to, on our unix socket.
-        service = ImageService(containerd, puller)
+        service = ImageService(containerd=containerd, puller=puller)
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         server.add_generic_rpc_handlers((service.handler(),))
         listener.prepare(config.listen)
-        server.add_insecure_port(f"unix://{config.listen}")
-        await server.start()
+        try:
+            server.add_insecure_port(f"unix://{config.listen}")
+        except RuntimeError as exc:  # grpc says no more than "Failed to bind"
+            raise StartupError(f"cannot listen on {config.listen}: {exc}") from None
         identity = listener.secure(config.listen)
+        parts.callback(listener.remove, config.listen, identity)
+        await server.start()
+        # After a graceful stop (below), this one finds nothing left to stop.
+        parts.push_async_callback(server.stop, 0)
 
         # Metrics, when an address is configured.
         if config.metrics_address:
-            metrics.serve(config.metrics_address)
+            stop_metrics = metrics.serve(config.metrics_address)
+            parts.push_async_callback(asyncio.to_thread, stop_metrics)
 
-        # Signals.
-        signals = _Signals()
-        for number in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(number, signals.on_stop)
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        # The view `nodekeeper status` reads, removed when the daemon stops.
+        self._status_open = True
+        parts.callback(self._close_status)
 
-        # Background tasks: the systemd watchdog, the loop's own lag and the view of it
-        # `status` reads, containerd's reachability and image events, and the policy file
-        # (a local stat; nothing here polls a registry).
-        background = [
-            asyncio.create_task(self._notifier.watchdog(), name="watchdog"),
-            asyncio.create_task(self._lag.run(), name="loop-lag"),
-            asyncio.create_task(self._publish_every(STATUS_FILE_SECONDS), name="status-file"),
-            asyncio.create_task(containerd.watch(self._on_containerd), name="containerd-watch"),
-            asyncio.create_task(containerd.follow_images(), name="containerd-images"),
-            asyncio.create_task(self._policy.watch(), name="policy-watch"),
-        ]
+        # Background tasks: the systemd watchdog, the loop's own lag and the status
+        # file, containerd's reachability and image events, the policy file (a local
+        # stat; nothing here polls a registry), and a reload under way.
+        for work, name in ((self._notifier.watchdog(), "watchdog"),
+                           (self._lag.run(), "loop-lag"),
+                           (self._publish_every(STATUS_FILE_SECONDS), "status-file"),
+                           (containerd.watch(self._on_containerd), "containerd-watch"),
+                           (containerd.follow_images(), "containerd-images"),
+                           (self._policy.watch(), "policy-watch")):
+            parts.push_async_callback(_cancel, asyncio.create_task(work, name=name))
+        parts.push_async_callback(self._cancel_reload)
         await events.start()
+
         self._notifier.ready(self._status())
         _log.info("serving", listen=config.listen, containerd=config.containerd.address,
                   config=config.source or "(defaults)", metrics=config.metrics_address or "off")
-
         await signals.stop.wait()
         await self._shutdown(server, service, signals)
-        if self._reloading is not None:
-            background.append(self._reloading)
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        await events.close()
-        if backing is not None:
-            await backing.close()
-        await containerd.close()
-        await session.close()
-        state.close()
-        self._status_path.unlink(missing_ok=True)
-        listener.remove(config.listen, identity)
-        _log.info("stopped")
-        return 0
 
     async def _shutdown(self, server: grpc.aio.Server, service: ImageService,
                         signals: _Signals) -> None:
@@ -224,24 +253,31 @@ class Daemon:
         self._notifier.status(self._status())
         self._publish()
 
+    async def _cancel_reload(self) -> None:
+        if self._reloading is not None:
+            await _cancel(self._reloading)
+
     def _publish(self) -> None:
         """Write the view `nodekeeper status` reads, when it changed."""
-        lag = self._lag.view()
-        health = self._state_health
-        view: dict[str, object] = {
-            "pid": os.getpid(),
-            "state": None if health is None else dataclasses.asdict(health),
-            "loop_lag": dataclasses.asdict(lag),
-        }
+        if not self._status_open:
+            return
+        view = runstatus.RunStatus(pid=os.getpid(), state=self._state_health,
+                                   loop_lag=self._lag.view())
         if view == self._published:
             return
         try:
-            runstatus.write(self._status_path, {**view, "written_at": time.time()})
+            runstatus.write(self._status_path,
+                            dataclasses.replace(view, written_at=time.time()))
         except OSError as exc:
             _log.debug("cannot write the status file", path=str(self._status_path),
                        error=str(exc))
             return
         self._published = view
+
+    def _close_status(self) -> None:
+        # State reports its health once more as it closes, after this: not to be written.
+        self._status_open = False
+        runstatus.remove(self._status_path)
 
     async def _publish_every(self, seconds: float) -> None:
         while True:
@@ -260,6 +296,11 @@ class Daemon:
         stored = "" if self._state_health is None else f"; {self._state_health.summary()}"
         return (f"Serving on {self.config.listen}; containerd at "
                 f"{self.config.containerd.address} {state}; {policy}{stored}")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def serve(config: configuration.Config, overrides: configuration.Overrides) -> int:

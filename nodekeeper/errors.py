@@ -1,20 +1,41 @@
-"""Every error nodekeeper raises on purpose.
+"""Every exception nodekeeper defines, drawn as one tree.
 
-    NodekeeperError
-    ├── SettingsError          a config or policy file is invalid (names file, line, key)
-    ├── StartupError           the daemon cannot start (socket taken, cannot bind, ...)
-    ├── RequestError           a CRI request is malformed
-    ├── PullFailed             PullImage cannot be answered: a failure Kind, the message
-    │                          saying what was tried, and containerd's own answer if any
-    └── ContainerdError        containerd answered with an error: its code and message
-        └── ContainerdUnavailable  containerd's socket does not answer
+    Exception
+    ├── NodekeeperError            raised on purpose; the message is safe to show
+    │   ├── SettingsError          a config or policy file is invalid (names file, line, key)
+    │   │   └── KubeconfigError    the kubeconfig Events would be posted with is unusable
+    │   ├── StartupError           the daemon cannot start (socket taken, cannot bind, ...)
+    │   ├── RequestError           a CRI request is malformed
+    │   ├── PullFailed             PullImage cannot be answered: a failure Kind, the message
+    │   │                          saying what was tried, and containerd's own answer if any
+    │   ├── ContainerdError        containerd answered with an error: its code and message
+    │   │   └── ContainerdUnavailable  containerd's socket does not answer
+    │   ├── ApiError               the Kubernetes API did not do what was asked: one ApiKind
+    │   ├── StateUnreadable        `status` or `explain` cannot read the state database
+    │   └── StateCorrupt           the state database is damaged; state/disk.py moves it
+    │                              aside and starts a new one, so it never leaves there
+    ├── failures.Failure           something outside nodekeeper failed: one failures.Kind
+    │   └── PullRefused            containerd refused a pull (classified like a registry's)
+    ├── kube.events.PostFailed     an Event could not be posted: whether to retry, whether
+    │                              the Event to patch is gone
+    ├── ValueError                 raised by the pure parsers of pull/, whose callers say
+    │   │                          what the bad value was for
+    │   ├── pull.reference.InvalidReference  not an image reference
+    │   └── pull.regex.PatternError          a tag pattern RE2 cannot match in linear time
+    └── yaml.MarkedYAMLError
+        └── settings._Refused      YAML refused while composing (an alias, too deep, too
+                                   many values); leaves settings.py as a SettingsError
 
-Failures of things outside nodekeeper (registries, token services, containerd's pulls)
-are `failures.Failure`, one `Kind` each; `PullRefused` is containerd refusing a pull.
-cri.py is the one place that turns all of these into gRPC status codes.
+`failures.Failure` stands apart because failures.py sits below this module (the Kind
+vocabulary is imported here). Failures of things outside nodekeeper (registries, token
+services, containerd's pulls) are Failures with a `Kind`; the Kubernetes API's are
+ApiErrors with an `ApiKind`. cri.py is the one place that turns errors into gRPC status
+codes.
 """
 
 from __future__ import annotations
+
+import enum
 
 from nodekeeper.failures import Failure, Kind
 
@@ -78,3 +99,44 @@ class PullFailed(NodekeeperError):
         self.message = message
         self.answer = answer
         self.details = details or {}
+
+
+class KubeconfigError(SettingsError):
+    """A kubeconfig cannot be used; the message names the file, line and key."""
+
+
+class ApiKind(str, enum.Enum):
+    """How a request to the Kubernetes API failed."""
+
+    UNREACHABLE = "unreachable"    # no connection, or TLS failed
+    TIMEOUT = "timeout"            # no answer within the client's timeout
+    UNAUTHORIZED = "unauthorized"  # 401: the credentials were not accepted
+    FORBIDDEN = "forbidden"        # 403: authenticated, not allowed (or namespace terminating)
+    NOT_FOUND = "not_found"        # 404
+    CONFLICT = "conflict"          # 409
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER_ERROR = "server_error"  # 5xx
+    INVALID = "invalid"            # another 4xx, or an answer that is not what the API sends
+    CREDENTIALS = "credentials"    # the kubeconfig or its exec plugin gave no usable credential
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ApiError(NodekeeperError):
+    """A request to the Kubernetes API did not succeed: `kind` says how, `status` is the
+    HTTP status when there was one (else 0)."""
+
+    def __init__(self, kind: ApiKind, detail: str, status: int = 0) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.status = status
+
+
+class StateUnreadable(NodekeeperError):
+    """The state database exists but cannot be read now (damaged, locked, not a file)."""
+
+
+class StateCorrupt(NodekeeperError):
+    """The state database file is damaged or not a database."""

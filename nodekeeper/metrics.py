@@ -1,18 +1,44 @@
 """Every Prometheus metric nodekeeper exports, in one place, and the endpoint serving them.
 
 prometheus_client costs about 4 MB of memory, so it is loaded only when metrics are
-served (`metrics_address` set). Until then each metric is a no-op with the same methods.
+served (`metrics_address` set). Each module attribute below is a slot that call sites use
+as the metric itself (`metrics.FALLBACKS.labels(kind).inc()`); until `enable()` puts the
+real metric in it, it holds OFF, which records nothing. The real metrics and OFF both
+satisfy the Protocols here, so the call sites are checked against either.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 from nodekeeper.addresses import split_host_port
+from nodekeeper.errors import StartupError
+
+
+class Counter(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Gauge(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class Histogram(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+M = TypeVar("M", covariant=True)
+
+
+class Family(Protocol[M]):
+    """A metric with labels: one child metric per combination of label values."""
+
+    def labels(self, *values: str) -> M: ...
 
 
 class _Off:
-    """Stands in for a metric while metrics are not served."""
+    """What every slot holds while metrics are not served: records nothing."""
 
     def labels(self, *values: str) -> _Off:
         return self
@@ -27,125 +53,170 @@ class _Off:
         pass
 
 
-_OFF = _Off()
-RPCS: Any = _OFF
-RPC_SECONDS: Any = _OFF
-CONTAINERD_UP: Any = _OFF
-IMAGE_EVENTS: Any = _OFF
-DECISIONS: Any = _OFF
-FALLBACKS: Any = _OFF
-PROBE_SECONDS: Any = _OFF
-UPSTREAM_REQUESTS: Any = _OFF
-POLICY_VALID: Any = _OFF
-POLICY_LOADED: Any = _OFF
-BACKING_UP: Any = _OFF
-BACKING_READS: Any = _OFF
-COPIES: Any = _OFF
-COPY_BYTES: Any = _OFF
-IMAGES_STALE: Any = _OFF
-BACKING_CORRUPT: Any = _OFF
-KUBE_EVENTS: Any = _OFF
-KUBE_EVENTS_DROPPED: Any = _OFF
-LOOP_LAG: Any = _OFF
-STATE_PERSISTENT: Any = _OFF
+OFF = _Off()
+
+
+class CounterSlot:
+    def __init__(self) -> None:
+        self.metric: Counter = OFF
+
+    def inc(self, amount: float = 1) -> None:
+        self.metric.inc(amount)
+
+
+class GaugeSlot:
+    def __init__(self) -> None:
+        self.metric: Gauge = OFF
+
+    def set(self, value: float) -> None:
+        self.metric.set(value)
+
+
+class HistogramSlot:
+    def __init__(self) -> None:
+        self.metric: Histogram = OFF
+
+    def observe(self, amount: float) -> None:
+        self.metric.observe(amount)
+
+
+C = TypeVar("C", Counter, Histogram)
+
+
+class FamilySlot(Generic[C]):
+    def __init__(self) -> None:
+        self.metric: Family[C] = OFF
+
+    def labels(self, *values: str) -> C:
+        return self.metric.labels(*values)
+
+
+RPCS = FamilySlot[Counter]()
+RPC_SECONDS = FamilySlot[Histogram]()
+CONTAINERD_UP = GaugeSlot()
+IMAGE_EVENTS = GaugeSlot()
+DECISIONS = FamilySlot[Counter]()
+FALLBACKS = FamilySlot[Counter]()
+PROBE_SECONDS = FamilySlot[Histogram]()
+UPSTREAM_REQUESTS = FamilySlot[Counter]()
+POLICY_VALID = GaugeSlot()
+POLICY_LOADED = GaugeSlot()
+BACKING_UP = GaugeSlot()
+BACKING_READS = FamilySlot[Counter]()
+COPIES = FamilySlot[Counter]()
+COPY_BYTES = CounterSlot()
+IMAGES_STALE = GaugeSlot()
+BACKING_CORRUPT = CounterSlot()
+KUBE_EVENTS = FamilySlot[Counter]()
+KUBE_EVENTS_DROPPED = FamilySlot[Counter]()
+LOOP_LAG = HistogramSlot()
+STATE_PERSISTENT = GaugeSlot()
 
 
 def enable() -> None:
     """Create the real metrics. Call once, before anything records a value."""
-    global RPCS, RPC_SECONDS, CONTAINERD_UP, IMAGE_EVENTS, DECISIONS, FALLBACKS, PROBE_SECONDS
-    global UPSTREAM_REQUESTS, POLICY_VALID, POLICY_LOADED, BACKING_UP, BACKING_READS, COPIES
-    global COPY_BYTES, KUBE_EVENTS, KUBE_EVENTS_DROPPED, IMAGES_STALE, BACKING_CORRUPT
-    global LOOP_LAG, STATE_PERSISTENT
-    from prometheus_client import Counter, Gauge, Histogram
+    import prometheus_client as prometheus
 
-    RPCS = Counter(
+    RPCS.metric = prometheus.Counter(
         "nodekeeper_rpcs", "CRI image RPCs answered, by method and gRPC status code",
         ["rpc", "code"],
     )
-    RPC_SECONDS = Histogram(
+    RPC_SECONDS.metric = prometheus.Histogram(
         "nodekeeper_rpc_duration_seconds", "Time to answer a CRI image RPC", ["rpc"],
         buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     )
-    CONTAINERD_UP = Gauge(
+    CONTAINERD_UP.metric = prometheus.Gauge(
         "nodekeeper_containerd_reachable", "1 while containerd's socket answers, else 0",
     )
-    IMAGE_EVENTS = Gauge(
+    IMAGE_EVENTS.metric = prometheus.Gauge(
         "nodekeeper_containerd_image_events",
         "1 while containerd's image events are followed, else 0 (every pull asks containerd)",
     )
-    DECISIONS = Counter(
+    DECISIONS.metric = prometheus.Counter(
         "nodekeeper_pull_decisions",
         "PullImage decisions, by decision and failure kind ('none' when nothing failed)",
         ["decision", "kind"],
     )
-    FALLBACKS = Counter(
+    FALLBACKS.metric = prometheus.Counter(
         "nodekeeper_fallbacks",
         "PullImage answered with the node's or backing's copy because upstream failed, by "
         "failure kind", ["kind"],
     )
-    PROBE_SECONDS = Histogram(
+    PROBE_SECONDS.metric = prometheus.Histogram(
         "nodekeeper_probe_duration_seconds", "Time to learn a tag's digest upstream",
         ["registry", "result"],
         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
     )
-    UPSTREAM_REQUESTS = Counter(
+    UPSTREAM_REQUESTS.metric = prometheus.Counter(
         "nodekeeper_upstream_requests", "HTTP requests nodekeeper sent to registries",
         ["host", "method", "status"],
     )
-    POLICY_VALID = Gauge(
+    POLICY_VALID.metric = prometheus.Gauge(
         "nodekeeper_policy_valid", "1 when the policy file on disk loaded; 0 while the last "
         "reload failed and the previous policy is still in force",
     )
-    POLICY_LOADED = Gauge(
+    POLICY_LOADED.metric = prometheus.Gauge(
         "nodekeeper_policy_loaded_timestamp_seconds", "When the policy in force was loaded",
     )
-    BACKING_UP = Gauge(
+    BACKING_UP.metric = prometheus.Gauge(
         "nodekeeper_backing_up", "0 while the backing registry is considered down, else 1",
     )
-    BACKING_READS = Counter(
+    BACKING_READS.metric = prometheus.Counter(
         "nodekeeper_backing_reads", "Backing registry lookups on the pull path", ["result"],
     )
-    COPIES = Counter(
+    COPIES.metric = prometheus.Counter(
         "nodekeeper_backing_copies", "Copies to the backing registry, by stage",
         ["result"],
     )
-    COPY_BYTES = Counter(
+    COPY_BYTES.metric = prometheus.Counter(
         "nodekeeper_backing_copy_bytes", "Blob bytes copied to the backing registry",
     )
-    BACKING_CORRUPT = Counter(
+    BACKING_CORRUPT.metric = prometheus.Counter(
         "nodekeeper_backing_corrupt",
         "Pulls from the backing registry that failed because its bytes did not match "
         "their digest (then pulled from upstream)",
     )
-    IMAGES_STALE = Gauge(
+    IMAGES_STALE.metric = prometheus.Gauge(
         "nodekeeper_images_served_stale",
         "References last answered with a copy upstream did not confirm (fallbacks), until "
         "upstream confirms them again",
     )
-    KUBE_EVENTS = Counter(
+    KUBE_EVENTS.metric = prometheus.Counter(
         "nodekeeper_kubernetes_events",
         "Kubernetes Events posted on pods, by result (created, or updated for a repeat)",
         ["result"],
     )
-    KUBE_EVENTS_DROPPED = Counter(
+    KUBE_EVENTS_DROPPED.metric = prometheus.Counter(
         "nodekeeper_kubernetes_events_dropped",
         "Kubernetes Events not posted, by reason (queue_full, refused, expired, closing, "
         "internal)", ["reason"],
     )
-    LOOP_LAG = Histogram(
+    LOOP_LAG.metric = prometheus.Histogram(
         "nodekeeper_event_loop_lag_seconds",
         "How late the event loop serving the kubelet ran a timer (sampled every 50 ms)",
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     )
-    STATE_PERSISTENT = Gauge(
+    STATE_PERSISTENT.metric = prometheus.Gauge(
         "nodekeeper_state_persistent", "1 while state writes reach the state directory; 0 "
         "while it fails and state is kept in memory only",
     )
 
 
-def serve(address: str) -> None:
-    """Expose /metrics on host:port in a background thread (prometheus-client's own)."""
+def serve(address: str) -> Callable[[], None]:
+    """Expose /metrics on host:port in a background thread (prometheus-client's own);
+    returns what stops it (it blocks up to half a second: call it off the loop)."""
     from prometheus_client import start_http_server
 
     host, port = split_host_port(address)
-    start_http_server(port, addr=host)
+    try:
+        server, thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {address}: "
+                           f"{exc.strerror or exc}") from None
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    return stop

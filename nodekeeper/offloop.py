@@ -61,15 +61,18 @@ class Loader:
     def __init__(self, deadline: float = LOAD_DEADLINE) -> None:
         self.deadline = deadline
         self._lock = asyncio.Lock()
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._finished = threading.Event()
         self._finished.set()
+        self._closed = False
 
     async def load(self, what: str, work: Callable[[], T]) -> T:
         """work() on the worker thread. SettingsError (naming `what`) when it takes longer
         than the deadline, or while an earlier load that overran it is still running."""
         async with self._lock:
+            if self._closed:
+                raise SettingsError(f"{what}: not loaded, nodekeeper is stopping")
             if not self._finished.is_set():
                 raise SettingsError(f"{what}: an earlier load that overran its "
                                     f"{self.deadline:g}s deadline is still running")
@@ -108,10 +111,19 @@ class Loader:
                 raise SettingsError(f"{what}: loading took longer than {self.deadline:g}s; "
                                     "refused") from None
 
+    def close(self) -> None:
+        """End the worker thread: at once when it is idle; a load that overran its
+        deadline is left to finish first (it is bounded), without waiting for it."""
+        self._closed = True
+        if self._worker is not None:
+            self._jobs.put(None)
+            if self._finished.is_set():
+                self._worker.join()
+
     def _serve(self) -> None:
         # The lowest priority: when the CPUs are busy, the threads serving the kubelet go
         # first. Raising one's own nice value needs no privilege.
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        while True:
-            self._jobs.get()()
+        while (job := self._jobs.get()) is not None:
+            job()

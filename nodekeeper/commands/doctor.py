@@ -17,10 +17,10 @@ from pathlib import Path
 
 from nodekeeper import config as configuration
 from nodekeeper.containerd.client import Containerd
-from nodekeeper.errors import NodekeeperError, SettingsError
+from nodekeeper.errors import ApiError, ApiKind, KubeconfigError, NodekeeperError, SettingsError
 from nodekeeper.failures import Failure
 from nodekeeper.kube import kubeconfig
-from nodekeeper.kube.client import ApiError, Client
+from nodekeeper.kube.client import Client
 from nodekeeper.pull import policy
 from nodekeeper.registry import hosts
 
@@ -141,7 +141,7 @@ async def _kubernetes(settings: configuration.KubernetesConfig,
     path = settings.kubeconfig or kubeconfig.DEFAULT_PATH
     try:
         loaded = kubeconfig.load(path)
-    except kubeconfig.KubeconfigError as exc:
+    except KubeconfigError as exc:
         return [Check("kubernetes events", False, f"off: {exc}",
                       "set kubernetes.kubeconfig to the kubelet's kubeconfig (kubeadm: "
                       "/etc/kubernetes/kubelet.conf, EKS: /var/lib/kubelet/kubeconfig), or "
@@ -169,7 +169,7 @@ async def _identity(client: Client) -> str:
                                       {"apiVersion": "authentication.k8s.io/v1",
                                        "kind": "SelfSubjectReview"})
     except ApiError as exc:
-        if exc.kind == "not_found":
+        if exc.kind is ApiKind.NOT_FOUND:
             return ""
         raise
     user = review.get("status", {}).get("userInfo", {}).get("username", "")
@@ -205,10 +205,12 @@ async def _may(client: Client, user: str, verb: str, namespace: str) -> Check:
 
 def _api_failure(exc: ApiError, server: str, path: str) -> Check:
     fixes = {
-        "unauthorized": "the API server does not accept these credentials: an expired client "
-                        "certificate or a revoked token; use the kubelet's current kubeconfig",
-        "credentials": f"correct {path} or what it names",
-        "forbidden": "the identity may not even ask what it may do; use the kubelet's kubeconfig",
+        ApiKind.UNAUTHORIZED: "the API server does not accept these credentials: an expired "
+                              "client certificate or a revoked token; use the kubelet's "
+                              "current kubeconfig",
+        ApiKind.CREDENTIALS: f"correct {path} or what it names",
+        ApiKind.FORBIDDEN: "the identity may not even ask what it may do; use the kubelet's "
+                           "kubeconfig",
     }
     detail = exc.detail if exc.detail.startswith(server) else f"{server}: {exc.detail}"
     return Check("kubernetes API", False, detail,

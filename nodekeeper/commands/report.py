@@ -1,24 +1,22 @@
 """`nodekeeper explain` and `nodekeeper status`: read-only views for operators.
 
-Both read the state database beside a running daemon (read-only, WAL) and ask
-containerd what the node holds; neither sends anything to a registry.
+Both read the state database beside a running daemon through state/view.py (read-only;
+the daemon keeps it with a rollback journal, never WAL) and ask containerd what the node
+holds; neither sends anything to a registry.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from nodekeeper.config import Config
 from nodekeeper.containerd.client import Containerd, LocalImage
-from nodekeeper.errors import NodekeeperError, SettingsError
+from nodekeeper.errors import NodekeeperError, SettingsError, StateUnreadable
 from nodekeeper.failures import Kind
 from nodekeeper.host import runstatus
 from nodekeeper.pull import policy as policies
-from nodekeeper.pull.credentials import ANONYMOUS
 from nodekeeper.pull.decision import (
     Access,
     AskBacking,
@@ -38,7 +36,8 @@ from nodekeeper.pull.reference import Reference, parse
 from nodekeeper.registry import Session
 from nodekeeper.registry.backing import Backing
 from nodekeeper.registry.copy import Copier
-from nodekeeper.state.memory import DB_NAME, read_only
+from nodekeeper.state import view as stateview
+from nodekeeper.state.memory import Health
 from nodekeeper.timetext import ago
 
 
@@ -54,15 +53,6 @@ def _local(config: Config, name: str) -> tuple[LocalImage | None, str]:
         return asyncio.run(asyncio.wait_for(ask(), 5)), ""
     except (NodekeeperError, asyncio.TimeoutError) as exc:
         return None, f"unknown (containerd at {config.containerd.address}: {exc or 'timeout'})"
-
-
-def _db(config: Config) -> sqlite3.Connection | None:
-    if not (Path(config.state_dir) / DB_NAME).exists():
-        return None
-    try:
-        return read_only(config.state_dir)
-    except sqlite3.Error:
-        return None
 
 
 def explain(config: Config, image: str, policy_path: str | None) -> str:
@@ -81,30 +71,30 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
     local, problem = _local(config, str(ref))
     lines.append("on node:     " + (problem or (
         f"{local.id} (points at {local.digest or 'unknown digest'})" if local else "no copy")))
-    db = _db(config)
     last_ok = None
     last_digest = ""
     public = False
-    if db is None:
-        lines.append("last check:  none recorded (no state database yet)")
+    try:
+        recorded = stateview.reference(config.state_dir, str(ref), ref.name)
+    except StateUnreadable as exc:
+        lines.append(f"last check:  unknown (state database unreadable: {exc})")
     else:
-        row = db.execute("SELECT checked_at, result, ok_at, digest FROM checks "
-                         "WHERE reference = ?", (str(ref),)).fetchone()
-        if row:
-            last_ok, last_digest = row[2], row[3]
-            ok = f"; last success {ago(time.time() - row[2])}" if row[2] else ""
-            lines.append(f"last check:  {ago(time.time() - row[0])}: {row[1]}{ok}"
-                         + (f", upstream {row[3]}" if row[3] else ""))
+        if recorded is None:
+            lines.append("last check:  none recorded (no state database yet)")
         else:
-            lines.append("last check:  never")
-        kinds = [r[0] for r in db.execute(
-            "SELECT fingerprint FROM access WHERE repository = ?", (ref.name,))]
-        public = ANONYMOUS in kinds
-        named = len([k for k in kinds if k != ANONYMOUS])
-        lines.append("access:      " + ("anonymous pulls seen to work" if public else
-                                        "no anonymous pull recorded")
-                     + f"; {named} credential fingerprint(s) seen to work")
-        db.close()
+            check, public = recorded.check, recorded.access.anonymous
+            if check is None:
+                lines.append("last check:  never")
+            else:
+                last_ok, last_digest = check.ok_at, check.digest
+                ok = f"; last success {ago(time.time() - check.ok_at)}" if check.ok_at else ""
+                lines.append(f"last check:  {ago(time.time() - check.checked_at)}: "
+                             f"{check.result}{ok}"
+                             + (f", upstream {check.digest}" if check.digest else ""))
+            lines.append("access:      " + ("anonymous pulls seen to work" if public else
+                                            "no anonymous pull recorded")
+                         + f"; {recorded.access.credentials} credential fingerprint(s) seen "
+                           "to work")
     node = NodeCopy(local.id, local.digest) if local else None
     pull = Pull(ref, rule.label, s, node, Access(public=public), time.time(), last_ok,
                 last_digest, backing=config.backing.enabled and config.backing.read)
@@ -176,62 +166,55 @@ def status(config: Config, limit: int = 20) -> str:
     now = time.time()
     # What only the running daemon knows: whether its state reaches the disk, how late
     # its event loop has run.
-    view = runstatus.read(runstatus.path_for(config.listen))
-    if view is None:
+    running = runstatus.read(runstatus.path_for(config.listen))
+    if running is None:
         lines.append(f"daemon:  not running (no status beside {config.listen})")
     else:
-        health = view.get("state") or {}
-        if not health:
-            stored = "not reported yet"
-        elif health.get("persistent") and not health.get("key_problem"):
-            stored = "on disk"
-        else:
-            stored = "; ".join(
-                ([f"IN MEMORY ONLY since {ago(now - health.get('since', now))}: "
-                  f"{health.get('problem')}; retrying, {health.get('pending', 0)} records "
-                  "waiting"] if not health.get("persistent") else [])
-                + ([f"fingerprint key in memory: {health['key_problem']}"]
-                   if health.get("key_problem") else []))
-        lag = view.get("loop_lag") or {}
-        lines.append(f"daemon:  pid {view['pid']}; state {stored}")
-        lines.append(f"loop:    worst lag {lag.get('worst_s', 0) * 1000:.1f} ms "
-                     f"({ago(now - lag.get('worst_at', now))}), last minute "
-                     f"{lag.get('last_minute_s', 0) * 1000:.1f} ms")
-    db = _db(config)
-    if db is None:
-        exists = (Path(config.state_dir) / DB_NAME).exists()
-        lines.append(f"state:   {'database unreadable' if exists else 'no database'} in "
-                     f"{config.state_dir}")
+        lines.append(f"daemon:  pid {running.pid}; state {_stored(running.state, now)}")
+        lag = running.loop_lag
+        lines.append("loop:    not reported yet" if lag is None else
+                     f"loop:    worst lag {lag.worst_s * 1000:.1f} ms "
+                     f"({ago(now - lag.worst_at)}), last minute "
+                     f"{lag.last_minute_s * 1000:.1f} ms")
+    try:
+        stored = stateview.status(config.state_dir, decisions=limit)
+    except StateUnreadable as exc:
+        lines.append(f"state:   database unreadable in {config.state_dir} ({exc})")
+        return "\n".join(lines)
+    if stored is None:
+        lines.append(f"state:   no database in {config.state_dir}")
         return "\n".join(lines)
     if config.backing.enabled:
-        try:
-            row = db.execute("SELECT value, at FROM meta WHERE key = 'backing'").fetchone()
-        except sqlite3.Error:  # a database from before the daemon's last upgrade
-            row = None
-        health = f"{row[0]} (since {ago(now - row[1])})" if row else "no problem recorded"
+        health = (f"{stored.backing.value} (since {ago(now - stored.backing.at)})"
+                  if stored.backing else "no problem recorded")
         lines.append(f"backing: {config.backing.url}: {health}")
-    try:
-        stale = db.execute("SELECT reference, digest, kind, since, last FROM stale "
-                           "ORDER BY since").fetchall()
-    except sqlite3.Error:  # a database from before the daemon's last upgrade
-        stale = []
-    lines.append(f"\nserved without upstream's confirmation ({len(stale)}; each until "
+    lines.append(f"\nserved without upstream's confirmation ({len(stored.stale)}; each until "
                  "upstream confirms it again):")
-    for reference, digest, kind, since, last in stale:
-        lines.append(f"  {reference}\n      {digest} since {ago(now - since)} (upstream "
-                     f"{kind}; last answered {ago(now - last)})")
+    for reference, stale in stored.stale.items():
+        lines.append(f"  {reference}\n      {stale.digest} since {ago(now - stale.since)} "
+                     f"(upstream {stale.kind}; last answered {ago(now - stale.last)})")
     lines.append(f"\nrecent decisions (newest first, at most {limit}):")
-    for at, image, decision, reason, ms in db.execute(
-            "SELECT at, image, decision, reason, duration_ms FROM decisions "
-            "ORDER BY id DESC LIMIT ?", (limit,)):
-        lines.append(f"  {ago(now - at):>10}  {decision:<14} {image}  "
-                     f"{reason[:80]}  ({ms:.0f} ms)")
+    for decided in stored.decisions:
+        lines.append(f"  {ago(now - decided.at):>10}  {decided.decision:<14} {decided.image}  "
+                     f"{decided.reason[:80]}  ({decided.duration_ms:.0f} ms)")
     lines.append("\nfreshness (per reference):")
-    for reference, checked_at, result, ok_at, digest in db.execute(
-            "SELECT reference, checked_at, result, ok_at, digest FROM checks "
-            "ORDER BY reference"):
-        ok = ago(now - ok_at) if ok_at else "never"
-        lines.append(f"  {reference}\n      last check {ago(now - checked_at)}: {result}; "
-                     f"last success {ok}; upstream {digest or '-'}")
-    db.close()
+    for reference, check in stored.checks.items():
+        ok = ago(now - check.ok_at) if check.ok_at else "never"
+        lines.append(f"  {reference}\n      last check {ago(now - check.checked_at)}: "
+                     f"{check.result}; last success {ok}; upstream {check.digest or '-'}")
     return "\n".join(lines)
+
+
+def _stored(health: Health | None, now: float) -> str:
+    """Whether the daemon's state reaches the disk, as `status` says it."""
+    if health is None:
+        return "not reported yet"
+    if health.persistent and not health.key_problem:
+        return "on disk"
+    parts = []
+    if not health.persistent:
+        parts.append(f"IN MEMORY ONLY since {ago(now - health.since)}: {health.problem}; "
+                     f"retrying, {health.pending} records waiting")
+    if health.key_problem:
+        parts.append(f"fingerprint key in memory: {health.key_problem}")
+    return "; ".join(parts)

@@ -9,7 +9,8 @@ client certificate in place) or the API server answers 401 (read again once, the
 401 stands). An exec plugin runs with no terminal, its stderr discarded, within
 EXEC_TIMEOUT; its credential is kept until it expires or a 401. A client key from a
 kubeconfig or a plugin never touches the disk: it reaches OpenSSL through a memfd.
-Environment proxies and .netrc are not used (`trust_env=False`).
+Environment proxies and .netrc are not used (`trust_env=False`). Every failure is an
+errors.ApiError with one errors.ApiKind.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from typing import Any
 import httpx
 
 from nodekeeper import __version__
+
+# ApiError is defined with every other exception; kube/sink.py imports it from here.
+from nodekeeper.errors import ApiError as ApiError
+from nodekeeper.errors import ApiKind
 from nodekeeper.kube import kubeconfig
 from nodekeeper.kube.kubeconfig import Exec, Kubeconfig, KubeconfigError
 
@@ -43,27 +48,8 @@ _EXPIRY_MARGIN = 10.0
 USER_AGENT = f"nodekeeper/{__version__}"
 
 
-class ApiError(Exception):
-    """A request did not succeed. `kind` says how:
-
-    unreachable, timeout          no answer (connection, TLS, or none within the timeout)
-    unauthorized                  401: the credentials were not accepted
-    forbidden                     403: authenticated, not allowed (or namespace terminating)
-    not_found, conflict           404, 409
-    rate_limited, server_error    429, 5xx
-    invalid                       another 4xx, or an answer that is not what the API sends
-    credentials                   the kubeconfig or its exec plugin gave no usable credential
-    """
-
-    def __init__(self, kind: str, detail: str, status: int = 0) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
-        self.status = status
-
-
-_KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
-          429: "rate_limited"}
+_KINDS = {401: ApiKind.UNAUTHORIZED, 403: ApiKind.FORBIDDEN, 404: ApiKind.NOT_FOUND,
+          409: ApiKind.CONFLICT, 429: ApiKind.RATE_LIMITED}
 
 
 @dataclass(frozen=True)
@@ -120,10 +106,10 @@ class Client:
                 return await asyncio.wait_for(
                     self._send(session, method, path, body, content_type), self.timeout)
             except asyncio.TimeoutError:
-                raise ApiError("timeout", f"no answer from {session.config.server} within "
-                                          f"{self.timeout:g}s") from None
+                raise ApiError(ApiKind.TIMEOUT, f"no answer from {session.config.server} within "
+                                                f"{self.timeout:g}s") from None
             except ApiError as exc:
-                if exc.kind != "unauthorized" or attempt == 2:
+                if exc.kind is not ApiKind.UNAUTHORIZED or attempt == 2:
                     raise
                 # Rotated certificate or token, expired plugin credential: read them again.
                 await self._drop_session()
@@ -152,7 +138,7 @@ class Client:
             try:
                 config = self._loaded or kubeconfig.load(self.path)
             except KubeconfigError as exc:
-                raise ApiError("credentials", str(exc)) from None
+                raise ApiError(ApiKind.CREDENTIALS, str(exc)) from None
             credential = (await _run_plugin(config, config.exec) if config.exec else
                           _Credential(config.token, config.cert_pem, config.key_pem, None))
             session = _Session(config, credential, self.timeout)
@@ -170,12 +156,12 @@ class Client:
                 async for chunk in answer.aiter_bytes():
                     data += chunk
                     if len(data) > MAX_ANSWER:
-                        raise ApiError("invalid", f"answer larger than {MAX_ANSWER} bytes")
+                        raise ApiError(ApiKind.INVALID, f"answer larger than {MAX_ANSWER} bytes")
         except httpx.TimeoutException:
-            raise ApiError("timeout", f"no answer from {session.config.server} within "
-                                      f"{self.timeout:g}s") from None
+            raise ApiError(ApiKind.TIMEOUT, f"no answer from {session.config.server} within "
+                                            f"{self.timeout:g}s") from None
         except httpx.HTTPError as exc:
-            raise ApiError("unreachable",
+            raise ApiError(ApiKind.UNREACHABLE,
                            f"{session.config.server}: {_describe(exc)}"[:_MAX_DETAIL]) from None
         status = answer.status_code
         try:
@@ -184,9 +170,9 @@ class Client:
             decoded = None
         if status < 300:
             if decoded is None and data:
-                raise ApiError("invalid", f"{method} {path}: the answer is not JSON", status)
+                raise ApiError(ApiKind.INVALID, f"{method} {path}: the answer is not JSON", status)
             return decoded
-        kind = _KINDS.get(status) or ("server_error" if status >= 500 else "invalid")
+        kind = _KINDS.get(status) or (ApiKind.SERVER_ERROR if status >= 500 else ApiKind.INVALID)
         reason = decoded.get("message") if isinstance(decoded, dict) else None
         detail = f"{method} {path}: {status}" + (f" {reason}" if isinstance(reason, str) else "")
         raise ApiError(kind, detail[:_MAX_DETAIL], status)
@@ -208,8 +194,8 @@ def _tls(config: Kubeconfig, credential: _Credential) -> ssl.SSLContext:
         else:
             context = ssl.create_default_context()
     except (ssl.SSLError, ValueError):
-        raise ApiError("credentials", f"{config.path}: certificate-authority holds no "
-                                      "usable certificate") from None
+        raise ApiError(ApiKind.CREDENTIALS, f"{config.path}: certificate-authority holds no "
+                                            "usable certificate") from None
     if config.insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -218,8 +204,8 @@ def _tls(config: Kubeconfig, credential: _Credential) -> ssl.SSLContext:
             with _memfd(credential.cert_pem) as cert, _memfd(credential.key_pem) as key:
                 context.load_cert_chain(cert, key)
         except (ssl.SSLError, OSError):
-            raise ApiError("credentials", f"{config.path}: the client certificate and key "
-                                          "do not load (not PEM, or not a pair)") from None
+            raise ApiError(ApiKind.CREDENTIALS, f"{config.path}: the client certificate and key "
+                                                "do not load (not PEM, or not a pair)") from None
     return context
 
 
@@ -254,11 +240,12 @@ async def _run_plugin(config: Kubeconfig, plugin: Exec) -> _Credential:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True)
     except OSError as exc:
-        raise ApiError("credentials", f"{what}: cannot run: {exc.strerror or exc}") from None
+        raise ApiError(ApiKind.CREDENTIALS, f"{what}: cannot run: {exc.strerror or exc}") from None
     try:
         output = await asyncio.wait_for(_read_limited(process), EXEC_TIMEOUT)
     except asyncio.TimeoutError:
-        raise ApiError("credentials", f"{what}: no credential within {EXEC_TIMEOUT:g}s") from None
+        raise ApiError(ApiKind.CREDENTIALS,
+                       f"{what}: no credential within {EXEC_TIMEOUT:g}s") from None
     finally:
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -268,9 +255,9 @@ async def _run_plugin(config: Kubeconfig, plugin: Exec) -> _Credential:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(process.wait(), 1.0)
     if output is None:
-        raise ApiError("credentials", f"{what}: printed more than {MAX_EXEC_OUTPUT} bytes")
+        raise ApiError(ApiKind.CREDENTIALS, f"{what}: printed more than {MAX_EXEC_OUTPUT} bytes")
     if process.returncode != 0:
-        raise ApiError("credentials", f"{what}: exited with status {process.returncode}")
+        raise ApiError(ApiKind.CREDENTIALS, f"{what}: exited with status {process.returncode}")
     return _credential(output, plugin, what)
 
 
@@ -290,26 +277,26 @@ def _credential(output: bytes, plugin: Exec, what: str) -> _Credential:
     try:
         document = json.loads(output)
     except ValueError:
-        raise ApiError("credentials", f"{what}: did not print an ExecCredential") from None
+        raise ApiError(ApiKind.CREDENTIALS, f"{what}: did not print an ExecCredential") from None
     if not (isinstance(document, dict) and document.get("kind") == "ExecCredential"
             and document.get("apiVersion") == plugin.api_version
             and isinstance(document.get("status"), dict)):
-        raise ApiError("credentials", f"{what}: did not print an ExecCredential "
-                                      f"{plugin.api_version} with a status")
+        raise ApiError(ApiKind.CREDENTIALS, f"{what}: did not print an ExecCredential "
+                                            f"{plugin.api_version} with a status")
     status = document["status"]
     token = status.get("token") or ""
     cert = status.get("clientCertificateData") or ""
     key = status.get("clientKeyData") or ""
     if not all(isinstance(value, str) for value in (token, cert, key)) or (
             not token and not (cert and key)):
-        raise ApiError("credentials", f"{what}: the ExecCredential holds neither a token "
-                                      "nor a client certificate and key")
+        raise ApiError(ApiKind.CREDENTIALS, f"{what}: the ExecCredential holds neither a token "
+                                            "nor a client certificate and key")
     expires = None
     stamp = status.get("expirationTimestamp")
     if stamp:
         try:
             expires = datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
         except ValueError:
-            raise ApiError("credentials",
+            raise ApiError(ApiKind.CREDENTIALS,
                            f"{what}: expirationTimestamp is not an RFC 3339 time") from None
     return _Credential(token, cert.encode(), key.encode(), expires)

@@ -25,6 +25,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from nodekeeper.addresses import is_loopback
+
+# KubeconfigError is defined with every other exception; callers find it here too.
+from nodekeeper.errors import KubeconfigError as KubeconfigError
 from nodekeeper.errors import SettingsError
 from nodekeeper.settings import Document, Key
 
@@ -42,10 +45,6 @@ _UNSUPPORTED_USER = {
     "as-uid": "impersonation is not supported",
     "as-user-extra": "impersonation is not supported",
 }
-
-
-class KubeconfigError(SettingsError):
-    """A kubeconfig cannot be used; the message names the file, line and key."""
 
 
 @dataclass(frozen=True)

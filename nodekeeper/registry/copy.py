@@ -21,7 +21,8 @@
 Every step is idempotent: an interrupted copy is completed by calling copy() again (it
 skips what dest holds), and two nodes copying one digest at once write the same bytes
 under the same names (distribution's glitches meanwhile are retried: RACE_ATTEMPTS).
-Failures are Failures (classes in session.py).
+Every failure is a failures.Failure with one Kind: registry/wire.py's `classify` turns
+whatever an exchange raised into one, at each public method here.
 
 Authorization: a streamed PUT cannot be answered again after a 401, so it goes out under
 the same scope string as the POST that opened its upload just before, whose challenge

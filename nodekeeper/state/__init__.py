@@ -1,2 +1,3 @@
-"""What this node remembers: state in memory, written behind by a thread (memory), and
-the state directory on disk, the only code that speaks SQL (disk)."""
+"""What this node remembers: state in memory, written behind by a thread (memory), the
+state directory on disk (disk), and the typed records `status` and `explain` read of it
+(view). disk and view are the only code that speaks SQL."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nodekeeper import logs
+from nodekeeper.errors import StateCorrupt
 
 DB_NAME = "state.db"
 SECRET_NAME = "fingerprint.key"
@@ -134,10 +135,6 @@ class Records:
                 + len(self.stale))
 
 
-class Corrupt(sqlite3.DatabaseError):
-    """The database file is damaged or not a database."""
-
-
 def _is_corrupt(exc: sqlite3.Error) -> bool:
     name = getattr(exc, "sqlite_errorname", "")  # Python 3.11 and later
     if name:
@@ -201,12 +198,12 @@ def session(directory: Path, check: bool = False) -> Iterator[tuple[sqlite3.Conn
             if check:
                 row = db.execute("PRAGMA quick_check").fetchone()
                 if row is None or row[0] != "ok":
-                    raise Corrupt(f"quick_check: {row[0] if row else 'no answer'}")
-        except sqlite3.Error:
+                    raise StateCorrupt(f"quick_check: {row[0] if row else 'no answer'}")
+        except (sqlite3.Error, StateCorrupt):
             db.close()
             raise
-    except sqlite3.Error as exc:
-        if not (isinstance(exc, Corrupt) or _is_corrupt(exc)):
+    except (sqlite3.Error, StateCorrupt) as exc:
+        if not (isinstance(exc, StateCorrupt) or _is_corrupt(exc)):
             raise
         _move_aside(path, str(exc))
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
@@ -239,7 +236,7 @@ def read(directory: Path) -> Found:
         path = directory / DB_NAME
         if not path.is_file():
             raise
-        view = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True)
+        view = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro&immutable=1", uri=True)
         try:
             view.execute("PRAGMA mmap_size=0")
             info = os.stat(path)

@@ -59,7 +59,6 @@ __all__ = [
     "Health",
     "PullRecord",
     "State",
-    "read_only",
 ]
 
 # How long start waits for the state directory before going on with memory alone.
@@ -400,8 +399,3 @@ class State:
 def _pending() -> Records:
     return Records(decisions=collections.deque(maxlen=KEEP_DECISIONS))
 
-
-def read_only(directory: str | Path) -> sqlite3.Connection:
-    """For `nodekeeper status`: the database, opened read-only beside a running daemon."""
-    path = Path(directory) / DB_NAME
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)

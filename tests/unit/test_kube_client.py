@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from nodekeeper.errors import ApiError, ApiKind
 from nodekeeper.kube import client
-from nodekeeper.kube.client import ApiError, _Credential
+from nodekeeper.kube.client import _Credential
 from nodekeeper.kube.kubeconfig import Exec, Kubeconfig
 from tests.harness.registry import make_tls_files
 
@@ -52,7 +53,7 @@ def test_a_bad_exec_credential_is_refused_without_echoing_it(output: bytes,
                                                               expected: str) -> None:
     with pytest.raises(ApiError) as caught:
         client._credential(output, Exec("x"), "plugin x")
-    assert caught.value.kind == "credentials"
+    assert caught.value.kind is ApiKind.CREDENTIALS
     assert expected in str(caught.value)
     assert SECRET not in str(caught.value)
 
@@ -89,7 +90,7 @@ async def test_a_failing_plugin_is_bounded_and_quiet(tmp_path: Path, body: str, 
     with pytest.raises(ApiError) as caught:
         await client._run_plugin(CONFIG, script(tmp_path, body))
     assert time.monotonic() - started < 5
-    assert caught.value.kind == "credentials"
+    assert caught.value.kind is ApiKind.CREDENTIALS
     assert expected in str(caught.value)
     assert SECRET not in str(caught.value)
 

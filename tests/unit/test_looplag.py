@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from nodekeeper.host import runstatus
 from nodekeeper.host.looplag import STALL_SECONDS, WINDOW, LagMonitor
 
 
@@ -53,14 +50,3 @@ def test_a_stall_is_logged_once_a_minute() -> None:
     assert [e["stall_s"] for e in logs] == [STALL_SECONDS, STALL_SECONDS * 2]
     assert all(e["log_level"] == "warning" for e in logs)
 
-
-def test_the_status_file_is_read_only_while_its_writer_lives(tmp_path: Path) -> None:
-    path = runstatus.path_for(str(tmp_path / "cri.sock"))
-    assert path == tmp_path / "cri.status"
-    assert runstatus.read(path) is None
-    runstatus.write(path, {"pid": os.getpid(), "state": None})
-    assert runstatus.read(path) == {"pid": os.getpid(), "state": None}
-    runstatus.write(path, {"pid": 2**22 + 12345, "state": None})  # above pid_max: no one
-    assert runstatus.read(path) is None
-    path.write_text("{not json")
-    assert runstatus.read(path) is None

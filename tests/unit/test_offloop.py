@@ -144,3 +144,14 @@ async def test_every_load_runs_on_the_same_thread() -> None:
     loader = Loader()
     threads = {await loader.load("x", threading.get_ident) for _ in range(3)}
     assert len(threads) == 1
+
+
+async def test_close_ends_the_worker_and_refuses_later_loads() -> None:
+    loader = Loader()
+    worker = await loader.load("x", threading.current_thread)
+    assert worker.is_alive()
+    loader.close()
+    assert not worker.is_alive()
+    with pytest.raises(SettingsError, match="x: not loaded, nodekeeper is stopping"):
+        await loader.load("x", threading.current_thread)
+    Loader().close()  # never started: nothing to end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 from nodekeeper.commands import report
 from nodekeeper.config import Config
 from nodekeeper.host import runstatus
+from nodekeeper.host.looplag import Lag
+from nodekeeper.state.memory import Health
 
 
 def config(tmp_path: Path) -> Config:
@@ -17,11 +20,10 @@ def config(tmp_path: Path) -> Config:
                   policy_file=str(tmp_path / "policy.yaml"))
 
 
-def publish(tmp_path: Path, state: dict[str, object] | None) -> None:
-    runstatus.write(runstatus.path_for(str(tmp_path / "cri.sock")), {
-        "pid": os.getpid(), "state": state,
-        "loop_lag": {"worst_s": 0.0123, "worst_at": time.time() - 120,
-                     "last_minute_s": 0.002}})
+def publish(tmp_path: Path, state: Health | None) -> None:
+    runstatus.write(runstatus.path_for(str(tmp_path / "cri.sock")), runstatus.RunStatus(
+        pid=os.getpid(), written_at=time.time(), state=state,
+        loop_lag=Lag(worst_s=0.0123, worst_at=time.time() - 120, last_minute_s=0.002)))
 
 
 def test_no_daemon(tmp_path: Path) -> None:
@@ -31,8 +33,8 @@ def test_no_daemon(tmp_path: Path) -> None:
 
 
 def test_state_in_memory_and_the_loop(tmp_path: Path) -> None:
-    publish(tmp_path, {"persistent": False, "problem": "Read-only file system: x",
-                       "since": time.time() - 300, "key_problem": "", "pending": 7})
+    publish(tmp_path, Health(persistent=False, problem="Read-only file system: x",
+                             since=time.time() - 300, pending=7))
     shown = report.status(config(tmp_path))
     assert (f"daemon:  pid {os.getpid()}; state IN MEMORY ONLY since 5.0m ago: Read-only "
             "file system: x; retrying, 7 records waiting") in shown
@@ -40,8 +42,8 @@ def test_state_in_memory_and_the_loop(tmp_path: Path) -> None:
 
 
 def test_state_on_disk_with_a_key_in_memory(tmp_path: Path) -> None:
-    publish(tmp_path, {"persistent": True, "problem": "", "since": time.time(),
-                       "key_problem": "cannot read it", "pending": 0})
+    publish(tmp_path, Health(persistent=True, since=time.time(),
+                             key_problem="cannot read it"))
     assert "; state fingerprint key in memory: cannot read it" in report.status(
         config(tmp_path))
 
@@ -54,3 +56,12 @@ def test_state_not_reported_yet(tmp_path: Path) -> None:
 def test_an_unreadable_database_is_not_called_missing(tmp_path: Path) -> None:
     (tmp_path / "state" / "state.db").mkdir(parents=True)
     assert "state:   database unreadable in" in report.status(config(tmp_path))
+
+
+def test_a_status_file_from_an_older_daemon_still_shows(tmp_path: Path) -> None:
+    # Written before the record had written_at and loop_lag, with a key it no longer has.
+    runstatus.path_for(str(tmp_path / "cri.sock")).write_text(json.dumps(
+        {"pid": os.getpid(), "state": {"persistent": True}, "gone": 1}))
+    shown = report.status(config(tmp_path))
+    assert f"daemon:  pid {os.getpid()}; state on disk" in shown
+    assert "loop:    not reported yet" in shown

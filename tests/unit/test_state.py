@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from nodekeeper.state import view
+from nodekeeper.state.disk import Stale
 from nodekeeper.state.memory import (
     DB_NAME,
     KEEP_DECISIONS,
@@ -19,7 +21,6 @@ from nodekeeper.state.memory import (
     Check,
     PullRecord,
     State,
-    read_only,
 )
 
 REF = "docker.io/library/postgres:15"
@@ -145,17 +146,12 @@ def test_everything_survives_a_restart(tmp_path: Path) -> None:
     assert decision_count(tmp_path) == 1
 
 
-def test_read_only_view_sees_decisions(state: State) -> None:
+def test_the_view_beside_the_daemon_sees_decisions(state: State) -> None:
     state.record_decision(decision(7))
     assert state.flush()
-    view = read_only(state.directory)
-    try:
-        rows = view.execute("SELECT image, decision, local_digest FROM decisions").fetchall()
-        assert rows == [("img7", "fresh", f"sha256:{7:064x}")]
-        with pytest.raises(sqlite3.OperationalError):
-            view.execute("DELETE FROM decisions")
-    finally:
-        view.close()
+    shown = view.status(state.directory, decisions=10)
+    assert shown is not None
+    assert shown.decisions == [decision(7)]
 
 
 def test_decisions_are_trimmed(state: State) -> None:
@@ -282,9 +278,10 @@ def test_stale_references_survive_a_restart_until_cleared(state: State) -> None:
     state.mark_stale(REF, digest, "unreachable", now=100.0)
     state.mark_stale(REF, digest, "timeout", now=200.0)
     assert state.flush()
-    with read_only(state.directory) as db:
-        assert db.execute("SELECT digest, kind, since, last FROM stale").fetchall() == [
-            (digest, "timeout", 100.0, 200.0)]  # since stays while the same copy stands in
+    shown = view.status(state.directory, decisions=0)
+    assert shown is not None
+    # `since` stays while the same copy stands in.
+    assert shown.stale == {REF: Stale(digest, "timeout", 100.0, 200.0)}
     state = reopen(state)
     assert state.stale(REF) == digest
     state.clear_stale(REF)
