@@ -36,6 +36,8 @@ DECISIONS: Any = _OFF
 FALLBACKS: Any = _OFF
 PROBE_SECONDS: Any = _OFF
 UPSTREAM_REQUESTS: Any = _OFF
+OUTAGES: Any = _OFF
+OUTAGE_PULLS: Any = _OFF
 POLICY_VALID: Any = _OFF
 POLICY_LOADED: Any = _OFF
 BACKING_UP: Any = _OFF
@@ -55,7 +57,7 @@ def enable() -> None:
     global RPCS, RPC_SECONDS, CONTAINERD_UP, IMAGE_EVENTS, DECISIONS, FALLBACKS, PROBE_SECONDS
     global UPSTREAM_REQUESTS, POLICY_VALID, POLICY_LOADED, BACKING_UP, BACKING_READS, COPIES
     global COPY_BYTES, KUBE_EVENTS, KUBE_EVENTS_DROPPED, IMAGES_STALE, BACKING_CORRUPT
-    global LOOP_LAG, STATE_PERSISTENT
+    global LOOP_LAG, STATE_PERSISTENT, OUTAGES, OUTAGE_PULLS
     from prometheus_client import Counter, Gauge, Histogram
 
     RPCS = Counter(
@@ -91,6 +93,15 @@ def enable() -> None:
     UPSTREAM_REQUESTS = Counter(
         "nodekeeper_upstream_requests", "HTTP requests nodekeeper sent to registries",
         ["host", "method", "status"],
+    )
+    OUTAGES = Gauge(
+        "nodekeeper_registry_outage", "1 while a registry endpoint is in an outage episode "
+        "(unreachable or silent since a probe found it so), else 0", ["endpoint"],
+    )
+    OUTAGE_PULLS = Counter(
+        "nodekeeper_registry_outage_pulls", "Pulls that went on without an endpoint's "
+        "answer because it was in an outage episode (after waiting at most outage_wait)",
+        ["endpoint"],
     )
     POLICY_VALID = Gauge(
         "nodekeeper_policy_valid", "1 when the policy file on disk loaded; 0 while the last "
