@@ -4,6 +4,12 @@
 the one containerd records; the digest comes from Docker-Content-Digest, or from hashing
 the body of a GET when that header is missing. Failures are failures.Failure: the kind
 decides whether the node's copy may stand in.
+
+Hosts are asked in containerd's order, within one deadline for them all. A host that
+stays silent or refuses connections is in an outage episode (outage.py) until it answers
+again: meanwhile its one probe in flight runs as a task of its own, and each pull waits
+for it at most outage_wait, so a black-holed registry costs one probe_timeout per
+episode, not one per pull.
 """
 
 from __future__ import annotations
