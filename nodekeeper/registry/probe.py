@@ -20,6 +20,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from nodekeeper import logs, metrics
 from nodekeeper.failures import Failure, Kind
@@ -182,25 +183,28 @@ class Prober:
     async def _outage_probe(self, host: str, endpoints: list[Endpoint], ref: Reference,
                             credentials: Credentials | None, timeout: float) -> ProbeResult:
         """The episode's probe, with the full timeout of the pull that sent it."""
+        me = asyncio.current_task()
         try:
-            return await asyncio.wait_for(self._ask(host, endpoints, ref, credentials,
-                                                    probe=True), timeout)
+            return await asyncio.wait_for(self._ask(host, endpoints, ref, credentials, me),
+                                          timeout)
         except asyncio.TimeoutError:
             detail = f"no answer from {host} within probe_timeout {timeout:g}s"
-            self._failed(host, Kind.TIMEOUT, detail, probe=True)
+            self._failed(host, Kind.TIMEOUT, detail, probe=self._is_outage_probe(host, me))
             raise Failure(Kind.TIMEOUT, detail) from None
         finally:
             if self._in_flight.get(host) is asyncio.current_task():
                 del self._in_flight[host]
 
     async def _ask(self, host: str, endpoints: list[Endpoint], ref: Reference,
-                   credentials: Credentials | None, probe: bool = False) -> ProbeResult:
+                   credentials: Credentials | None,
+                   sender: asyncio.Task[Any] | None = None) -> ProbeResult:
         """One host's answer, which says whether it is in an outage."""
         try:
             found = await self._resolve_at(endpoints, ref, credentials)
         except Exception as exc:
             failed = classify(exc, host)
-            self._failed(host, failed.kind, failed.detail, probe=probe)
+            self._failed(host, failed.kind, failed.detail,
+                         probe=self._is_outage_probe(host, sender))
             raise failed from None
         self._answered(host)
         return found
@@ -216,6 +220,11 @@ class Prober:
                 if not (endpoint.http_fallback and failure.kind is Kind.UNREACHABLE):
                     raise
         return await self._resolve(endpoints[-1], ref, credentials)
+
+    def _is_outage_probe(self, host: str, sender: asyncio.Task[Any] | None) -> bool:
+        """Whether `sender` is `host`'s episode probe in flight (and not one left over from
+        an episode that ended meanwhile: a new one may have its own in flight)."""
+        return sender is not None and self._in_flight.get(host) is sender
 
     def _failed(self, host: str, kind: Kind, detail: str, probe: bool = False) -> None:
         change = self._outages.failed(host, kind, detail, self._clock(), probe=probe)
