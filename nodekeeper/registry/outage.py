@@ -121,6 +121,11 @@ class Outages:
         episode.answered += 1
         return self._view(endpoint, episode)
 
+    def get(self, endpoint: str) -> Outage | None:
+        """`endpoint`'s episode, if it is in one."""
+        episode = self._open.get(endpoint)
+        return None if episode is None else self._view(endpoint, episode)
+
     def open(self) -> list[Outage]:
         """Every open episode, oldest first."""
         found = [self._view(endpoint, episode) for endpoint, episode in self._open.items()]

@@ -94,9 +94,10 @@ class Prober:
             kind = "timeout"
             where = asking[-1] if asking else ref.domain
             detail = f"no answer from {where} within probe_timeout {timeout:g}s"
-            if asking:
-                self._failed(asking[-1], Kind.TIMEOUT, detail)
-            raise Failure(Kind.TIMEOUT, detail) from None
+            if not asking:
+                raise Failure(Kind.TIMEOUT, detail) from None
+            self._failed(asking[-1], Kind.TIMEOUT, detail)
+            raise self._during_outage(asking[-1], Failure(Kind.TIMEOUT, detail)) from None
         except Exception as exc:  # every outcome is a result or a Failure of one kind
             failure = classify(exc, ref.domain)
             kind = failure.kind.value
@@ -168,16 +169,15 @@ class Prober:
             if task in done and step is Step.SEND:
                 try:
                     return task.result()  # sent after this pull started: its own answer
-                except Failure as failure:
-                    if self._served(host) is None:
-                        raise
-                    raise Failure(failure.kind, failure.detail, outage=host) from None
+                except Failure:
+                    self._served(host)
+                    raise
             if task not in done:
                 outage = self._served(host)
                 if outage is not None:
-                    raise Failure(outage.kind, f"{outage.detail}; {host} is in an outage and "
-                                               f"did not answer within outage_wait "
-                                               f"{self._outage_wait:g}s", outage=host)
+                    # The cause's own words: every pull of the episode tells the pod the
+                    # same, so its Events add up to one with a count.
+                    raise Failure(outage.kind, outage.detail, outage=host)
             # Another pull's probe ended, or the episode did: look again.
 
     async def _outage_probe(self, host: str, endpoints: list[Endpoint], ref: Reference,
@@ -205,7 +205,7 @@ class Prober:
             failed = classify(exc, host)
             self._failed(host, failed.kind, failed.detail,
                          probe=self._is_outage_probe(host, sender))
-            raise failed from None
+            raise self._during_outage(host, failed) from None
         self._answered(host)
         return found
 
@@ -220,6 +220,13 @@ class Prober:
                 if not (endpoint.http_fallback and failure.kind is Kind.UNREACHABLE):
                     raise
         return await self._resolve(endpoints[-1], ref, credentials)
+
+    def _during_outage(self, host: str, failure: Failure) -> Failure:
+        """`failure`, naming `host`'s outage when it is in one (this failure may have just
+        started it)."""
+        if failure.outage or self._outages.get(host) is None:
+            return failure
+        return Failure(failure.kind, failure.detail, outage=host)
 
     def _is_outage_probe(self, host: str, sender: asyncio.Task[Any] | None) -> bool:
         """Whether `sender` is `host`'s episode probe in flight (and not one left over from

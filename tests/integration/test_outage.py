@@ -91,8 +91,7 @@ def test_a_black_holed_registry_costs_one_probe_timeout_then_outage_wait_per_pul
     pulls = [e for e in events if e.get("rpc") == "PullImage" and "decision" in e]
     answered = pulls[IMAGES:]
     assert [e["decision"] for e in answered] == ["fallback"] * IMAGES + ["updated"]
-    assert [e.get("outage", "") for e in answered[:IMAGES]] == \
-        [""] + [proxied.host] * (IMAGES - 1)
+    assert {e.get("outage") for e in answered[:IMAGES]} == {proxied.host}
     (started,) = [e for e in events if e.get("event", "").startswith(
         "registry endpoint in an outage")]
     assert (started["level"], started["endpoint"], started["kind"]) == (

@@ -189,8 +189,7 @@ class InOutage:
 
     async def probe(self, ref: Reference, credentials: Credentials | None,
                     timeout: float) -> ProbeResult:
-        raise Failure(Kind.TIMEOUT, f"{DETAIL}; {SERVER} is in an outage and did not answer "
-                                    "within outage_wait 0.2s", outage=SERVER)
+        raise Failure(Kind.TIMEOUT, DETAIL, outage=SERVER)
 
     def applicable(self, ref: Reference, credentials: Credentials | None
                    ) -> Credentials | None:
