@@ -60,7 +60,7 @@ def test_a_black_holed_registry_costs_one_probe_timeout_then_outage_wait_per_pul
         proxied.clear()
         proxied.hang()
 
-        costs = []
+        costs: list[float] = []
         for ref, build in zip(refs, builds, strict=True):
             started = time.monotonic()
             assert kubelet.pull(ref) == build.config_digest  # the node's copy
@@ -92,11 +92,11 @@ def test_a_black_holed_registry_costs_one_probe_timeout_then_outage_wait_per_pul
     answered = pulls[IMAGES:]
     assert [e["decision"] for e in answered] == ["fallback"] * IMAGES + ["updated"]
     assert {e.get("outage") for e in answered[:IMAGES]} == {proxied.host}
-    (started,) = [e for e in events if e.get("event", "").startswith(
+    (opened,) = [e for e in events if e.get("event", "").startswith(
         "registry endpoint in an outage")]
-    assert (started["level"], started["endpoint"], started["kind"]) == (
+    assert (opened["level"], opened["endpoint"], opened["kind"]) == (
         "warning", proxied.host, "timeout")
-    (ended,) = [e for e in events if e.get("event", "").startswith(
+    (closed,) = [e for e in events if e.get("event", "").startswith(
         "registry endpoint answers again")]
-    assert (ended["level"], ended["endpoint"], ended["pulls_answered"]) == (
+    assert (closed["level"], closed["endpoint"], closed["pulls_answered"]) == (
         "info", proxied.host, IMAGES - 1)
