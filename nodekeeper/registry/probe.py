@@ -190,9 +190,9 @@ class Prober:
         except asyncio.TimeoutError:
             detail = f"no answer from {host} within probe_timeout {timeout:g}s"
             self._failed(host, Kind.TIMEOUT, detail, probe=self._is_outage_probe(host, me))
-            raise Failure(Kind.TIMEOUT, detail) from None
+            raise self._during_outage(host, Failure(Kind.TIMEOUT, detail)) from None
         finally:
-            if self._in_flight.get(host) is asyncio.current_task():
+            if self._is_outage_probe(host, me):
                 del self._in_flight[host]
 
     async def _ask(self, host: str, endpoints: list[Endpoint], ref: Reference,
