@@ -26,6 +26,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 _PREFIX = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# outage_wait: a pull waits this long at most for a registry endpoint in an outage
+# episode; well under any sensible probe_timeout, or the episode would save little.
+MAX_OUTAGE_WAIT = 1.0
 # PullImage decisions that can be told on the pod as a Kubernetes Event.
 EVENT_DECISIONS = ("fallback", "backing-fallback", "updated")
 
@@ -88,6 +91,8 @@ class Config:
     metrics_address: str = ""
     log: LogConfig = field(default_factory=LogConfig)
     shutdown_grace: float = 10.0
+    # The longest a pull waits for a registry endpoint in an outage episode (probe.py).
+    outage_wait: float = 0.2
     backing: BackingConfig = field(default_factory=BackingConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
     # Where the settings came from, for messages; empty when no file was read.
@@ -158,12 +163,21 @@ def parse(doc: Document) -> Config:
         metrics_address=_host_port(root, "metrics_address", defaults.metrics_address),
         log=log,
         shutdown_grace=root.duration("shutdown_grace", defaults.shutdown_grace),
+        outage_wait=_outage_wait(root, defaults.outage_wait),
         backing=backing,
         kubernetes=kubernetes,
         source=doc.path,
     )
     root.finish()
     return config
+
+
+def _outage_wait(section: Section, default: float) -> float:
+    value = section.duration("outage_wait", default)
+    if value > MAX_OUTAGE_WAIT:
+        raise section.error("outage_wait", f"expected a duration of at most "
+                                           f"{MAX_OUTAGE_WAIT:g}s, got {value:g}s")
+    return value
 
 
 def _backing(section: Section) -> BackingConfig:

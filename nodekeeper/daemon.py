@@ -34,6 +34,7 @@ import dataclasses
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -54,6 +55,7 @@ from nodekeeper.pull.puller import Puller
 from nodekeeper.registry import Hosts, Prober, Session
 from nodekeeper.registry.backing import Backing
 from nodekeeper.registry.copy import Copier
+from nodekeeper.registry.outage import Outage
 from nodekeeper.state.memory import Health, State
 
 _log = logs.get("daemon")
@@ -92,6 +94,7 @@ class Daemon:
         self._status_path = runstatus.path_for(config.listen)
         self._status_open = False
         self._published: runstatus.RunStatus | None = None
+        self._outages: Callable[[], Sequence[Outage]] = tuple
 
     async def run(self) -> int:
         """Serve until a signal says stop. Each part's stop is registered where it starts,
@@ -131,7 +134,10 @@ class Daemon:
         # Registries: one HTTP session for the probes upstream and the backing registry.
         session = Session()
         parts.push_async_callback(session.close)
-        prober = Prober(hosts=Hosts(roots=config.containerd.hosts_dir), session=session)
+        prober = Prober(hosts=Hosts(roots=config.containerd.hosts_dir), session=session,
+                        outage_wait=config.outage_wait, on_outage=self._publish)
+        parts.push_async_callback(prober.close)
+        self._outages = prober.open_outages
 
         # containerd: one channel for every call, reconnecting by itself.
         containerd = Containerd(address=config.containerd.address,
@@ -262,7 +268,8 @@ class Daemon:
         if not self._status_open:
             return
         view = runstatus.RunStatus(pid=os.getpid(), state=self._state_health,
-                                   loop_lag=self._lag.view())
+                                   loop_lag=self._lag.view(),
+                                   outages=tuple(self._outages()))
         if view == self._published:
             return
         try:

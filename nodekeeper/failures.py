@@ -14,7 +14,8 @@ the security rule), and it is the value of the `reason` in metrics and log lines
                   a broken hosts.toml); also anything not yet classified
 
 `Failure` carries a kind and a message that is safe to show: it names hosts, paths and
-digests, never credentials or tokens.
+digests, never credentials or tokens; and, when the registry endpoint was not asked again
+because it is in an outage episode (registry/outage.py), that endpoint.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class Kind(str, enum.Enum):
 class Failure(Exception):
     """Something outside nodekeeper failed in a known way."""
 
-    def __init__(self, kind: Kind, detail: str) -> None:
+    def __init__(self, kind: Kind, detail: str, outage: str = "") -> None:
         super().__init__(f"{kind.value}: {detail}")
         self.kind = kind
         self.detail = detail
+        self.outage = outage

@@ -80,7 +80,7 @@ class HistogramSlot:
         self.metric.observe(amount)
 
 
-C = TypeVar("C", Counter, Histogram)
+C = TypeVar("C", Counter, Gauge, Histogram)
 
 
 class FamilySlot(Generic[C]):
@@ -99,6 +99,8 @@ DECISIONS = FamilySlot[Counter]()
 FALLBACKS = FamilySlot[Counter]()
 PROBE_SECONDS = FamilySlot[Histogram]()
 UPSTREAM_REQUESTS = FamilySlot[Counter]()
+OUTAGES = FamilySlot[Gauge]()
+OUTAGE_PULLS = FamilySlot[Counter]()
 POLICY_VALID = GaugeSlot()
 POLICY_LOADED = GaugeSlot()
 BACKING_UP = GaugeSlot()
@@ -150,6 +152,15 @@ def enable() -> None:
     UPSTREAM_REQUESTS.metric = prometheus.Counter(
         "nodekeeper_upstream_requests", "HTTP requests nodekeeper sent to registries",
         ["host", "method", "status"],
+    )
+    OUTAGES.metric = prometheus.Gauge(
+        "nodekeeper_registry_outage", "1 while a registry endpoint is in an outage episode "
+        "(unreachable or silent since a probe found it so), else 0", ["endpoint"],
+    )
+    OUTAGE_PULLS.metric = prometheus.Counter(
+        "nodekeeper_registry_outage_pulls", "Pulls that went on without an endpoint's "
+        "answer because it was in an outage episode (after waiting at most outage_wait)",
+        ["endpoint"],
     )
     POLICY_VALID.metric = prometheus.Gauge(
         "nodekeeper_policy_valid", "1 when the policy file on disk loaded; 0 while the last "

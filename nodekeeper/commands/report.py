@@ -176,6 +176,13 @@ def status(config: Config, limit: int = 20) -> str:
                      f"loop:    worst lag {lag.worst_s * 1000:.1f} ms "
                      f"({ago(now - lag.worst_at)}), last minute "
                      f"{lag.last_minute_s * 1000:.1f} ms")
+        lines.append(f"outages: {len(running.outages) or 'none'}"
+                     + ("" if not running.outages else
+                        " (registry endpoints that did not answer; each pull for them waits "
+                        "at most outage_wait)"))
+        for outage in running.outages:
+            lines.append(f"  {outage.endpoint}: {outage.kind} since {ago(now - outage.since)}, "
+                         f"{outage.answered} pulls answered without it ({outage.detail})")
     try:
         stored = stateview.status(config.state_dir, decisions=limit)
     except StateUnreadable as exc:

@@ -8,13 +8,14 @@ a tmpfs); the file is replaced in one rename, so a reader never sees half of it.
 The daemon writes a `RunStatus`; `status` reads one back. Reading is tolerant in both
 directions, as the two may come from different versions during an upgrade: a key the
 reader does not know is ignored, and a key missing or of the wrong type takes its
-field's default. A new field therefore needs a default (a list of records, such as
-open outages, would be `outages: tuple[Outage, ...] = ()`, each entry read by `_record`).
+field's default. A new field therefore needs a default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import enum
 import json
 import os
 import typing
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from nodekeeper.host.looplag import Lag
+from nodekeeper.registry.outage import Outage
 from nodekeeper.state.memory import Health
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ class RunStatus:
     written_at: float = 0.0  # wall clock
     state: Health | None = None  # None until state reported its health
     loop_lag: Lag | None = None
+    outages: tuple[Outage, ...] = ()  # registry endpoints in an outage episode, oldest first
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -55,7 +58,8 @@ class RunStatus:
             return None
         return cls(pid=pid, written_at=_number(raw.get("written_at")),
                    state=_record(Health, raw.get("state")),
-                   loop_lag=_record(Lag, raw.get("loop_lag")))
+                   loop_lag=_record(Lag, raw.get("loop_lag")),
+                   outages=_records(Outage, raw.get("outages")))
 
 
 def path_for(listen: str) -> Path:
@@ -91,6 +95,13 @@ def _number(value: object, default: float = 0.0) -> float:
     return default
 
 
+def _records(cls: type[R], raw: object) -> tuple[R, ...]:
+    if not isinstance(raw, list):
+        return ()
+    found = (_record(cls, item) for item in raw)
+    return tuple(record for record in found if record is not None)
+
+
 def _record(cls: type[R], raw: object) -> R | None:
     """A flat record (fields of str, int, float or bool) from a JSON object; None when a
     field without a default is missing or of the wrong type."""
@@ -102,6 +113,9 @@ def _record(cls: type[R], raw: object) -> R | None:
         kind, value = hints[field.name], raw.get(field.name)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if isinstance(kind, type) and issubclass(kind, enum.Enum) and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = kind(value)
         if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
             values[field.name] = value
         elif (field.default is dataclasses.MISSING

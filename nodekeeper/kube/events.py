@@ -98,6 +98,7 @@ class Served:  # one PullImage answer that deserves an Event
     digest: str  # digest served (for updated: the new one)
     previous_digest: str  # updated: the old one; else ""
     last_confirmed: float | None  # epoch seconds of the last successful upstream check
+    outage: str = ""  # the registry endpoint in an outage episode that answered, if any
 
 
 def pod_of(name: str, namespace: str, uid: str) -> Pod | None:
@@ -119,8 +120,9 @@ def _statement(served: Served) -> str:
     detail = served.failure_detail[:MAX_DETAIL]
     who = f"upstream {served.upstream}" if served.upstream else "upstream"
     copy = _COPY.get(served.decision, "a copy")
-    return (f"{who} {trouble}{f' ({detail})' if detail else ''}: started with {copy} of "
-            f"{served.reference}, {served.digest}")
+    during = f", during an outage of {served.outage}" if served.outage else ""
+    return (f"{who} {trouble}{f' ({detail})' if detail else ''}{during}: started with "
+            f"{copy} of {served.reference}, {served.digest}")
 
 
 def message(served: Served, now: float) -> str:

@@ -104,6 +104,9 @@ class Failed:
     # containerd's own answer, when containerd refused a pull: passed on unchanged when
     # nothing better can be answered.
     answer: ContainerdError | None = None
+    # The registry endpoint whose outage episode answered instead of a probe of this pull
+    # ('' when the failure is this pull's own).
+    outage: str = ""
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ class Outcome:
     probe_ms: float | None = None
     last_confirmed: float | None = None  # when upstream last confirmed the reference
     shared: bool = False
+    outage: str = ""                  # the endpoint whose outage episode answered
 
     def fields(self) -> dict[str, object]:
         found: dict[str, object] = {
@@ -96,7 +97,7 @@ class Outcome:
             "reason": self.reason, "kind": self.kind.value if self.kind else "",
             "detail": self.detail if self.decision is not Decision.ERROR else "",
             "local_digest": self.local_digest, "upstream_digest": self.upstream_digest,
-            "probe_ms": self.probe_ms}
+            "probe_ms": self.probe_ms, "outage": self.outage}
         if self.shared:
             found["shared"] = True
         return {k: v for k, v in found.items() if v not in ("", None)}
@@ -241,7 +242,7 @@ class Puller:
                                                job.rule.settings.probe_timeout)
         except Failure as failure:
             self._state.record_check(job.name, failure.kind.value)
-            return None, Failed(failure.kind, failure.detail)
+            return None, Failed(failure.kind, failure.detail, outage=failure.outage)
         self._state.record_access(job.ref.name, job.who if found.authenticated else ANONYMOUS)
         return found, Probed(found.digest, found.authenticated, found.pull_quota_spent)
 
@@ -312,7 +313,8 @@ class Puller:
                           failure.kind if failure else None, failure.detail if failure else "",
                           probe.endpoint if probe else job.registry_host, step.image_id,
                           pull.node.digest if pull.node else "", digest=step.digest,
-                          probe_ms=probe_ms, last_confirmed=job.last_ok)
+                          probe_ms=probe_ms, last_confirmed=job.last_ok,
+                          outage=failure.outage if failure else "")
         probed = pull.probed
         if isinstance(probed, Probed):
             outcome.upstream_digest = probed.digest
@@ -334,7 +336,8 @@ class Puller:
             _log.warning(f"upstream failed; answering with {where}", image=job.name,
                          kind=failure.kind.value, detail=failure.detail, digest=step.digest,
                          last_confirmed=ago(pull.now - job.last_ok) if job.last_ok else "never",
-                         rule=job.rule.label)
+                         rule=job.rule.label,
+                         **({"outage": failure.outage} if failure.outage else {}))
         return outcome
 
     def _refused(self, job: _Job, pull: Pull, step: Refuse,
@@ -361,7 +364,7 @@ class Puller:
             request.pod, request.image, outcome.reference, outcome.decision.value,
             outcome.kind.value if outcome.kind else "", outcome.detail, outcome.upstream,
             outcome.digest, outcome.local_digest if outcome.decision is Decision.UPDATED
-            else "", outcome.last_confirmed))
+            else "", outcome.last_confirmed, outcome.outage))
 
     def _record(self, outcome: Outcome, started: float) -> None:
         metrics.DECISIONS.labels(outcome.decision.value,

@@ -23,7 +23,7 @@ def test_shipped_example_is_valid_and_matches_defaults(tmp_path: Path) -> None:
     loaded = config.load(str(REPO / "etc" / "config.yaml"))
     defaults = config.Config()
     for name in ("listen", "containerd", "state_dir", "policy_file", "metrics_address",
-                 "log", "shutdown_grace", "kubernetes"):
+                 "log", "shutdown_grace", "outage_wait", "kubernetes"):
         assert getattr(loaded, name) == getattr(defaults, name), name
 
 
@@ -55,6 +55,8 @@ log: {level: debug, format: console}
         ("log:\n  level: loud\n", ":2: log.level: expected one of debug, info"),
         ("shutdown_grace: soon\n", ":1: shutdown_grace: expected a duration"),
         ("shutdown_grace: [1]\n", ":1: shutdown_grace: expected a duration"),
+        ("outage_wait: 2s\n", ":1: outage_wait: expected a duration of at most 1s"),
+        ("outage_wait: -1\n", ":1: outage_wait: expected a duration of 0 or more"),
         ("containerd: 3\n", ":1: containerd: expected a mapping"),
         ("metrics_address: 9745\n", ":1: metrics_address: expected a string"),
         ("metrics_address: nowhere\n", ":1: metrics_address: expected host:port"),

@@ -9,13 +9,15 @@ import base64
 import hashlib
 import json
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.pull.credentials import Credentials
@@ -121,12 +123,14 @@ class MockProber(Prober):
     """A Prober whose session talks to `handler` instead of the network."""
 
     def __init__(self, hosts_dir: str, handler: Handler,
-                 clock: Callable[[], float] = time.monotonic, per_registry: int = 8) -> None:
+                 clock: Callable[[], float] = time.monotonic, per_registry: int = 8,
+                 outage_wait: float = 0.2) -> None:
         self.session = Session(clock=clock, transport=httpx.MockTransport(handler))
         super().__init__(Hosts([hosts_dir]), self.session, per_registry=per_registry,
-                         clock=clock)
+                         clock=clock, outage_wait=outage_wait)
 
     async def close(self) -> None:
+        await super().close()
         await self.session.close()
 
 
@@ -586,3 +590,210 @@ async def test_a_loopback_registry_with_tls_is_not_asked_over_http(
     found = await probe(make_prober(registry), LOOPBACK_IMAGE)
     assert found.digest == DIGEST
     assert [r.url.scheme for r in registry.requests] == ["https"]
+
+
+# -- outage episodes: one probe in flight, later pulls wait at most outage_wait --------------
+# Bounds are shown by counting requests: a pull that waited longer than the probe in flight
+# lasts would have sent another one.
+
+OTHER_IMAGE = "other.test:5000/team/app:1.0"
+MIRROR = "mirror.example:5001"
+
+
+def sha(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+async def hang() -> None:
+    await asyncio.Event().wait()
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+class BlackHole:
+    """`registry` behind a connection that takes requests and, while `silent`, answers none
+    of them (the kernel accepts, nothing replies); else answers after `delay`."""
+
+    def __init__(self) -> None:
+        self.registry = FakeRegistry()
+        self.silent = True
+        self.delay = 0.0
+        self.requests: list[httpx.Request] = []
+        self.answered = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.silent:
+            await hang()
+        await asyncio.sleep(self.delay)
+        self.answered.set()
+        return await self.registry(request)
+
+
+def outage_logs(logs: Sequence[Mapping[str, Any]], start: str) -> list[Mapping[str, Any]]:
+    return [entry for entry in logs if str(entry["event"]).startswith(start)]
+
+
+async def test_a_black_holed_registry_costs_one_timeout_then_one_probe_in_flight(
+        make_prober: MakeProber) -> None:
+    hole = BlackHole()
+    prober = make_prober(hole, outage_wait=0.01)
+    with capture_logs() as logs:
+        first = await failure(prober, timeout=0.2)
+        later = [await failure(prober, timeout=5.0) for _ in range(9)]
+    # The first pull started the episode: it waited the whole timeout, as it could not know.
+    # Every pull tells the same cause, so that a pod's Events about it add up to one.
+    assert {(f.kind, f.detail, f.outage) for f in [first, *later]} == {
+        (Kind.TIMEOUT, f"no answer from {HOST} within probe_timeout 0.2s", HOST)}
+    # The first pull's request, then the episode's probe (5 s long), which the nine waited
+    # for in turn without sending another.
+    assert len(hole.requests) == 2
+    (outage,) = prober.open_outages()
+    assert (outage.endpoint, outage.kind, outage.answered) == (HOST, Kind.TIMEOUT, 9)
+    assert abs(outage.since - time.time()) < 60  # wall-clock seconds, for `status`
+    (started,) = outage_logs(logs, "registry endpoint in an outage")
+    assert (started["log_level"], started["endpoint"], started["kind"]) == (
+        "warning", HOST, "timeout")
+    assert outage_logs(logs, "registry endpoint answers again") == []
+
+
+async def test_an_unreachable_registry_is_an_outage_and_every_pull_tries_once(
+        make_prober: MakeProber) -> None:
+    refused: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        refused.append(request)
+        raise httpx.ConnectError("connection refused")
+
+    prober = make_prober(handler)
+    first = await failure(prober)
+    later = [await failure(prober) for _ in range(3)]
+    assert {(f.kind, f.detail, f.outage) for f in [first, *later]} == {
+        (Kind.UNREACHABLE, f"{HOST}: ConnectError: connection refused", HOST)}
+    # A refusal ends the probe at once: the next pull's probe is its own, and costs nothing.
+    assert len(refused) == 4
+    assert prober.open_outages()[0].answered == 3
+
+
+async def test_a_pull_in_an_outage_uses_the_answer_of_the_probe_it_sent(
+        make_prober: MakeProber) -> None:
+    hole = BlackHole()
+    prober = make_prober(hole, outage_wait=5.0)
+    await failure(prober, timeout=0.2)
+    hole.silent = False
+    with capture_logs() as logs:
+        found = await probe(prober)
+    assert found.digest == DIGEST
+    assert len(hole.requests) == 2
+    assert prober.open_outages() == []
+    (ended,) = outage_logs(logs, "registry endpoint answers again")
+    assert (ended["log_level"], ended["endpoint"], ended["pulls_answered"]) == ("info", HOST, 0)
+    assert isinstance(ended["lasted_s"], float)
+
+
+async def test_a_pull_that_started_after_the_probe_was_sent_sends_its_own(
+        make_prober: MakeProber) -> None:
+    # Under `update: always` a pull that starts after a push must get the build pushed: the
+    # episode's probe, asked before the push, answers the old digest to the pull that sent
+    # it, and only ends the episode for the others, which then ask themselves.
+    old, new = sha("v1"), sha("v2")
+    current, silent = old, True
+    requests: list[str] = []
+    sent, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request.method)
+        if silent:
+            await hang()
+        digest = current  # as of when it was asked
+        if len(requests) == 2:
+            sent.set()
+            await release.wait()  # the episode's probe: answered late
+        return httpx.Response(200, headers={"Docker-Content-Digest": digest})
+
+    prober = make_prober(handler, outage_wait=5.0)
+    await failure(prober, timeout=0.2)
+    silent = False
+    sender = asyncio.create_task(probe(prober))
+    await sent.wait()
+    current = new  # pushed
+    waiter = asyncio.create_task(probe(prober))
+    await settle()
+    assert len(requests) == 2  # waiting for the probe in flight
+    release.set()
+    assert (await sender).digest == old
+    assert (await waiter).digest == new
+    assert len(requests) == 3
+
+
+async def test_a_slow_registry_ends_the_outage_with_the_probe_s_answer(
+        make_prober: MakeProber) -> None:
+    hole = BlackHole()
+    prober = make_prober(hole, outage_wait=0.01)
+    await failure(prober, timeout=0.2)
+    hole.silent, hole.delay = False, 0.3  # slow, within the probe's 5 s
+    with capture_logs() as logs:
+        skipped = await failure(prober, timeout=5.0)  # waited 0.01 s of the 0.3 s
+        await hole.answered.wait()
+        await settle()
+    assert skipped.outage == HOST
+    assert prober.open_outages() == []
+    (ended,) = outage_logs(logs, "registry endpoint answers again")
+    assert ended["pulls_answered"] == 1
+    hole.delay = 0.0
+    assert (await probe(prober)).digest == DIGEST
+    assert len(hole.requests) == 3  # the pull after the end asked for itself
+
+
+async def test_a_registry_that_is_only_slow_is_never_in_an_outage(
+        make_prober: MakeProber) -> None:
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.05)
+        return httpx.Response(200, headers={"Docker-Content-Digest": DIGEST})
+
+    prober = make_prober(slow, outage_wait=0.01)
+    assert [(await probe(prober, timeout=1.0)).digest for _ in range(3)] == [DIGEST] * 3
+    assert prober.open_outages() == []
+
+
+async def test_a_black_holed_mirror_costs_outage_wait_and_the_server_answers(
+        make_prober: MakeProber, tmp_path: Path) -> None:
+    hosts_toml(tmp_path, HOST, f'[host."http://{MIRROR}"]\n')
+    registry = FakeRegistry()
+    mirror: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.netloc.decode() == MIRROR:
+            mirror.append(request)
+            await hang()
+        return await registry(request)
+
+    prober = make_prober(handler, outage_wait=0.01)
+    assert (await failure(prober, timeout=0.2)).kind is Kind.TIMEOUT  # the mirror took it all
+    found = [await probe(prober, timeout=5.0) for _ in range(5)]
+    assert {(f.endpoint, f.digest) for f in found} == {(HOST, DIGEST)}
+    assert len(mirror) == 2
+    assert len(registry.requests) == 5
+    assert [(o.endpoint, o.answered) for o in prober.open_outages()] == [(MIRROR, 5)]
+
+
+async def test_one_registry_s_outage_never_slows_another(make_prober: MakeProber) -> None:
+    registry = FakeRegistry()
+    other: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "other.test":
+            other.append(request)
+            return await registry(request)
+        await hang()
+        raise AssertionError("unreachable")
+
+    prober = make_prober(handler, outage_wait=5.0)
+    await failure(prober, timeout=0.2)
+    assert (await probe(prober, OTHER_IMAGE, timeout=5.0)).digest == DIGEST
+    assert len(other) == 1
+    assert [o.endpoint for o in prober.open_outages()] == [HOST]
+

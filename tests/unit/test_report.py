@@ -9,8 +9,10 @@ from pathlib import Path
 
 from nodekeeper.commands import report
 from nodekeeper.config import Config
+from nodekeeper.failures import Kind
 from nodekeeper.host import runstatus
 from nodekeeper.host.looplag import Lag
+from nodekeeper.registry.outage import Outage
 from nodekeeper.state.memory import Health
 
 
@@ -20,10 +22,11 @@ def config(tmp_path: Path) -> Config:
                   policy_file=str(tmp_path / "policy.yaml"))
 
 
-def publish(tmp_path: Path, state: Health | None) -> None:
+def publish(tmp_path: Path, state: Health | None, outages: tuple[Outage, ...] = ()) -> None:
     runstatus.write(runstatus.path_for(str(tmp_path / "cri.sock")), runstatus.RunStatus(
         pid=os.getpid(), written_at=time.time(), state=state,
-        loop_lag=Lag(worst_s=0.0123, worst_at=time.time() - 120, last_minute_s=0.002)))
+        loop_lag=Lag(worst_s=0.0123, worst_at=time.time() - 120, last_minute_s=0.002),
+        outages=outages))
 
 
 def test_no_daemon(tmp_path: Path) -> None:
@@ -65,3 +68,15 @@ def test_a_status_file_from_an_older_daemon_still_shows(tmp_path: Path) -> None:
     shown = report.status(config(tmp_path))
     assert f"daemon:  pid {os.getpid()}; state on disk" in shown
     assert "loop:    not reported yet" in shown
+
+
+def test_open_outages_are_listed(tmp_path: Path) -> None:
+    publish(tmp_path, Health(persistent=True, since=time.time()))
+    assert "outages: none" in report.status(config(tmp_path))
+    publish(tmp_path, Health(persistent=True, since=time.time()), outages=(
+        Outage("registry.test:5000", time.time() - 90, Kind.TIMEOUT,
+               "no answer within probe_timeout 2s", answered=9),))
+    shown = report.status(config(tmp_path))
+    assert "outages: 1 (registry endpoints that did not answer" in shown
+    assert ("  registry.test:5000: timeout since 1.5m ago, 9 pulls answered without it "
+            "(no answer within probe_timeout 2s)") in shown

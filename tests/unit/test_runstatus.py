@@ -7,15 +7,21 @@ import json
 import os
 from pathlib import Path
 
+from nodekeeper.failures import Kind
 from nodekeeper.host import runstatus
 from nodekeeper.host.looplag import Lag
 from nodekeeper.host.runstatus import RunStatus
+from nodekeeper.registry.outage import Outage
 from nodekeeper.state.memory import Health
 
 FULL = RunStatus(pid=os.getpid(), written_at=1700000000.5,
                  state=Health(persistent=False, problem="No space left on device: x",
                               since=1699999000.0, key_problem="", pending=3),
-                 loop_lag=Lag(worst_s=0.25, worst_at=1699999500.0, last_minute_s=0.01))
+                 loop_lag=Lag(worst_s=0.25, worst_at=1699999500.0, last_minute_s=0.01),
+                 outages=(Outage("mirror.test:5000", 1699999900.0, Kind.TIMEOUT,
+                                 "no answer within probe_timeout 2s", answered=12),
+                          Outage("registry.test", 1699999950.0, Kind.UNREACHABLE,
+                                 "connection refused")))
 
 
 def test_written_and_read_back_as_it_was(tmp_path: Path) -> None:
@@ -52,3 +58,13 @@ def test_missing_unknown_and_mistyped_keys_take_the_defaults() -> None:
     assert read is not None
     assert read.loop_lag == Lag(1.0, 2.0, 0.0)
     assert read.written_at == 5.0
+
+
+def test_outages_read_back_as_kinds_and_bad_entries_are_left_out() -> None:
+    text = json.dumps({"pid": 7, "outages": [
+        {"endpoint": "a.test", "since": 1, "kind": "timeout", "detail": "d", "answered": 2},
+        {"endpoint": "b.test", "since": 1, "kind": "no-such-kind", "detail": "d"},
+        "not a record"]})
+    read = RunStatus.from_json(text)
+    assert read is not None
+    assert read.outages == (Outage("a.test", 1.0, Kind.TIMEOUT, "d", 2),)
