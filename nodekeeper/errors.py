@@ -4,19 +4,25 @@
     ├── SettingsError          a config or policy file is invalid (names file, line, key)
     ├── StartupError           the daemon cannot start (socket taken, cannot bind, ...)
     ├── RequestError           a CRI request is malformed
-    ├── PullFailed             PullImage cannot be answered: a failure Kind, the message
-    │                          saying what was tried, and containerd's own answer if any
+    ├── PullFailed             PullImage cannot be answered: the answer record (a failure
+    │                          Kind, the message saying what was tried), and containerd's
+    │                          own answer if any
     └── ContainerdError        containerd answered with an error: its code and message
         └── ContainerdUnavailable  containerd's socket does not answer
 
+    PostFailed                 the Kubernetes API server did not take an Event (kube/);
+                               never reaches the kubelet
+
 Failures of things outside nodekeeper (registries, token services, containerd's pulls)
-are `failures.Failure`, one `Kind` each; `PullRefused` is containerd refusing a pull.
+are `failures.Failure`, one `Kind` each; `ContainerdRefusedPull` is containerd refusing
+a pull (the decision's own refusal is `decision.Refuse`, answered as PullFailed).
 cri.py is the one place that turns all of these into gRPC status codes.
 """
 
 from __future__ import annotations
 
 from nodekeeper.failures import Failure, Kind
+from nodekeeper.pull.values import Answer
 
 
 class NodekeeperError(Exception):
@@ -52,29 +58,43 @@ class ContainerdUnavailable(ContainerdError):
         super().__init__("UNAVAILABLE", f"containerd is unavailable at {address}: {detail}")
 
 
-class PullRefused(Failure):
+class ContainerdRefusedPull(Failure):
     """containerd refused a pull: classified like a registry failure, with containerd's
     own answer kept for when nothing better can be said, and the digests it names (the
     content that did not match, when that was the trouble)."""
 
-    def __init__(self, kind: Kind, answer: ContainerdError,
+    def __init__(self, kind: Kind, containerd: ContainerdError,
                  digests: tuple[str, ...] = ()) -> None:
-        super().__init__(kind, answer.message)
-        self.answer = answer
+        super().__init__(kind, containerd.message)
+        self.containerd = containerd
         self.digests = digests
 
 
 class PullFailed(NodekeeperError):
-    """PullImage has no image to answer with.
+    """PullImage has no image to answer with: `answer` is the refusal as recorded (its
+    `kind` what went wrong, None when containerd itself failed; its `reason` the message),
+    `containerd` containerd's own answer, passed on when nothing better can be said."""
 
-    `kind` is what went wrong (None when containerd itself failed, see `answer`);
-    `details` carries what was decided on the way (rule, reason, digests) for the log.
-    """
-
-    def __init__(self, kind: Kind | None, message: str, answer: ContainerdError | None = None,
-                 details: dict[str, object] | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
+    def __init__(self, answer: Answer, containerd: ContainerdError | None = None) -> None:
+        super().__init__(answer.reason)
         self.answer = answer
-        self.details = details or {}
+        self.containerd = containerd
+
+    @property
+    def kind(self) -> Kind | None:
+        return self.answer.kind
+
+    @property
+    def message(self) -> str:
+        return self.answer.reason
+
+
+class PostFailed(Exception):
+    """An events sink could not post: `retry` when trying again may work, `missing` when
+    the Event to patch is gone (it expired from the API server)."""
+
+    def __init__(self, detail: str, *, retry: bool, missing: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry = retry
+        self.missing = missing

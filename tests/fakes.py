@@ -10,15 +10,14 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from nodekeeper.errors import ContainerdError, PullRefused
+from nodekeeper.errors import ContainerdError, ContainerdRefusedPull, PostFailed
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.pull.credentials import Credentials
+from nodekeeper.pull.edges import Answer, Check, Endpoint, Location, Pod, ProbeResult
 from nodekeeper.pull.reference import Reference, parse
-from nodekeeper.registry.copy import Location
-from nodekeeper.registry.hosts import Endpoint, default_server
-from nodekeeper.registry.probe import ProbeResult
-from nodekeeper.state.memory import Check, PullRecord
+from nodekeeper.registry.hosts import default_host, default_server
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class FakeImages:
         self.records: dict[str, Published] = {}
         self.vouched: set[str] = set()      # names image events vouch for
         self.pulls: list[tuple[object, str | None, Credentials | None]] = []
-        self.refuse_with: PullRefused | None = None  # the next pull fails so
+        self.refuse_with: ContainerdRefusedPull | None = None  # the next pull fails so
         self.pull_seconds = 0.0
         self.partial: set[str] = set()      # digests with a failed download kept
         self.discarded: list[str] = []
@@ -110,13 +109,15 @@ class FakeImages:
         ref = parse(name or original.image)
         registry = self.registries.get(ref.domain)
         if registry is None or registry.down:
-            raise PullRefused(Kind.UNREACHABLE, ContainerdError(
+            raise ContainerdRefusedPull(Kind.UNREACHABLE, ContainerdError(
                 "UNKNOWN", f"failed to do request: dial tcp {ref.domain}: connection refused"))
         if not registry.allows(credentials if name else original.credentials):
-            raise PullRefused(Kind.UNAUTHORIZED, ContainerdError("UNKNOWN", "401 Unauthorized"))
+            raise ContainerdRefusedPull(Kind.UNAUTHORIZED,
+                                        ContainerdError("UNKNOWN", "401 Unauthorized"))
         image = registry.images.get(str(ref))
         if image is None:
-            raise PullRefused(Kind.NOT_FOUND, ContainerdError("NOT_FOUND", f"{ref}: not found"))
+            raise ContainerdRefusedPull(Kind.NOT_FOUND,
+                                        ContainerdError("NOT_FOUND", f"{ref}: not found"))
         self.records[str(ref)] = image
         if ref.tag:
             self.records[str(ref.with_digest(image.digest))] = image
@@ -173,8 +174,12 @@ class FakeUpstream:
                                           f"{ref.digest or ref.tag} not found")
         server = default_server(ref.domain)
         host = server.split("://", 1)[1]
+        used = credentials if registry.users else None
         return ProbeResult(image.digest, host, authenticated=bool(registry.users),
-                           source=Endpoint(f"{server}/v2", host))
+                           source=Location(Endpoint(f"{server}/v2", host), ref.path, used))
+
+    def default_host(self, ref: Reference) -> str:
+        return default_host(ref.domain)
 
     def applicable(self, ref: Reference, credentials: Credentials | None
                    ) -> Credentials | None:
@@ -247,7 +252,7 @@ class FakeState:
         self.key = key
         self.checks: dict[str, Check] = {}
         self.access: set[tuple[str, str]] = set()
-        self.decisions: list[PullRecord] = []
+        self.decisions: list[Answer] = []
         self.stale_since: dict[str, tuple[str, float]] = {}
         self.now = 1_000_000.0
 
@@ -268,8 +273,11 @@ class FakeState:
     def record_access(self, repository: str, fingerprint: str) -> None:
         self.access.add((repository, fingerprint))
 
-    def record_decision(self, record: PullRecord) -> None:
-        self.decisions.append(record)
+    def record_decision(self, answer: Answer) -> None:
+        self.decisions.append(answer)
+
+    def recent(self) -> list[Answer]:
+        return list(self.decisions)
 
     def mark_stale(self, reference: str, digest: str, kind: str) -> None:
         held = self.stale_since.get(reference)
@@ -283,6 +291,46 @@ class FakeState:
         held = self.stale_since.get(reference)
         return held[0] if held else ""
 
+
+
+class FakeSink:
+    """Where Events are posted (kube/sink.ApiSink): records calls, keeps Events by name,
+    fails or hangs on demand."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+        self.stored: dict[str, dict[str, Any]] = {}
+        self.failures: list[PostFailed] = []
+        self.hang = False
+        self.closed = False
+
+    async def prepare(self) -> None:
+        pass
+
+    async def _maybe_fail(self) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.failures:
+            raise self.failures.pop(0)
+
+    async def create(self, namespace: str, event: dict[str, Any]) -> None:
+        self.calls.append(("create", namespace, event))
+        await self._maybe_fail()
+        self.stored[event["metadata"]["name"]] = dict(event)
+
+    async def patch(self, namespace: str, name: str, changes: dict[str, Any]) -> None:
+        self.calls.append(("patch", name, changes))
+        await self._maybe_fail()
+        if name not in self.stored:
+            raise PostFailed("404 not found", retry=False, missing=True)
+        self.stored[name].update(changes)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def events(self, pod: Pod) -> list[dict[str, Any]]:
+        return [event for event in self.stored.values()
+                if event["involvedObject"]["uid"] == pod.uid]
 
 
 class RecordingMetric:

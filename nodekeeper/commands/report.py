@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nodekeeper.config import Config
-from nodekeeper.containerd.client import Containerd, LocalImage
+from nodekeeper.containerd.client import Containerd
 from nodekeeper.errors import NodekeeperError, SettingsError
 from nodekeeper.failures import Kind
 from nodekeeper.host import runstatus
@@ -42,11 +42,11 @@ from nodekeeper.state.memory import DB_NAME, read_only
 from nodekeeper.timetext import ago
 
 
-def _local(config: Config, name: str) -> tuple[LocalImage | None, str]:
-    async def ask() -> LocalImage | None:
+def _local(config: Config, name: str) -> tuple[NodeCopy | None, str]:
+    async def ask() -> NodeCopy | None:
         containerd = Containerd(config.containerd.address, config.containerd.namespace)
         try:
-            return await containerd.local_image(name)
+            return await containerd.node_copy(name)
         finally:
             await containerd.close()
 
@@ -72,7 +72,7 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
     s = rule.settings
     lines = [
         f"image:       {image}",
-        f"reference:   {ref}  (name {ref.name})",
+        f"reference:   {ref}  (name {ref.repository})",
         f"rule:        {rule.label} from {policy.source}",
         f"settings:    update={s.update} interval={s.interval:g}s "
         f"probe_timeout={s.probe_timeout:g}s auth_fallback={s.auth_fallback}",
@@ -80,7 +80,8 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
     ]
     local, problem = _local(config, str(ref))
     lines.append("on node:     " + (problem or (
-        f"{local.id} (points at {local.digest or 'unknown digest'})" if local else "no copy")))
+        f"{local.image_id} (points at {local.digest or 'unknown digest'})" if local
+        else "no copy")))
     db = _db(config)
     last_ok = None
     last_digest = ""
@@ -98,15 +99,14 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
         else:
             lines.append("last check:  never")
         kinds = [r[0] for r in db.execute(
-            "SELECT fingerprint FROM access WHERE repository = ?", (ref.name,))]
+            "SELECT fingerprint FROM access WHERE repository = ?", (ref.repository,))]
         public = ANONYMOUS in kinds
         named = len([k for k in kinds if k != ANONYMOUS])
         lines.append("access:      " + ("anonymous pulls seen to work" if public else
                                         "no anonymous pull recorded")
                      + f"; {named} credential fingerprint(s) seen to work")
         db.close()
-    node = NodeCopy(local.id, local.digest) if local else None
-    pull = Pull(ref, rule.label, s, node, Access(public=public), time.time(), last_ok,
+    pull = Pull(ref, rule.label, s, local, Access(public=public), time.time(), last_ok,
                 last_digest, backing=config.backing.enabled and config.backing.read)
     lines.append(f"would:       {_describe(next_step(pull), s, ref)}  [for a pull without "
                  "credentials]")

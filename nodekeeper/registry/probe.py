@@ -12,13 +12,13 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from nodekeeper import metrics
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.pull.credentials import Credentials
 from nodekeeper.pull.reference import Reference
-from nodekeeper.registry.hosts import Endpoint, Hosts
+from nodekeeper.pull.values import Endpoint, Location, ProbeResult
+from nodekeeper.registry.hosts import Hosts, default_host
 from nodekeeper.registry.session import Session
 from nodekeeper.registry.wire import MAX_MANIFEST_BYTES, classify, read_body, valid_digest
 
@@ -29,18 +29,6 @@ MANIFEST_TYPES = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 ACCEPT = ", ".join(MANIFEST_TYPES)
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    digest: str
-    endpoint: str
-    # The request's credentials were used (else the registry answered anonymously).
-    authenticated: bool
-    # Docker Hub says the pull quota is spent: a HEAD still works, a pull would not.
-    pull_quota_spent: bool = False
-    # Where the answer came from, for copying the image elsewhere afterwards.
-    source: Endpoint | None = field(default=None, compare=False)
 
 
 class Prober:
@@ -71,6 +59,9 @@ class Prober:
             raise failure from None
         finally:
             metrics.PROBE_SECONDS.labels(ref.domain, kind).observe(self._clock() - started)
+
+    def default_host(self, ref: Reference) -> str:
+        return default_host(ref.domain)
 
     def applicable(self, ref: Reference, credentials: Credentials | None
                    ) -> Credentials | None:
@@ -125,4 +116,5 @@ class Prober:
             raise Failure(Kind.INVALID, f"{endpoint.host} answered {digest} for {ref.digest}")
         remaining = response.headers.get("ratelimit-remaining", "").split(";", 1)[0].strip()
         return ProbeResult(digest, endpoint.host, authenticated=creds is not None,
-                           pull_quota_spent=remaining == "0", source=endpoint)
+                           pull_quota_spent=remaining == "0",
+                           source=Location(endpoint, ref.path, creds))

@@ -38,15 +38,14 @@ from pathlib import Path
 
 from nodekeeper import logs, metrics
 from nodekeeper.pull.credentials import ANONYMOUS
+from nodekeeper.pull.values import Answer, Check
 from nodekeeper.state import disk as statedisk
 from nodekeeper.state.disk import (
     DB_NAME,
     KEEP_DECISIONS,
     SECRET_NAME,
     AccessKey,
-    Check,
     Identity,
-    PullRecord,
     Records,
     Stale,
 )
@@ -55,9 +54,7 @@ __all__ = [
     "DB_NAME",
     "KEEP_DECISIONS",
     "SECRET_NAME",
-    "Check",
     "Health",
-    "PullRecord",
     "State",
     "read_only",
 ]
@@ -109,7 +106,7 @@ class State:
         self._access: dict[AccessKey, tuple[float, float]] = {}
         self._meta: dict[str, tuple[str, float]] = {}
         self._stale: dict[str, Stale] = {}
-        self._recent: collections.deque[PullRecord] = collections.deque(maxlen=KEEP_DECISIONS)
+        self._recent: collections.deque[Answer] = collections.deque(maxlen=KEEP_DECISIONS)
         self._pending = _pending()
         self._everything = False  # the next batch writes all of memory
         # The writer's view of the disk.
@@ -193,6 +190,11 @@ class State:
             found = self._stale.get(reference)
             return found.digest if found else ""
 
+    def recent(self) -> list[Answer]:
+        """The most recent PullImage answers recorded, oldest first."""
+        with self._lock:
+            return list(self._recent)
+
     # -- writes (memory now, disk soon) ----------------------------------------------------
 
     def record_check(self, reference: str, result: str, digest: str = "",
@@ -216,10 +218,10 @@ class State:
             self._access[key] = self._pending.access[key] = (min(first, now), now)
             self._wake.notify_all()
 
-    def record_decision(self, decision: PullRecord) -> None:
+    def record_decision(self, answer: Answer) -> None:
         with self._wake:
-            self._recent.append(decision)
-            self._pending.decisions.append(decision)
+            self._recent.append(answer)
+            self._pending.decisions.append(answer)
             self._wake.notify_all()
 
     def mark_stale(self, reference: str, digest: str, kind: str,

@@ -24,9 +24,11 @@ from structlog.testing import capture_logs
 from nodekeeper import metrics
 from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.config import KubernetesConfig
+from nodekeeper.failures import Kind
 from nodekeeper.kube import client as kube_client
-from nodekeeper.kube.events import Events, Pod, Served, message
+from nodekeeper.kube.events import Events, message
 from nodekeeper.kube.sink import ApiSink
+from nodekeeper.pull.edges import Answer, Decision, Pod
 from tests.conftest import MakeNodekeeper
 from tests.fakes import RecordingMetric
 from tests.harness import (
@@ -67,17 +69,17 @@ def bound_pod(apiserver: ApiServer, namespace: str = "shop") -> Pod:
     return Pod(meta["name"], meta["namespace"], meta["uid"])
 
 
-def served(pod: Pod, **changes: Any) -> Served:
+def served(pod: Pod, **changes: Any) -> Answer:
     values: dict[str, Any] = dict(
         pod=pod, image="postgres:15", reference="docker.io/library/postgres:15",
-        decision="fallback", failure_kind="unreachable", failure_detail="connection refused",
-        upstream="registry-1.docker.io", digest=DIGEST, previous_digest="",
+        decision=Decision.FALLBACK, kind=Kind.UNREACHABLE, detail="connection refused",
+        upstream="registry-1.docker.io", digest=DIGEST, node_digest="",
         last_confirmed=CONFIRMED)
     values.update(changes)
-    return Served(**values)
+    return Answer(**values)
 
 
-def observe_timed(events: Events, item: Served, times: int = 1) -> float:
+def observe_timed(events: Events, item: Answer, times: int = 1) -> float:
     """The slowest of `times` observe() calls, in seconds."""
     slowest = 0.0
     for _ in range(times):
@@ -143,11 +145,11 @@ async def test_updated_is_a_normal_event_when_enabled(apiserver: ApiServer,
                                                       tmp_path: Path) -> None:
     kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubelet.conf")
     pod = bound_pod(apiserver)
-    events = node_events(kubeconfig, event_decisions=("fallback", "updated"))
+    events = node_events(kubeconfig, event_decisions=(Decision.FALLBACK, Decision.UPDATED))
     await events.start()
     try:
-        events.observe(served(pod, decision="updated", failure_kind="", failure_detail="",
-                              previous_digest=OLD))
+        events.observe(served(pod, decision=Decision.UPDATED, kind=None, detail="",
+                              node_digest=OLD))
         (event,) = await events_of(apiserver, pod)
     finally:
         await events.close()
@@ -173,7 +175,7 @@ async def test_token_file_is_read_again_after_a_401(apiserver: ApiServer, tmp_pa
             await asyncio.sleep(0.05)
         assert dropped.counts == {"refused": 1}  # a 401 twice over is a refusal
         token.write_text(apiserver.node_token)
-        events.observe(served(pod, failure_detail="timeout after 2s"))
+        events.observe(served(pod, detail="timeout after 2s"))
         (event,) = await events_of(apiserver, pod)
     finally:
         await events.close()
@@ -248,7 +250,7 @@ def proxied_events(apiserver: ApiServer, proxy: FaultProxy, tmp_path: Path, *,
     """Events posted through the proxy (plain http on loopback, so a token)."""
     kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig", server=proxy.url,
                                             user={"token": apiserver.node_token})
-    return Events(NODE, ("fallback",), ApiSink(str(kubeconfig), 0.5), timeout=0.5,
+    return Events(NODE, (Decision.FALLBACK,), ApiSink(str(kubeconfig), 0.5), timeout=0.5,
                   queue=queue)
 
 

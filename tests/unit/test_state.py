@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from nodekeeper.pull.edges import Answer, Check, Decision
 from nodekeeper.state.memory import (
     DB_NAME,
     KEEP_DECISIONS,
     SECRET_NAME,
-    Check,
-    PullRecord,
     State,
     read_only,
 )
@@ -44,9 +43,10 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def decision(n: int) -> PullRecord:
-    return PullRecord(float(n), f"img{n}", "defaults", "fresh", "digest unchanged",
-                    f"sha256:{n:064x}", f"sha256:{n:064x}", 1.5)
+def decision(n: int) -> Answer:
+    return Answer(at=float(n), image=f"img{n}", rule="defaults", decision=Decision.FRESH,
+                  reason="digest unchanged", node_digest=f"sha256:{n:064x}",
+                  upstream_digest=f"sha256:{n:064x}", duration_ms=1.5)
 
 
 def decision_count(directory: Path) -> int:

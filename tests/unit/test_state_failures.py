@@ -17,8 +17,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from nodekeeper.pull.credentials import ANONYMOUS
+from nodekeeper.pull.edges import Answer, Check, Decision
 from nodekeeper.state import disk as statedisk
-from nodekeeper.state.memory import DB_NAME, SECRET_NAME, Check, Health, PullRecord, State
+from nodekeeper.state.memory import DB_NAME, SECRET_NAME, Health, State
 from tests.harness.mounts import Tmpfs
 
 REF = "docker.io/library/postgres:15"
@@ -26,9 +27,10 @@ REPO = "docker.io/library/postgres"
 FAST = {"retry_first": 0.05, "retry_max": 0.2}
 
 
-def decision(n: int) -> PullRecord:
-    return PullRecord(float(n), f"img{n}", "defaults", "fresh", "digest unchanged",
-                    f"sha256:{n:064x}", f"sha256:{n:064x}", 1.5)
+def decision(n: int) -> Answer:
+    return Answer(at=float(n), image=f"img{n}", rule="defaults", decision=Decision.FRESH,
+                  reason="digest unchanged", node_digest=f"sha256:{n:064x}",
+                  upstream_digest=f"sha256:{n:064x}", duration_ms=1.5)
 
 
 def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -1,0 +1,59 @@
+"""What one answered PullImage leaves behind, all written from its one `Answer`:
+
+    state     the successful check, or the reference answered without upstream's
+              confirmation (stale); the decision, for `nodekeeper status`
+    metrics   the decision and failure kind (each caller); fallbacks by kind (each round)
+    Event     on the pod, for the decisions shown on pods (kube/events.py)
+    log       a warning for every answer standing in for an upstream that failed
+              (the PullImage's own line is cri.py's, from the same answer)
+
+A round shared by several callers (singleflight) is recorded in state and the log once,
+by the caller that ran it; each caller counts in metrics and gets its own Event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from nodekeeper import logs, metrics
+from nodekeeper.pull.edges import Answer, Decision, Observer, StateStore
+from nodekeeper.timetext import ago
+
+_log = logs.get("puller")
+
+
+class Recorder:
+    def __init__(self, state: StateStore, events: Observer | None,
+                 clock: Callable[[], float]) -> None:
+        self._state = state
+        self._events = events
+        self._clock = clock
+
+    def record(self, answer: Answer) -> None:
+        metrics.DECISIONS.labels(answer.decision.value,
+                                 answer.kind.value if answer.kind else "none").inc()
+        if self._events is not None and answer.pod is not None and answer.decision.on_pods:
+            self._events.observe(answer)
+        if answer.shared:
+            return  # the caller that ran the round recorded the rest
+        if answer.confirmed:
+            self._state.record_check(answer.reference, "ok", answer.digest)
+            self._state.clear_stale(answer.reference)
+        if answer.decision.fallback:
+            assert answer.kind is not None
+            self._state.mark_stale(answer.reference, answer.digest, answer.kind.value)
+            metrics.FALLBACKS.labels(answer.kind.value).inc()
+            self._warn(answer)
+        # Written once the answer is on its way: the kubelet need not wait for the disk.
+        asyncio.get_running_loop().call_soon(self._state.record_decision, answer)
+
+    def _warn(self, answer: Answer) -> None:
+        assert answer.kind is not None
+        where = ("the node's copy" if answer.decision is Decision.FALLBACK
+                 else "the backing registry's copy")
+        confirmed = answer.last_confirmed
+        _log.warning(f"upstream failed; answering with {where}", image=answer.reference,
+                     kind=answer.kind.value, detail=answer.detail, digest=answer.digest,
+                     last_confirmed=ago(self._clock() - confirmed) if confirmed else "never",
+                     rule=answer.rule)
