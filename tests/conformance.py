@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import pytest
@@ -35,11 +36,11 @@ from tests.fakes import Published
 USER, PASSWORD = "alice", "alice-pw"
 
 
-async def eventually(check: object, timeout: float = 15.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
     """Await `check()` until it is true (copies to backing run in the background)."""
     deadline = time.monotonic() + timeout
     while True:
-        if await check():  # type: ignore[operator]
+        if await check():
             return
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)

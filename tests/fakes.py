@@ -15,7 +15,19 @@ from typing import Any
 from nodekeeper.errors import ContainerdError, ContainerdRefusedPull, PostFailed
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.pull.credentials import Credentials
-from nodekeeper.pull.edges import Answer, Check, Endpoint, Location, Pod, ProbeResult
+from nodekeeper.pull.edges import (
+    Answer,
+    BackingStore,
+    Check,
+    Endpoint,
+    Images,
+    Location,
+    Pod,
+    ProbeResult,
+    Sink,
+    StateStore,
+    Upstream,
+)
 from nodekeeper.pull.reference import Reference, parse
 from nodekeeper.registry.hosts import default_host, default_server
 
@@ -346,3 +358,9 @@ class RecordingMetric:
 
     def inc(self, amount: float = 1) -> None:
         self.counts[self._label] = self.counts.get(self._label, 0) + amount
+
+
+def _edges(registries: Registries) -> tuple[Images, Upstream, BackingStore, StateStore, Sink]:
+    """Never called: mypy checks here that each fake is what its edge asks for."""
+    return (FakeImages(registries), FakeUpstream(registries), FakeBacking(registries),
+            FakeState(), FakeSink())
