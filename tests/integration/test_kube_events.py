@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from nodekeeper.kube import client as kube_client
 from nodekeeper.kube.events import Events, message
 from nodekeeper.kube.sink import ApiSink
 from nodekeeper.pull.edges import Answer, Decision, Pod
+from tests import conformance
 from tests.conftest import MakeNodekeeper
 from tests.fakes import RecordingMetric
 from tests.harness import (
@@ -391,3 +392,32 @@ def test_a_fallback_through_the_daemon_shows_on_the_pod_and_in_status(
         capture_output=True, text=True, timeout=30, check=True).stdout
     assert "served without upstream's confirmation (1;" in status
     assert f"{ref}\n      {image.digest} since" in status
+
+
+class ApiServerWorld:
+    """The real API server, with the verbs the sink suite uses."""
+
+    def __init__(self, apiserver: ApiServer) -> None:
+        self.apiserver = apiserver
+
+    def pod(self) -> Pod:
+        return bound_pod(self.apiserver)
+
+    def events(self, pod: Pod) -> list[dict[str, Any]]:
+        return self.apiserver.events(pod.namespace, involvedObject__uid=pod.uid)
+
+
+class TestApiSink(conformance.SinkSuite):
+    """The same suite as the fake sink's (tests/unit/test_fakes.py), as the node."""
+
+    @pytest.fixture
+    def sink_world(self, apiserver: ApiServer) -> ApiServerWorld:
+        return ApiServerWorld(apiserver)
+
+    @pytest.fixture
+    async def sink(self, apiserver: ApiServer, tmp_path: Path) -> AsyncIterator[ApiSink]:
+        kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubelet.conf")
+        sink = ApiSink(str(kubeconfig), 5.0)
+        await sink.prepare()
+        yield sink
+        await sink.close()
