@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -22,12 +22,13 @@ from google.protobuf.message import DecodeError, Message
 
 from nodekeeper import logs, metrics
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.containerd.client import CRI_SERVICE, Containerd
 from nodekeeper.errors import ContainerdError, NodekeeperError, PullFailed, RequestError
 from nodekeeper.failures import Kind
 from nodekeeper.pull.credentials import Credentials
 from nodekeeper.pull.edges import Pod
 from nodekeeper.pull.puller import Puller, PullRequest
+
+CRI_SERVICE = cri.DESCRIPTOR.services_by_name["ImageService"].full_name  # runtime.v1.ImageService
 
 # No valid reference comes near this (a name is at most 255 characters, a tag 128, a
 # digest about 135); anything longer is refused before it costs containerd a lookup.
@@ -64,6 +65,11 @@ def _image_of(request: Any, fields: Fields) -> str:
         )
     fields["image"] = image
     return image
+
+
+class Containerd(Protocol):  # containerd.Containerd
+    async def cri(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
+        """Forward a CRI image service request's bytes; containerd's answer's bytes."""
 
 
 class ImageService:

@@ -273,12 +273,12 @@ class StateSuite:
     def test_checks_keep_the_last_success(self, state: StateStore) -> None:
         reference = "registry.example/team/app:1"
         assert state.check(reference) is None
-        state.record_check(reference, "ok", "sha256:" + "a" * 64)
+        state.record_check(reference, None, "sha256:" + "a" * 64)
         first = state.check(reference)
         assert first is not None
         assert (first.result, first.digest) == ("ok", "sha256:" + "a" * 64)
         assert first.ok_at is not None
-        state.record_check(reference, "timeout")
+        state.record_check(reference, Kind.TIMEOUT)
         failed = state.check(reference)
         assert failed is not None
         assert (failed.result, failed.ok_at, failed.digest) == (
@@ -304,8 +304,8 @@ class StateSuite:
                                                                   state: StateStore) -> None:
         reference, digest = "registry.example/team/app:1", "sha256:" + "b" * 64
         assert state.stale(reference) == ""
-        state.mark_stale(reference, digest, "unreachable")
-        state.mark_stale(reference, digest, "timeout")
+        state.mark_stale(reference, digest, Kind.UNREACHABLE)
+        state.mark_stale(reference, digest, Kind.TIMEOUT)
         assert state.stale(reference) == digest
         state.clear_stale(reference)
         state.clear_stale(reference)

@@ -274,12 +274,13 @@ class FakeState:
     def seen_working(self, repository: str, fingerprint: str) -> bool:
         return (repository, fingerprint) in self.access
 
-    def record_check(self, reference: str, result: str, digest: str = "") -> None:
+    def record_check(self, reference: str, failure: Kind | None, digest: str = "") -> None:
         previous = self.checks.get(reference)
-        if result == "ok":
-            self.checks[reference] = Check(self.now, result, self.now, digest)
+        if failure is None:
+            self.checks[reference] = Check(self.now, "ok", self.now, digest)
         else:
-            self.checks[reference] = Check(self.now, result, previous.ok_at if previous else None,
+            self.checks[reference] = Check(self.now, failure.value,
+                                           previous.ok_at if previous else None,
                                            previous.digest if previous else "")
 
     def record_access(self, repository: str, fingerprint: str) -> None:
@@ -291,7 +292,7 @@ class FakeState:
     def recent(self) -> list[Answer]:
         return list(self.decisions)
 
-    def mark_stale(self, reference: str, digest: str, kind: str) -> None:
+    def mark_stale(self, reference: str, digest: str, kind: Kind) -> None:
         held = self.stale_since.get(reference)
         if held is None or held[0] != digest:
             self.stale_since[reference] = (digest, self.now)

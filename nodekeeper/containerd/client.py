@@ -29,7 +29,7 @@ from nodekeeper.pull.values import NodeCopy
 
 # The kubelet's own limit; a ListImages answer for a very full node can be large.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-CRI_SERVICE = "runtime.v1.ImageService"
+CRI_SERVICE = cri.DESCRIPTOR.services_by_name["ImageService"].full_name
 IMAGES_SERVICE = "containerd.services.images.v1.Images"
 CONTENT_SERVICE = "containerd.services.content.v1.Content"
 EVENTS_SUBSCRIBE = "/containerd.services.events.v1.Events/Subscribe"

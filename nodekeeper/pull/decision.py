@@ -7,6 +7,9 @@ successful check, what is known of these credentials, and the result of every st
 so far. The puller performs the step (probe upstream, ask backing, have containerd
 pull), adds its result with `pull.after(step, result)`, and asks again, until the step is
 `Serve` (the answer) or `Refuse` (a clear error). Nothing here does I/O or reads a clock.
+`Serve` also says what the answer means beyond the image: whether upstream confirmed it
+during this pull (the check succeeded; the reference is no longer stale), and whether the
+image is to be copied to the backing registry.
 
     the node has a copy and needs no network     Serve local-pinned | local-interval
     otherwise                                    Probe

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from nodekeeper.failures import Kind
 from nodekeeper.pull.credentials import Credentials
 from nodekeeper.pull.reference import Reference
 from nodekeeper.pull.values import (
@@ -115,9 +116,10 @@ class StateStore(Protocol):
 
     def seen_working(self, repository: str, fingerprint: str) -> bool: ...
 
-    def record_check(self, reference: str, result: str, digest: str = "") -> None:
-        """A check upstream: `result` is "ok" (upstream named `digest`) or the failure
-        kind; a failure leaves the last success standing."""
+    def record_check(self, reference: str, failure: Kind | None, digest: str = "") -> None:
+        """A check upstream: it succeeded (`failure` None; upstream named `digest`) or
+        failed so; a failure leaves the last success standing. Check.result reads "ok" or
+        the kind's value."""
 
     def record_access(self, repository: str, fingerprint: str) -> None: ...
 
@@ -126,7 +128,7 @@ class StateStore(Protocol):
     def recent(self) -> list[Answer]:
         """The answers recorded most recently, oldest first."""
 
-    def mark_stale(self, reference: str, digest: str, kind: str) -> None:
+    def mark_stale(self, reference: str, digest: str, kind: Kind) -> None:
         """`reference` was answered with `digest` though upstream did not confirm it."""
 
     def clear_stale(self, reference: str) -> None:

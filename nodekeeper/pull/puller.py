@@ -209,7 +209,7 @@ class Puller:
             found = await self._upstream.probe(job.ref, job.credentials,
                                                job.rule.settings.probe_timeout)
         except Failure as failure:
-            self._state.record_check(job.reference, failure.kind.value)
+            self._state.record_check(job.reference, failure.kind)
             return None, Failed(failure.kind, failure.detail)
         self._state.record_access(job.ref.repository,
                                   job.who if found.authenticated else ANONYMOUS)

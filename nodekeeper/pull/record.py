@@ -38,11 +38,11 @@ class Recorder:
         if answer.shared:
             return  # the caller that ran the round recorded the rest
         if answer.confirmed:
-            self._state.record_check(answer.reference, "ok", answer.digest)
+            self._state.record_check(answer.reference, None, answer.digest)
             self._state.clear_stale(answer.reference)
         if answer.decision.fallback:
             assert answer.kind is not None
-            self._state.mark_stale(answer.reference, answer.digest, answer.kind.value)
+            self._state.mark_stale(answer.reference, answer.digest, answer.kind)
             metrics.FALLBACKS.labels(answer.kind.value).inc()
             self._warn(answer)
         # Written once the answer is on its way: the kubelet need not wait for the disk.

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nodekeeper import logs, metrics
+from nodekeeper.failures import Kind
 from nodekeeper.pull.credentials import ANONYMOUS
 from nodekeeper.pull.values import Answer, Check
 from nodekeeper.state import disk as statedisk
@@ -197,15 +198,15 @@ class State:
 
     # -- writes (memory now, disk soon) ----------------------------------------------------
 
-    def record_check(self, reference: str, result: str, digest: str = "",
+    def record_check(self, reference: str, failure: Kind | None, digest: str = "",
                      now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._wake:
             previous = self._checks.get(reference)
-            if result == "ok":
-                check = Check(now, result, now, digest)
+            if failure is None:
+                check = Check(now, "ok", now, digest)
             else:  # a failed probe leaves the last success standing
-                check = Check(now, result, previous.ok_at if previous else None,
+                check = Check(now, failure.value, previous.ok_at if previous else None,
                               previous.digest if previous else "")
             self._checks[reference] = self._pending.checks[reference] = check
             self._wake.notify_all()
@@ -224,7 +225,7 @@ class State:
             self._pending.decisions.append(answer)
             self._wake.notify_all()
 
-    def mark_stale(self, reference: str, digest: str, kind: str,
+    def mark_stale(self, reference: str, digest: str, kind: Kind,
                    now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._wake:
@@ -232,7 +233,7 @@ class State:
             # `since` stays while the same copy keeps standing in.
             since = previous.since if previous and previous.digest == digest else now
             self._stale[reference] = self._pending.stale[reference] = Stale(
-                digest, kind, since, now)
+                digest, kind.value, since, now)
             count = len(self._stale)
             self._wake.notify_all()
         metrics.IMAGES_STALE.set(count)

@@ -47,7 +47,7 @@ def rows(directory: Path, sql: str) -> list[tuple[object, ...]]:
 
 
 def record_some(state: State, n: int = 0) -> None:
-    state.record_check(f"{REF}{n}", "ok", f"sha256:{n}", now=100.0 + n)
+    state.record_check(f"{REF}{n}", None, f"sha256:{n}", now=100.0 + n)
     state.record_access(REPO, ANONYMOUS, now=100.0 + n)
     state.record_access(REPO, f"fp{n}", now=100.0 + n)
     state.record_decision(decision(n))
@@ -162,7 +162,7 @@ def test_a_full_file_system_and_space_again(disk: Tmpfs,
     filler = disk.fill()
     for n in range(1, 200):
         record_some(state, n)
-        state.record_check(f"{REF}{n}", "ok", "sha256:" + "f" * 2000, now=100.0 + n)
+        state.record_check(f"{REF}{n}", None, "sha256:" + "f" * 2000, now=100.0 + n)
     assert not state.flush(timeout=2)
     assert not state.health.persistent
     assert "full" in state.health.problem or "No space" in state.health.problem
@@ -381,7 +381,7 @@ def test_a_state_shared_by_threads_stays_consistent(tmp_path: Path,
 
     def writer(n: int) -> None:
         for i in range(200):
-            state.record_check(f"{REF}-{n}-{i}", "ok", "d", now=float(i))
+            state.record_check(f"{REF}-{n}-{i}", None, "d", now=float(i))
             state.record_access(REPO, f"fp{n}-{i}", now=float(i))
             state.fingerprints(REPO)
 
