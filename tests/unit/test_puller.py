@@ -186,7 +186,8 @@ async def test_a_refusal_names_what_was_tried_and_is_recorded() -> None:
     assert "these credentials were never seen to work" in failed.message
     assert failed.containerd is None
     await settle()
-    assert node.state.decisions[-1].decision is Decision.ERROR
+    assert node.state.decisions[-1] is failed.answer
+    assert (failed.answer.decision, failed.answer.reference) == (Decision.ERROR, NAME)
     assert "guess" not in repr(node.state.decisions)
 
 
@@ -288,3 +289,18 @@ async def test_a_backing_pull_failing_otherwise_marks_nothing_bad() -> None:
     assert (await node.pull()).decision is Decision.PULLED
     assert node.images.discarded == []
     assert node.backing.bad == set()
+
+
+async def test_one_answer_is_what_is_returned_recorded_and_heard() -> None:
+    node = Node()
+    node.upstream.publish(REF, V1)
+    await node.pull(pod=WEB)
+    node.upstream.down = True
+    answer = await node.pull(pod=WEB)
+    await settle()
+    assert node.state.decisions[-1] is answer
+    assert node.heard.served == [answer]
+    assert (answer.decision, answer.kind, answer.image_id, answer.pod) == (
+        Decision.FALLBACK, Kind.UNREACHABLE, V1.image_id, WEB)
+    assert not answer.confirmed
+    assert node.state.stale(NAME) == V1.digest
