@@ -288,7 +288,7 @@ class Puller:
         return dataclasses.replace(
             job.answer, decision=step.decision, reason=step.reason,
             kind=failure.kind if failure else None, detail=failure.detail if failure else "",
-            upstream=probe.endpoint if probe else job.registry_host, image_id=step.image_id,
+            upstream=probe.host if probe else job.registry_host, image_id=step.image_id,
             node_digest=pull.node.digest if pull.node else "",
             upstream_digest=upstream_digest, digest=step.digest, confirmed=step.confirmed,
             probe_ms=probe_ms)

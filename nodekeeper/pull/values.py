@@ -172,7 +172,7 @@ class Location:
 @dataclass(frozen=True)
 class ProbeResult:
     digest: str
-    endpoint: str                     # the host that answered
+    host: str                         # the registry host that answered
     # The request's credentials were used (else the registry answered anonymously).
     authenticated: bool
     # Docker Hub says the pull quota is spent: a HEAD still works, a pull would not.

@@ -197,7 +197,7 @@ async def test_oversized_manifest_is_invalid(make_prober: MakeProber) -> None:
 async def test_docker_hub_goes_to_registry_1(make_prober: MakeProber) -> None:
     registry = FakeRegistry()
     result = await probe(make_prober(registry), "postgres:15")
-    assert result.endpoint == "registry-1.docker.io"
+    assert result.host == "registry-1.docker.io"
     assert str(registry.requests[0].url) == \
         "https://registry-1.docker.io/v2/library/postgres/manifests/15"
 
@@ -505,7 +505,7 @@ async def test_mirror_is_asked_first_with_ns(make_prober: MakeProber, tmp_path: 
     hosts_toml(tmp_path, HOST, '[host."http://mirror.example:5001"]\n')
     registry = FakeRegistry()
     result = await probe(make_prober(registry))
-    assert result.endpoint == "mirror.example:5001"
+    assert result.host == "mirror.example:5001"
     (request,) = registry.requests
     assert request.url.host == "mirror.example"
     assert request.url.params["ns"] == HOST
@@ -525,7 +525,7 @@ async def test_unusable_mirror_hands_over_to_the_server(make_prober: MakeProber,
         return await registry(request)
 
     result = await probe(make_prober(handler))
-    assert result.endpoint == HOST
+    assert result.host == HOST
     assert "ns" not in registry.requests[-1].url.params
 
 
