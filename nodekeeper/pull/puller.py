@@ -11,7 +11,8 @@
               PullFrom    containerd pulls, from upstream or from backing
               Serve       the answer (copied to backing when the decision says so)
               Refuse      a clear error: PullFailed, carrying the answer
-      the answer is recorded (record.py): state, metrics, the Event, the log
+        the round settled (record.py): the check or stale reference, the fallback logged
+      each caller's answer recorded (record.py): metrics, the Event, the decision
 
 What a step records itself: the check when a probe fails, and who was seen to pull
 (state).
@@ -125,10 +126,10 @@ class Puller:
             except PullFailed as failure:
                 # Each caller of a round has its own refusal (its image, pod and times).
                 refused = self._finish(failure.answer, request, started, shared=False)
-                self._recorder.record(refused)
+                self._recorder.answered(refused)
                 raise PullFailed(refused, failure.containerd) from None
         answer = self._finish(answer, request, started, shared)
-        self._recorder.record(answer)
+        self._recorder.answered(answer)
         return answer
 
     def _finish(self, answer: Answer, request: PullRequest, started: float,
@@ -163,13 +164,17 @@ class Puller:
         step = next_step(pull)
         if not isinstance(step, Serve):
             return None
-        return self._served(job, pull, step, None, None)
+        answer = self._served(job, pull, step, None, None)
+        self._recorder.settled(answer)
+        return answer
 
     async def _decide(self, job: _Job, seal: Seal) -> Answer:
         try:
-            return await self._steps(job, seal)
+            answer = await self._steps(job, seal)
         except ContainerdError as exc:  # containerd itself failed outside a pull
             raise PullFailed(dataclasses.replace(job.answer, reason=exc.message), exc) from None
+        self._recorder.settled(answer)
+        return answer
 
     async def _steps(self, job: _Job, seal: Seal) -> Answer:
         # One ImageStatus (or what image events kept true) says whether the node has a

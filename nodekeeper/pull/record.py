@@ -2,13 +2,15 @@
 
     state     the successful check, or the reference answered without upstream's
               confirmation (stale); the decision, for `nodekeeper status`
-    metrics   the decision and failure kind (each caller); fallbacks by kind (each round)
+    metrics   the decision and failure kind; fallbacks by kind
     Event     on the pod, for the decisions shown on pods (kube/events.py)
     log       a warning for every answer standing in for an upstream that failed
               (the PullImage's own line is cri.py's, from the same answer)
 
-A round shared by several callers (singleflight) is recorded in state and the log once,
-by the caller that ran it; each caller counts in metrics and gets its own Event.
+A round of work shared by several callers (singleflight) is `settled` once, inside the
+round, so that what upstream said is kept even when the caller that started the round
+gave up; then each caller `answered` counts in metrics and gets its own Event, and the
+decision is recorded once (by the caller that ran the round; every refused caller).
 """
 
 from __future__ import annotations
@@ -30,13 +32,8 @@ class Recorder:
         self._events = events
         self._clock = clock
 
-    def record(self, answer: Answer) -> None:
-        metrics.DECISIONS.labels(answer.decision.value,
-                                 answer.kind.value if answer.kind else "none").inc()
-        if self._events is not None and answer.pod is not None and answer.decision.on_pods:
-            self._events.observe(answer)
-        if answer.shared:
-            return  # the caller that ran the round recorded the rest
+    def settled(self, answer: Answer) -> None:
+        """Once per round: what the answer says about the reference upstream."""
         if answer.confirmed:
             self._state.record_check(answer.reference, None, answer.digest)
             self._state.clear_stale(answer.reference)
@@ -45,6 +42,15 @@ class Recorder:
             self._state.mark_stale(answer.reference, answer.digest, answer.kind)
             metrics.FALLBACKS.labels(answer.kind.value).inc()
             self._warn(answer)
+
+    def answered(self, answer: Answer) -> None:
+        """Once per caller."""
+        metrics.DECISIONS.labels(answer.decision.value,
+                                 answer.kind.value if answer.kind else "none").inc()
+        if self._events is not None and answer.pod is not None and answer.decision.on_pods:
+            self._events.observe(answer)
+        if answer.shared:
+            return  # the caller that ran the round records the decision
         # Written once the answer is on its way: the kubelet need not wait for the disk.
         asyncio.get_running_loop().call_soon(self._state.record_decision, answer)
 
