@@ -16,6 +16,7 @@ from nodekeeper.addresses import is_loopback, split_host_port
 from nodekeeper.errors import SettingsError
 from nodekeeper.kube import kubeconfig
 from nodekeeper.pull.credentials import Credentials
+from nodekeeper.pull.values import Decision
 from nodekeeper.settings import Document, Section
 
 DEFAULT_PATH = "/etc/nodekeeper/config.yaml"
@@ -30,7 +31,7 @@ _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 # episode; well under any sensible probe_timeout, or the episode would save little.
 MAX_OUTAGE_WAIT = 1.0
 # PullImage decisions that can be told on the pod as a Kubernetes Event.
-EVENT_DECISIONS = ("fallback", "backing-fallback", "updated")
+EVENT_DECISIONS = Decision.shown_on_pods()
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class KubernetesConfig:
     # here must be readable and valid.
     kubeconfig: str = ""
     node_name: str = ""  # empty: the host name, lowercased, as the kubelet takes it
-    event_decisions: tuple[str, ...] = ("fallback", "backing-fallback")
+    event_decisions: tuple[Decision, ...] = (Decision.FALLBACK, Decision.BACKING_FALLBACK)
     timeout: float = 5.0
 
 
@@ -245,12 +246,14 @@ def _kubernetes(section: Section) -> KubernetesConfig:
     if node_name and not _NODE_NAME.match(node_name):
         raise section.error("node_name", f"expected a node name (a lowercase DNS name), "
                                          f"got {node_name[:80]!r}")
-    decisions = section.strings("event_decisions", default.event_decisions)
-    for index, decision in enumerate(decisions):
+    decisions = []
+    for index, decision in enumerate(section.strings(
+            "event_decisions", [decision.value for decision in default.event_decisions])):
         if decision not in EVENT_DECISIONS:
             raise section.doc.error((*section.key, "event_decisions", index),
                                     f"expected one of {', '.join(EVENT_DECISIONS)}, "
                                     f"got {decision[:80]!r}")
+        decisions.append(Decision(decision))
     timeout = section.duration("timeout", default.timeout)
     if timeout <= 0:
         raise section.error("timeout", "expected a duration above 0")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -22,12 +22,13 @@ from google.protobuf.message import DecodeError, Message
 
 from nodekeeper import logs, metrics
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.containerd.client import CRI_SERVICE, Containerd
 from nodekeeper.errors import ContainerdError, NodekeeperError, PullFailed, RequestError
 from nodekeeper.failures import Kind
-from nodekeeper.kube.events import pod_of
 from nodekeeper.pull.credentials import Credentials
+from nodekeeper.pull.edges import Pod
 from nodekeeper.pull.puller import Puller, PullRequest
+
+CRI_SERVICE = cri.DESCRIPTOR.services_by_name["ImageService"].full_name  # runtime.v1.ImageService
 
 # No valid reference comes near this (a name is at most 255 characters, a tag 128, a
 # digest about 135); anything longer is refused before it costs containerd a lookup.
@@ -64,6 +65,11 @@ def _image_of(request: Any, fields: Fields) -> str:
         )
     fields["image"] = image
     return image
+
+
+class Containerd(Protocol):  # containerd.Containerd
+    async def cri(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
+        """Forward a CRI image service request's bytes; containerd's answer's bytes."""
 
 
 class ImageService:
@@ -114,15 +120,14 @@ class ImageService:
             auth.username, auth.password, auth.auth, auth.server_address, auth.identity_token,
             auth.registry_token) if parsed.HasField("auth") else None
         meta = parsed.sandbox_config.metadata
-        pod = pod_of(meta.name, meta.namespace, meta.uid)
+        pod = Pod.of(meta.name, meta.namespace, meta.uid)
         try:
-            outcome = await self._puller.pull(PullRequest(image, credentials, request, pod))
+            answer = await self._puller.pull(PullRequest(image, credentials, request, pod))
         except PullFailed as failure:
-            fields.update(failure.details)
+            fields.update(failure.answer.log_fields())
             raise
-        fields.update(outcome.fields())
-        fields["image_ref"] = outcome.image_ref
-        return bytes(cri.PullImageResponse(image_ref=outcome.image_ref).SerializeToString())
+        fields.update(answer.log_fields())
+        return bytes(cri.PullImageResponse(image_ref=answer.image_id).SerializeToString())
 
     async def _remove_image(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes],
                             fields: Fields) -> bytes:
@@ -188,8 +193,8 @@ def _pull_status(failure: PullFailed) -> tuple[grpc.StatusCode, str]:
     start of the message of an UNKNOWN status."""
     if failure.kind is not None and failure.kind.unavailable:
         return grpc.StatusCode.UNKNOWN, f"RegistryUnavailable: {failure.message}"
-    if failure.answer is not None:
-        return _code(failure.answer.code), failure.answer.message
+    if failure.containerd is not None:
+        return _code(failure.containerd.code), failure.containerd.message
     if failure.kind is Kind.NOT_FOUND:
         return grpc.StatusCode.NOT_FOUND, failure.message
     return grpc.StatusCode.UNKNOWN, failure.message

@@ -6,18 +6,21 @@
     │   │   └── KubeconfigError    the kubeconfig Events would be posted with is unusable
     │   ├── StartupError           the daemon cannot start (socket taken, cannot bind, ...)
     │   ├── RequestError           a CRI request is malformed
-    │   ├── PullFailed             PullImage cannot be answered: a failure Kind, the message
-    │   │                          saying what was tried, and containerd's own answer if any
+    │   ├── PullFailed             PullImage cannot be answered: the answer record (a failure
+    │   │                          Kind, the message saying what was tried), and containerd's
+    │   │                          own answer if any
     │   ├── ContainerdError        containerd answered with an error: its code and message
     │   │   └── ContainerdUnavailable  containerd's socket does not answer
     │   ├── ApiError               the Kubernetes API did not do what was asked: one ApiKind
+    │   ├── PostFailed             an events sink could not post: whether to retry, whether
+    │   │                          the Event to patch is gone; never reaches the kubelet
     │   ├── StateUnreadable        `status` or `explain` cannot read the state database
     │   └── StateCorrupt           the state database is damaged; state/disk.py moves it
     │                              aside and starts a new one, so it never leaves there
     ├── failures.Failure           something outside nodekeeper failed: one failures.Kind
-    │   └── PullRefused            containerd refused a pull (classified like a registry's)
-    ├── kube.events.PostFailed     an Event could not be posted: whether to retry, whether
-    │                              the Event to patch is gone
+    │   └── ContainerdRefusedPull  containerd refused a pull (classified like a registry's;
+    │                              the decision's own refusal is `decision.Refuse`, answered
+    │                              as PullFailed)
     ├── ValueError                 raised by the pure parsers of pull/, whose callers say
     │   │                          what the bad value was for
     │   ├── pull.reference.InvalidReference  not an image reference
@@ -38,6 +41,7 @@ from __future__ import annotations
 import enum
 
 from nodekeeper.failures import Failure, Kind
+from nodekeeper.pull.values import Answer
 
 
 class NodekeeperError(Exception):
@@ -73,32 +77,46 @@ class ContainerdUnavailable(ContainerdError):
         super().__init__("UNAVAILABLE", f"containerd is unavailable at {address}: {detail}")
 
 
-class PullRefused(Failure):
+class ContainerdRefusedPull(Failure):
     """containerd refused a pull: classified like a registry failure, with containerd's
     own answer kept for when nothing better can be said, and the digests it names (the
     content that did not match, when that was the trouble)."""
 
-    def __init__(self, kind: Kind, answer: ContainerdError,
+    def __init__(self, kind: Kind, containerd: ContainerdError,
                  digests: tuple[str, ...] = ()) -> None:
-        super().__init__(kind, answer.message)
-        self.answer = answer
+        super().__init__(kind, containerd.message)
+        self.containerd = containerd
         self.digests = digests
 
 
 class PullFailed(NodekeeperError):
-    """PullImage has no image to answer with.
+    """PullImage has no image to answer with: `answer` is the refusal as recorded (its
+    `kind` what went wrong, None when containerd itself failed; its `reason` the message),
+    `containerd` containerd's own answer, passed on when nothing better can be said."""
 
-    `kind` is what went wrong (None when containerd itself failed, see `answer`);
-    `details` carries what was decided on the way (rule, reason, digests) for the log.
-    """
-
-    def __init__(self, kind: Kind | None, message: str, answer: ContainerdError | None = None,
-                 details: dict[str, object] | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
+    def __init__(self, answer: Answer, containerd: ContainerdError | None = None) -> None:
+        super().__init__(answer.reason)
         self.answer = answer
-        self.details = details or {}
+        self.containerd = containerd
+
+    @property
+    def kind(self) -> Kind | None:
+        return self.answer.kind
+
+    @property
+    def message(self) -> str:
+        return self.answer.reason
+
+
+class PostFailed(NodekeeperError):
+    """An events sink could not post: `retry` when trying again may work, `missing` when
+    the Event to patch is gone (it expired from the API server)."""
+
+    def __init__(self, detail: str, *, retry: bool, missing: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry = retry
+        self.missing = missing
 
 
 class KubeconfigError(SettingsError):

@@ -2,7 +2,7 @@
 
 Every failure of a registry (upstream or backing), of a token service, or of containerd's
 own pull is one `Kind`. The kind decides what PullImage does next (policy `fallback_on`,
-the security rule), and it is the value of the `reason` in metrics and log lines:
+the security rule), and it is the value of the `kind` label and log field:
 
     unreachable   no connection (refused, reset, DNS, TLS)
     timeout       no answer within the deadline that applied (the message names it)

@@ -10,27 +10,37 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import pytest
 
-from nodekeeper.errors import PullRefused
+from nodekeeper.errors import ContainerdRefusedPull, PostFailed
 from nodekeeper.failures import Failure, Kind
+from nodekeeper.kube.events import event_name
 from nodekeeper.pull.credentials import Credentials
-from nodekeeper.pull.edges import BackingStore, Images, StateStore, Upstream
+from nodekeeper.pull.edges import (
+    Answer,
+    BackingStore,
+    Decision,
+    Images,
+    Location,
+    Pod,
+    Sink,
+    StateStore,
+    Upstream,
+)
 from nodekeeper.pull.reference import parse
-from nodekeeper.registry.copy import Location
-from nodekeeper.state.memory import PullRecord
 from tests.fakes import Published
 
 USER, PASSWORD = "alice", "alice-pw"
 
 
-async def eventually(check: object, timeout: float = 15.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
     """Await `check()` until it is true (copies to backing run in the background)."""
     deadline = time.monotonic() + timeout
     while True:
-        if await check():  # type: ignore[operator]
+        if await check():
             return
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
@@ -75,14 +85,14 @@ class ImagesSuite:
                                                          image_world: ImageWorld) -> None:
         reference, _ = image_world.publish("app", "1", "present")
         missing = reference.rsplit(":", 1)[0] + ":missing"
-        with pytest.raises(PullRefused) as refused:
+        with pytest.raises(ContainerdRefusedPull) as refused:
             await images.pull(image_world.request(missing))
         assert refused.value.kind is Kind.NOT_FOUND
-        assert refused.value.answer.message
+        assert refused.value.containerd.message
 
     async def test_an_unreachable_registry_is_refused_as_unavailable(
             self, images: Images, image_world: ImageWorld) -> None:
-        with pytest.raises(PullRefused) as refused:
+        with pytest.raises(ContainerdRefusedPull) as refused:
             await images.pull(image_world.request(image_world.unreachable()))
         assert refused.value.kind.unavailable
 
@@ -263,12 +273,12 @@ class StateSuite:
     def test_checks_keep_the_last_success(self, state: StateStore) -> None:
         reference = "registry.example/team/app:1"
         assert state.check(reference) is None
-        state.record_check(reference, "ok", "sha256:" + "a" * 64)
+        state.record_check(reference, None, "sha256:" + "a" * 64)
         first = state.check(reference)
         assert first is not None
         assert (first.result, first.digest) == ("ok", "sha256:" + "a" * 64)
         assert first.ok_at is not None
-        state.record_check(reference, "timeout")
+        state.record_check(reference, Kind.TIMEOUT)
         failed = state.check(reference)
         assert failed is not None
         assert (failed.result, failed.ok_at, failed.digest) == (
@@ -280,17 +290,93 @@ class StateSuite:
         assert not state.seen_working("registry.example/team/app", "f2")
         assert not state.seen_working("registry.example/team/other", "f1")
 
-    def test_decisions_are_recorded(self, state: StateStore) -> None:
-        state.record_decision(PullRecord(1.0, "app:1", "defaults", "fresh", "digest unchanged",
-                                         "", "", 1.0))
+    def test_decisions_are_recorded_in_order(self, state: StateStore) -> None:
+        before = len(state.recent())
+        answers = [Answer(image=f"app:{n}", reference=f"registry.example/app:{n}",
+                          rule="defaults", decision=decision, reason="digest unchanged",
+                          at=float(n), duration_ms=1.0)
+                   for n, decision in enumerate((Decision.FRESH, Decision.FALLBACK))]
+        for answer in answers:
+            state.record_decision(answer)
+        assert state.recent()[before:] == answers
 
     def test_a_stale_answer_is_remembered_until_upstream_confirms(self,
                                                                   state: StateStore) -> None:
         reference, digest = "registry.example/team/app:1", "sha256:" + "b" * 64
         assert state.stale(reference) == ""
-        state.mark_stale(reference, digest, "unreachable")
-        state.mark_stale(reference, digest, "timeout")
+        state.mark_stale(reference, digest, Kind.UNREACHABLE)
+        state.mark_stale(reference, digest, Kind.TIMEOUT)
         assert state.stale(reference) == digest
         state.clear_stale(reference)
         state.clear_stale(reference)
         assert state.stale(reference) == ""
+
+
+# -- where Events on pods are posted ------------------------------------------------------
+
+class SinkWorld(Protocol):
+    """An API server (or its stand-in) the Sink posts to, as the node."""
+
+    def pod(self) -> Pod:
+        """A pod bound to the node: the node may post Events about it."""
+
+    def events(self, pod: Pod) -> list[dict[str, Any]]:
+        """The Events about `pod` as stored."""
+
+
+_stamps = iter(range(1, 1 << 30))
+
+
+def event_body(pod: Pod, message: str = "upstream unreachable", count: int = 1
+               ) -> tuple[str, dict[str, Any]]:
+    """A core/v1 Event about `pod` as kube/events.py posts it, and its name."""
+    name = event_name(pod.name, time.time_ns() + next(_stamps))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return name, {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": name, "namespace": pod.namespace},
+        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": pod.namespace,
+                           "name": pod.name, "uid": pod.uid},
+        "reason": "ImageFallback", "message": message, "type": "Warning",
+        "source": {"component": "nodekeeper", "host": "node"},
+        "reportingComponent": "nodekeeper", "reportingInstance": "node",
+        "firstTimestamp": stamp, "lastTimestamp": stamp, "count": count,
+    }
+
+
+class SinkSuite:
+    async def test_a_created_event_is_stored_on_the_pod(self, sink: Sink,
+                                                        sink_world: SinkWorld) -> None:
+        pod = sink_world.pod()
+        name, body = event_body(pod)
+        await sink.create(pod.namespace, body)
+        (stored,) = sink_world.events(pod)
+        assert (stored["metadata"]["name"], stored["message"], stored["count"]) == (
+            name, "upstream unreachable", 1)
+        assert stored["involvedObject"]["uid"] == pod.uid
+
+    async def test_creating_an_event_again_counts_as_posted(self, sink: Sink,
+                                                            sink_world: SinkWorld) -> None:
+        pod = sink_world.pod()
+        _, body = event_body(pod)
+        await sink.create(pod.namespace, body)
+        await sink.create(pod.namespace, body)  # its first answer was lost, say
+        assert len(sink_world.events(pod)) == 1
+
+    async def test_a_patch_changes_the_count_and_message(self, sink: Sink,
+                                                         sink_world: SinkWorld) -> None:
+        pod = sink_world.pod()
+        name, body = event_body(pod)
+        await sink.create(pod.namespace, body)
+        await sink.patch(pod.namespace, name, {"count": 3, "message": "still unreachable"})
+        (stored,) = sink_world.events(pod)
+        assert (stored["count"], stored["message"]) == (3, "still unreachable")
+
+    async def test_patching_an_event_that_is_gone_says_it_is_missing(
+            self, sink: Sink, sink_world: SinkWorld) -> None:
+        pod = sink_world.pod()
+        name, _ = event_body(pod)
+        with pytest.raises(PostFailed) as failed:
+            await sink.patch(pod.namespace, name, {"count": 2})
+        assert failed.value.missing
+        assert not failed.value.retry

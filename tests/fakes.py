@@ -10,15 +10,26 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from nodekeeper.errors import ContainerdError, PullRefused
+from nodekeeper.errors import ContainerdError, ContainerdRefusedPull, PostFailed
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.pull.credentials import Credentials
+from nodekeeper.pull.edges import (
+    Answer,
+    BackingStore,
+    Check,
+    Endpoint,
+    Images,
+    Location,
+    Pod,
+    ProbeResult,
+    Sink,
+    StateStore,
+    Upstream,
+)
 from nodekeeper.pull.reference import Reference, parse
-from nodekeeper.registry.copy import Location
-from nodekeeper.registry.hosts import Endpoint, default_server
-from nodekeeper.registry.probe import ProbeResult
-from nodekeeper.state.memory import Check, PullRecord
+from nodekeeper.registry.hosts import default_host, default_server
 
 
 @dataclass(frozen=True)
@@ -81,7 +92,7 @@ class FakeImages:
         self.records: dict[str, Published] = {}
         self.vouched: set[str] = set()      # names image events vouch for
         self.pulls: list[tuple[object, str | None, Credentials | None]] = []
-        self.refuse_with: PullRefused | None = None  # the next pull fails so
+        self.refuse_with: ContainerdRefusedPull | None = None  # the next pull fails so
         self.pull_seconds = 0.0
         self.partial: set[str] = set()      # digests with a failed download kept
         self.discarded: list[str] = []
@@ -110,13 +121,15 @@ class FakeImages:
         ref = parse(name or original.image)
         registry = self.registries.get(ref.domain)
         if registry is None or registry.down:
-            raise PullRefused(Kind.UNREACHABLE, ContainerdError(
+            raise ContainerdRefusedPull(Kind.UNREACHABLE, ContainerdError(
                 "UNKNOWN", f"failed to do request: dial tcp {ref.domain}: connection refused"))
         if not registry.allows(credentials if name else original.credentials):
-            raise PullRefused(Kind.UNAUTHORIZED, ContainerdError("UNKNOWN", "401 Unauthorized"))
+            raise ContainerdRefusedPull(Kind.UNAUTHORIZED,
+                                        ContainerdError("UNKNOWN", "401 Unauthorized"))
         image = registry.images.get(str(ref))
         if image is None:
-            raise PullRefused(Kind.NOT_FOUND, ContainerdError("NOT_FOUND", f"{ref}: not found"))
+            raise ContainerdRefusedPull(Kind.NOT_FOUND,
+                                        ContainerdError("NOT_FOUND", f"{ref}: not found"))
         self.records[str(ref)] = image
         if ref.tag:
             self.records[str(ref.with_digest(image.digest))] = image
@@ -173,8 +186,12 @@ class FakeUpstream:
                                           f"{ref.digest or ref.tag} not found")
         server = default_server(ref.domain)
         host = server.split("://", 1)[1]
+        used = credentials if registry.users else None
         return ProbeResult(image.digest, host, authenticated=bool(registry.users),
-                           source=Endpoint(f"{server}/v2", host))
+                           source=Location(Endpoint(f"{server}/v2", host), ref.path, used))
+
+    def default_host(self, ref: Reference) -> str:
+        return default_host(ref.domain)
 
     def applicable(self, ref: Reference, credentials: Credentials | None
                    ) -> Credentials | None:
@@ -247,7 +264,7 @@ class FakeState:
         self.key = key
         self.checks: dict[str, Check] = {}
         self.access: set[tuple[str, str]] = set()
-        self.decisions: list[PullRecord] = []
+        self.decisions: list[Answer] = []
         self.stale_since: dict[str, tuple[str, float]] = {}
         self.now = 1_000_000.0
 
@@ -257,21 +274,25 @@ class FakeState:
     def seen_working(self, repository: str, fingerprint: str) -> bool:
         return (repository, fingerprint) in self.access
 
-    def record_check(self, reference: str, result: str, digest: str = "") -> None:
+    def record_check(self, reference: str, failure: Kind | None, digest: str = "") -> None:
         previous = self.checks.get(reference)
-        if result == "ok":
-            self.checks[reference] = Check(self.now, result, self.now, digest)
+        if failure is None:
+            self.checks[reference] = Check(self.now, "ok", self.now, digest)
         else:
-            self.checks[reference] = Check(self.now, result, previous.ok_at if previous else None,
+            self.checks[reference] = Check(self.now, failure.value,
+                                           previous.ok_at if previous else None,
                                            previous.digest if previous else "")
 
     def record_access(self, repository: str, fingerprint: str) -> None:
         self.access.add((repository, fingerprint))
 
-    def record_decision(self, record: PullRecord) -> None:
-        self.decisions.append(record)
+    def record_decision(self, answer: Answer) -> None:
+        self.decisions.append(answer)
 
-    def mark_stale(self, reference: str, digest: str, kind: str) -> None:
+    def recent(self) -> list[Answer]:
+        return list(self.decisions)
+
+    def mark_stale(self, reference: str, digest: str, kind: Kind) -> None:
         held = self.stale_since.get(reference)
         if held is None or held[0] != digest:
             self.stale_since[reference] = (digest, self.now)
@@ -283,6 +304,46 @@ class FakeState:
         held = self.stale_since.get(reference)
         return held[0] if held else ""
 
+
+
+class FakeSink:
+    """Where Events are posted (kube/sink.ApiSink): records calls, keeps Events by name,
+    fails or hangs on demand."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+        self.stored: dict[str, dict[str, Any]] = {}
+        self.failures: list[PostFailed] = []
+        self.hang = False
+        self.closed = False
+
+    async def prepare(self) -> None:
+        pass
+
+    async def _maybe_fail(self) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.failures:
+            raise self.failures.pop(0)
+
+    async def create(self, namespace: str, event: dict[str, Any]) -> None:
+        self.calls.append(("create", namespace, event))
+        await self._maybe_fail()
+        self.stored[event["metadata"]["name"]] = dict(event)
+
+    async def patch(self, namespace: str, name: str, changes: dict[str, Any]) -> None:
+        self.calls.append(("patch", name, changes))
+        await self._maybe_fail()
+        if name not in self.stored:
+            raise PostFailed("404 not found", retry=False, missing=True)
+        self.stored[name].update(changes)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def events(self, pod: Pod) -> list[dict[str, Any]]:
+        return [event for event in self.stored.values()
+                if event["involvedObject"]["uid"] == pod.uid]
 
 
 class RecordingMetric:
@@ -298,3 +359,9 @@ class RecordingMetric:
 
     def inc(self, amount: float = 1) -> None:
         self.counts[self._label] = self.counts.get(self._label, 0) + amount
+
+
+def _edges(registries: Registries) -> tuple[Images, Upstream, BackingStore, StateStore, Sink]:
+    """Never called: mypy checks here that each fake is what its edge asks for."""
+    return (FakeImages(registries), FakeUpstream(registries), FakeBacking(registries),
+            FakeState(), FakeSink())

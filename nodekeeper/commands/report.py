@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 
 from nodekeeper.config import Config
-from nodekeeper.containerd.client import Containerd, LocalImage
+from nodekeeper.containerd.client import Containerd
 from nodekeeper.errors import NodekeeperError, SettingsError, StateUnreadable
 from nodekeeper.failures import Kind
 from nodekeeper.host import runstatus
@@ -41,11 +41,11 @@ from nodekeeper.state.memory import Health
 from nodekeeper.timetext import ago
 
 
-def _local(config: Config, name: str) -> tuple[LocalImage | None, str]:
-    async def ask() -> LocalImage | None:
+def _local(config: Config, name: str) -> tuple[NodeCopy | None, str]:
+    async def ask() -> NodeCopy | None:
         containerd = Containerd(config.containerd.address, config.containerd.namespace)
         try:
-            return await containerd.local_image(name)
+            return await containerd.node_copy(name)
         finally:
             await containerd.close()
 
@@ -62,7 +62,7 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
     s = rule.settings
     lines = [
         f"image:       {image}",
-        f"reference:   {ref}  (name {ref.name})",
+        f"reference:   {ref}  (name {ref.repository})",
         f"rule:        {rule.label} from {policy.source}",
         f"settings:    update={s.update} interval={s.interval:g}s "
         f"probe_timeout={s.probe_timeout:g}s auth_fallback={s.auth_fallback}",
@@ -70,12 +70,13 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
     ]
     local, problem = _local(config, str(ref))
     lines.append("on node:     " + (problem or (
-        f"{local.id} (points at {local.digest or 'unknown digest'})" if local else "no copy")))
+        f"{local.image_id} (points at {local.digest or 'unknown digest'})" if local
+        else "no copy")))
     last_ok = None
     last_digest = ""
     public = False
     try:
-        recorded = stateview.reference(config.state_dir, str(ref), ref.name)
+        recorded = stateview.reference(config.state_dir, str(ref), ref.repository)
     except StateUnreadable as exc:
         lines.append(f"last check:  unknown (state database unreadable: {exc})")
     else:
@@ -95,8 +96,7 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
                                             "no anonymous pull recorded")
                          + f"; {recorded.access.credentials} credential fingerprint(s) seen "
                            "to work")
-    node = NodeCopy(local.id, local.digest) if local else None
-    pull = Pull(ref, rule.label, s, node, Access(public=public), time.time(), last_ok,
+    pull = Pull(ref, rule.label, s, local, Access(public=public), time.time(), last_ok,
                 last_digest, backing=config.backing.enabled and config.backing.read)
     lines.append(f"would:       {_describe(next_step(pull), s, ref)}  [for a pull without "
                  "credentials]")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import grpc
 import grpc.aio
@@ -23,13 +22,14 @@ from nodekeeper._proto import containerd_events_pb2 as ctdevents
 from nodekeeper._proto import containerd_images_pb2 as ctdimg
 from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.containerd.presence import Presence
-from nodekeeper.errors import ContainerdError, ContainerdUnavailable, PullRefused
+from nodekeeper.errors import ContainerdError, ContainerdRefusedPull, ContainerdUnavailable
 from nodekeeper.failures import Kind
 from nodekeeper.pull.credentials import Credentials
+from nodekeeper.pull.values import NodeCopy
 
 # The kubelet's own limit; a ListImages answer for a very full node can be large.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-CRI_SERVICE = "runtime.v1.ImageService"
+CRI_SERVICE = cri.DESCRIPTOR.services_by_name["ImageService"].full_name
 IMAGES_SERVICE = "containerd.services.images.v1.Images"
 CONTENT_SERVICE = "containerd.services.content.v1.Content"
 EVENTS_SUBSCRIBE = "/containerd.services.events.v1.Events/Subscribe"
@@ -78,15 +78,6 @@ def classify_pull_error(error: ContainerdError) -> Kind:
         if pattern.search(error.message):
             return kind
     return Kind.SERVER_ERROR
-
-
-@dataclass(frozen=True)
-class LocalImage:
-    """An image the node holds under a name: its ID (config digest) and the manifest or
-    index digest the name points at."""
-
-    id: str
-    digest: str
 
 
 class Containerd:
@@ -182,10 +173,10 @@ class Containerd:
         self.presence.learn(name, image_id, generation)
         return image_id
 
-    async def local_image(self, name: str) -> LocalImage | None:
+    async def node_copy(self, name: str) -> NodeCopy | None:
         """What containerd holds under `name` (a normalized reference), if anything."""
         image_id, digest = await asyncio.gather(self.image_id(name), self.target_digest(name))
-        return LocalImage(image_id, digest) if image_id else None
+        return NodeCopy(image_id, digest) if image_id else None
 
     async def target_digest(self, name: str) -> str:
         """The digest an image record points at ('' when there is no such record)."""
@@ -203,7 +194,8 @@ class Containerd:
         """Forward the PullImageRequest bytes `original` as they came; or, with `name`,
         pull that name (another registry's for the same content) with `credentials`
         instead, keeping every other field of the request (annotations, runtime handler,
-        sandbox config). Returns the image ID containerd answers; PullRefused on refusal."""
+        sandbox config). Returns the image ID containerd answers; ContainerdRefusedPull on
+        refusal."""
         assert isinstance(original, bytes)
         request = original
         if name is not None:
@@ -220,7 +212,7 @@ class Containerd:
             raise
         except ContainerdError as exc:
             named = tuple(dict.fromkeys(_DIGESTS.findall(exc.message)))
-            raise PullRefused(classify_pull_error(exc), exc, named) from None
+            raise ContainerdRefusedPull(classify_pull_error(exc), exc, named) from None
         return str(cri.PullImageResponse.FromString(answer).image_ref)
 
     async def alias(self, source: str, names: Sequence[str]) -> None:

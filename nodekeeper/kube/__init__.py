@@ -1,5 +1,6 @@
-"""Talking to the Kubernetes API server as the node: the kubeconfig, and a small client.
+"""Talking to the Kubernetes API server as the node: the kubeconfig, a small client, and
+Events on pods (events: the queue; sink: where it posts, the one user of the client).
 
-Only `nodekeeper.events` (when events are on) and `nodekeeper doctor` load the client;
+Only the sink (when events are on) and `nodekeeper doctor` load the client;
 `kubeconfig` is plain parsing and loads nothing else.
 """

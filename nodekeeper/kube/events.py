@@ -1,6 +1,6 @@
 """Kubernetes Events on the pod, for every PullImage answer upstream did not confirm.
 
-    PullImage answer ── observe(served) ──> pending: at most QUEUE distinct Events;
+    PullImage answer ── observe(answer) ──> pending: at most QUEUE distinct Events;
                         sync, O(1), never      a repeat only counts up its entry
                         raises or waits                 │ one worker task
                                                         ▼
@@ -31,17 +31,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from nodekeeper import logs, metrics
 from nodekeeper.config import KubernetesConfig
+from nodekeeper.errors import PostFailed
+from nodekeeper.failures import Kind
 from nodekeeper.kube import kubeconfig
+from nodekeeper.pull.edges import Answer, Decision, Pod, Sink
 from nodekeeper.timetext import ago_in_words
 
 REASON_FALLBACK = "ImageFallback"  # fallback and backing-fallback: one reason to select on
@@ -61,78 +63,45 @@ MAX_DETAIL = 200
 _MAX_NAME = 253
 _MAX_INSTANCE = 128
 
-_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_UID = re.compile(r"^[A-Za-z0-9-]{1,128}$")
-
 _TROUBLE = {
-    "unreachable": "unreachable",
-    "timeout": "not answering",
-    "server_error": "failing",
-    "rate_limited": "rate-limiting",
-    "not_found": "no longer has the tag",
-    "unauthorized": "refusing the credentials",
-    "invalid": "answering something invalid",
+    Kind.UNREACHABLE: "unreachable",
+    Kind.TIMEOUT: "not answering",
+    Kind.SERVER_ERROR: "failing",
+    Kind.RATE_LIMITED: "rate-limiting",
+    Kind.NOT_FOUND: "no longer has the tag",
+    Kind.UNAUTHORIZED: "refusing the credentials",
+    Kind.INVALID: "answering something invalid",
 }
-_COPY = {"fallback": "the node's copy", "backing-fallback": "the backing registry's copy"}
+_COPY = {Decision.FALLBACK: "the node's copy",
+         Decision.BACKING_FALLBACK: "the backing registry's copy"}
 
 _log = logs.get("events")
 
 
-@dataclass(frozen=True)
-class Pod:  # from PullImageRequest.sandbox_config.metadata
-    name: str
-    namespace: str
-    uid: str
-
-
-@dataclass(frozen=True)
-class Served:  # one PullImage answer that deserves an Event
-    pod: Pod
-    image: str  # as the pod names it
-    reference: str  # normalized, e.g. docker.io/library/postgres:15
-    decision: str  # "fallback" | "backing-fallback" | "updated"
-    failure_kind: str  # unreachable|timeout|...|invalid; "" for updated
-    failure_detail: str  # e.g. "timeout after 2s" (already free of secrets)
-    upstream: str  # registry host asked, e.g. registry-1.docker.io
-    digest: str  # digest served (for updated: the new one)
-    previous_digest: str  # updated: the old one; else ""
-    last_confirmed: float | None  # epoch seconds of the last successful upstream check
-    outage: str = ""  # the registry endpoint in an outage episode that answered, if any
-
-
-def pod_of(name: str, namespace: str, uid: str) -> Pod | None:
-    """The pod a PullImage is for, from its sandbox metadata; None when absent (crictl
-    pull sends none) or not what the API server would accept (it names a URL path)."""
-    if _SUBDOMAIN.match(name) and _LABEL.match(namespace) and _UID.match(uid):
-        return Pod(name, namespace, uid)
-    return None
-
-
-def _statement(served: Served) -> str:
+def _statement(answer: Answer) -> str:
     """The message without the age of the last confirmation."""
-    if served.decision == "updated":
-        source = f" at {served.upstream}" if served.upstream else ""
-        change = (f"{served.previous_digest} -> {served.digest}" if served.previous_digest
-                  else f"now {served.digest}")
-        return f"{served.reference} updated upstream{source}: {change}"
-    trouble = _TROUBLE.get(served.failure_kind, "failing")
-    detail = served.failure_detail[:MAX_DETAIL]
-    who = f"upstream {served.upstream}" if served.upstream else "upstream"
-    copy = _COPY.get(served.decision, "a copy")
-    during = f", during an outage of {served.outage}" if served.outage else ""
+    if answer.decision is Decision.UPDATED:
+        source = f" at {answer.upstream}" if answer.upstream else ""
+        change = (f"{answer.node_digest} -> {answer.digest}" if answer.node_digest
+                  else f"now {answer.digest}")
+        return f"{answer.reference} updated upstream{source}: {change}"
+    trouble = _TROUBLE.get(answer.kind, "failing") if answer.kind else "failing"
+    detail = answer.detail[:MAX_DETAIL]
+    who = f"upstream {answer.upstream}" if answer.upstream else "upstream"
+    copy = _COPY.get(answer.decision, "a copy")
+    during = f", during an outage of {answer.outage}" if answer.outage else ""
     return (f"{who} {trouble}{f' ({detail})' if detail else ''}{during}: started with "
-            f"{copy} of {served.reference}, {served.digest}")
+            f"{copy} of {answer.reference}, {answer.digest}")
 
 
-def message(served: Served, now: float) -> str:
+def message(answer: Answer, now: float) -> str:
     """The Event's message, e.g. "upstream registry-1.docker.io unreachable (timeout after
     2s): started with the node's copy of docker.io/library/postgres:15, sha256:..., last
     confirmed 3 days ago"."""
-    text = _statement(served)
-    if served.decision != "updated":
-        text += (f", last confirmed {ago_in_words(now - served.last_confirmed)}"
-                 if served.last_confirmed is not None
+    text = _statement(answer)
+    if answer.decision is not Decision.UPDATED:
+        text += (f", last confirmed {ago_in_words(now - answer.last_confirmed)}"
+                 if answer.last_confirmed is not None
                  else ", never confirmed upstream from this node")
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
 
@@ -147,30 +116,12 @@ def _timestamp(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-class PostFailed(Exception):
-    """A sink could not post: `retry` when trying again may work, `missing` when the Event
-    to patch is gone (it expired from the API server)."""
-
-    def __init__(self, detail: str, *, retry: bool, missing: bool = False) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.retry = retry
-        self.missing = missing
-
-
-class Sink(Protocol):
-    async def prepare(self) -> None: ...
-    async def create(self, namespace: str, event: dict[str, Any]) -> None: ...
-    async def patch(self, namespace: str, name: str, changes: dict[str, Any]) -> None: ...
-    async def close(self) -> None: ...
-
-
 Key = tuple[Pod, str, str, float | None]
 
 
 @dataclass
 class _Pending:
-    served: Served
+    answer: Answer
     reason: str
     first: float
     last: float
@@ -187,7 +138,7 @@ class _Posted:
 class Events:
     """Built from config; started and closed by the daemon; fed by `observe`."""
 
-    def __init__(self, node: str, decisions: Collection[str], sink: Sink | None, *,
+    def __init__(self, node: str, decisions: Collection[Decision], sink: Sink | None, *,
                  timeout: float = 5.0, queue: int = QUEUE, retry_for: float = RETRY_FOR,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
@@ -232,7 +183,8 @@ class Events:
                          error=str(exc),
                          fix="set kubernetes.kubeconfig, or kubernetes.events: false")
             return cls(node, settings.event_decisions, None)
-        from nodekeeper.kube.sink import ApiSink  # the HTTP client only when events are on
+        # The HTTP client only when events are on (the sink never imports this module).
+        from nodekeeper.kube.sink import ApiSink
 
         _log.info("kubernetes events on", kubeconfig=path, server=loaded.server, node=node,
                   decisions=sorted(settings.event_decisions))
@@ -249,26 +201,28 @@ class Events:
 
     # -- the caller's side: never waits, never raises ----------------------------------
 
-    def observe(self, served: Served) -> None:
+    def observe(self, answer: Answer) -> None:
         try:
-            if self._sink is None or served.decision not in self._decisions:
+            pod = answer.pod
+            if self._sink is None or pod is None or answer.decision not in self._decisions:
                 return
             if self._closed:
                 self._drop("closing", 1, "observed after close")
                 return
-            reason = REASON_UPDATED if served.decision == "updated" else REASON_FALLBACK
-            confirmed = None if served.decision == "updated" else served.last_confirmed
-            key: Key = (served.pod, reason, _statement(served), confirmed)
+            updated = answer.decision is Decision.UPDATED
+            reason = REASON_UPDATED if updated else REASON_FALLBACK
+            confirmed = None if updated else answer.last_confirmed
+            key: Key = (pod, reason, _statement(answer), confirmed)
             now, since = self._clock(), self._monotonic()
             item = self._pending.get(key)
             if item is not None:
                 item.count += 1
-                item.served, item.last, item.since = served, now, since
+                item.answer, item.last, item.since = answer, now, since
             elif len(self._pending) >= self._queue:
                 self._drop("queue_full", 1, f"{self._queue} Events already wait")
                 return
             else:
-                self._pending[key] = _Pending(served, reason, now, now, since)
+                self._pending[key] = _Pending(answer, reason, now, now, since)
             self._idle.clear()
             self._wakeup.set()
         except Exception as exc:  # a bug here must not fail a pull
@@ -332,8 +286,9 @@ class Events:
 
     async def _post(self, sink: Sink, key: Key, item: _Pending) -> str:
         sent = item.count
-        pod = item.served.pod
-        text = message(item.served, self._clock())
+        pod = item.answer.pod
+        assert pod is not None  # observe() keeps only answers for a pod
+        text = message(item.answer, self._clock())
         posted = self._posted.get(key)
         total = sent
         result = "created"
@@ -370,7 +325,8 @@ class Events:
             raise PostFailed(f"no answer within {self._timeout:g}s", retry=True) from None
 
     def _body(self, item: _Pending, name: str, count: int, text: str) -> dict[str, Any]:
-        pod = item.served.pod
+        pod = item.answer.pod
+        assert pod is not None
         instance = self.node[:_MAX_INSTANCE]
         return {
             "apiVersion": "v1", "kind": "Event",

@@ -1,11 +1,12 @@
-"""Where nodekeeper.events posts: core/v1 Events through the API client."""
+"""Where kube/events.py posts: core/v1 Events through the API client (an
+`edges.Sink`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from nodekeeper.errors import PostFailed
 from nodekeeper.kube.client import ApiError, Client
-from nodekeeper.kube.events import PostFailed
 from nodekeeper.kube.kubeconfig import Kubeconfig
 
 # Worth another try later: the server or the way to it may come back, credentials may be

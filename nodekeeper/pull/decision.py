@@ -7,6 +7,9 @@ successful check, what is known of these credentials, and the result of every st
 so far. The puller performs the step (probe upstream, ask backing, have containerd
 pull), adds its result with `pull.after(step, result)`, and asks again, until the step is
 `Serve` (the answer) or `Refuse` (a clear error). Nothing here does I/O or reads a clock.
+`Serve` also says what the answer means beyond the image: whether upstream confirmed it
+during this pull (the check succeeded; the reference is no longer stale), and whether the
+image is to be copied to the backing registry.
 
     the node has a copy and needs no network     Serve local-pinned | local-interval
     otherwise                                    Probe
@@ -32,25 +35,15 @@ from dataclasses import dataclass, field, replace
 
 from nodekeeper.errors import ContainerdError
 from nodekeeper.failures import Kind
-from nodekeeper.pull.policy import Settings
+from nodekeeper.pull.policy import AuthFallback, BackingPrivateFallback, Settings, Update
 from nodekeeper.pull.reference import Reference
+from nodekeeper.pull.values import Decision, NodeCopy
 
-
-class Decision(str, enum.Enum):
-    """How a PullImage was answered: the `decision` of its log line and metrics."""
-
-    LOCAL_PINNED = "local-pinned"
-    LOCAL_INTERVAL = "local-interval"
-    FRESH = "fresh"
-    UPDATED = "updated"
-    PULLED = "pulled"
-    BACKING = "backing"
-    BACKING_FALLBACK = "backing-fallback"
-    FALLBACK = "fallback"
-    ERROR = "error"
-
-    def __str__(self) -> str:
-        return self.value
+__all__ = [
+    "Access", "AskBacking", "BackingView", "Decision", "Failed", "NodeCopy", "Probe", "Probed",
+    "Pull", "PullFrom", "Pulled", "Refuse", "Result", "Serve", "Source", "Step",
+    "backing_copy_refusal", "next_step", "node_copy_refusal",
+]
 
 
 class Source(str, enum.Enum):
@@ -59,15 +52,6 @@ class Source(str, enum.Enum):
 
 
 # -- what is known -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class NodeCopy:
-    """The image the node holds under the name: its ID (config digest) and the manifest or
-    index digest the name points at ('' when unknown)."""
-
-    id: str
-    digest: str
-
 
 @dataclass(frozen=True)
 class Access:
@@ -103,7 +87,7 @@ class Failed:
     detail: str
     # containerd's own answer, when containerd refused a pull: passed on unchanged when
     # nothing better can be answered.
-    answer: ContainerdError | None = None
+    containerd: ContainerdError | None = None
     # The registry endpoint whose outage episode answered instead of a probe of this pull
     # ('' when the failure is this pull's own).
     outage: str = ""
@@ -152,13 +136,18 @@ class Serve:
     image_id: str
     digest: str = ""           # the digest answered ('' when unknown)
     failure: Failed | None = None  # for fallbacks: what upstream did
+    # Upstream confirmed `digest` (and these credentials) during this pull: the check
+    # succeeded, and the reference is no longer answered with an unconfirmed copy.
+    confirmed: bool = False
+    # The image came from upstream with a probe: copy it to backing (when configured).
+    copy_to_backing: bool = False
 
 
 @dataclass(frozen=True)
 class Refuse:
     kind: Kind
     message: str
-    answer: ContainerdError | None = None  # containerd's own answer, passed on unchanged
+    containerd: ContainerdError | None = None  # containerd's own answer, passed on unchanged
 
 
 Step = Probe | AskBacking | PullFrom | Serve | Refuse
@@ -217,12 +206,6 @@ def next_step(pull: Pull) -> Step:
     return _after_probe(pull, probed)
 
 
-def first_step(settings: Settings, ref: Reference, node: NodeCopy | None, access: Access,
-               last_ok: float | None, now: float) -> Step:
-    """What a PullImage would do before any network traffic (`explain`)."""
-    return next_step(Pull(ref, "", settings, node, access, now, last_ok))
-
-
 def _before_network(pull: Pull) -> Step:
     node, ref, settings = pull.node, pull.ref, pull.settings
     if node is None:
@@ -233,13 +216,13 @@ def _before_network(pull: Pull) -> Step:
         # Nobody saw these credentials work: ask upstream first, as containerd would.
         return Probe("credentials not yet verified")
     if ref.pinned:
-        return Serve(Decision.LOCAL_PINNED, "digest reference", node.id, node.digest)
-    if settings.update == "never":
-        return Serve(Decision.LOCAL_PINNED, "update: never", node.id, node.digest)
-    if (settings.update == "interval" and pull.last_ok is not None
+        return Serve(Decision.LOCAL_PINNED, "digest reference", node.image_id, node.digest)
+    if settings.update is Update.NEVER:
+        return Serve(Decision.LOCAL_PINNED, "update: never", node.image_id, node.digest)
+    if (settings.update is Update.INTERVAL and pull.last_ok is not None
             and pull.now - pull.last_ok < settings.interval):
         return Serve(Decision.LOCAL_INTERVAL, f"checked {pull.now - pull.last_ok:.0f}s ago",
-                     node.id, node.digest)
+                     node.image_id, node.digest)
     return Probe()
 
 
@@ -249,14 +232,15 @@ def _after_pinned_pull(pull: Pull, result: Result) -> Step:
     assert isinstance(result, Failed)
     if result.kind.unavailable:
         return _fall_back(pull, result)
-    return Refuse(result.kind, result.detail, result.answer)
+    return Refuse(result.kind, result.detail, result.containerd)
 
 
 def _after_probe(pull: Pull, probed: Probed) -> Step:
     node, digest = pull.node, probed.digest
     if node is not None and node.digest == digest:
         reason = next((s.reason for s, _ in pull.history if isinstance(s, Probe)), "")
-        return Serve(Decision.FRESH, reason or "digest unchanged", node.id, digest)
+        return Serve(Decision.FRESH, reason or "digest unchanged", node.image_id, digest,
+                     confirmed=True, copy_to_backing=True)
     if probed.quota_spent and node is not None:
         return _fall_back(pull, Failed(
             Kind.RATE_LIMITED, "Docker Hub's pull quota is spent (ratelimit-remaining: 0)"))
@@ -271,22 +255,22 @@ def _after_probe(pull: Pull, probed: Probed) -> Step:
             return PullFrom(Source.BACKING, digest)
         if isinstance(from_backing, Pulled):
             return Serve(Decision.BACKING, "digest held by backing", from_backing.image_id,
-                         digest)
+                         digest, confirmed=True)
     upstream = pull.result(PullFrom(Source.UPSTREAM, digest))
     if upstream is None:
         return PullFrom(Source.UPSTREAM, digest)
     if isinstance(upstream, Pulled):
         if node is not None:
             return Serve(Decision.UPDATED, "digest changed", upstream.image_id,
-                         upstream.digest or digest)
+                         upstream.digest or digest, confirmed=True, copy_to_backing=True)
         return Serve(Decision.PULLED, "not on the node", upstream.image_id,
-                     upstream.digest or digest)
+                     upstream.digest or digest, confirmed=True, copy_to_backing=True)
     assert isinstance(upstream, Failed)
     if node is None and not upstream.kind.unavailable:
-        return Refuse(upstream.kind, upstream.detail, upstream.answer)
+        return Refuse(upstream.kind, upstream.detail, upstream.containerd)
     return _fall_back(pull, Failed(upstream.kind,
                                    f"pull after a good probe failed: {upstream.detail}",
-                                   upstream.answer))
+                                   upstream.containerd))
 
 
 def _fall_back(pull: Pull, failure: Failed) -> Step:
@@ -298,10 +282,10 @@ def _fall_back(pull: Pull, failure: Failed) -> Step:
         if refusal:
             return Refuse(failure.kind, f"{problem}; the node's copy is not used because "
                                         f"{refusal}")
-        return Serve(Decision.FALLBACK, failure.kind.value, node.id, node.digest, failure)
+        return Serve(Decision.FALLBACK, failure.kind.value, node.image_id, node.digest, failure)
     if not pull.backing or failure.kind not in pull.settings.fallback_on:
         return Refuse(failure.kind, f"{problem}; the node has no copy to fall back to",
-                      failure.answer)
+                      failure.containerd)
     ask = AskBacking(pull.ref.digest or pull.last_digest, fallback=True)
     view = pull.result(ask)
     if view is None:
@@ -337,20 +321,20 @@ def node_copy_refusal(settings: Settings, rule: str, ref: Reference, access: Acc
         return f"fallback_on of {rule} does not include {kind}"
     if access.public:
         return ""  # anyone could pull it
-    if settings.auth_fallback == "never":
-        return f"{ref.name} needs credentials and auth_fallback is never"
+    if settings.auth_fallback is AuthFallback.NEVER:
+        return f"{ref.repository} needs credentials and auth_fallback is never"
     if access.these:
         return ""
     if access.anonymous:
-        return f"{ref.name} was never seen to be pullable without credentials"
-    return f"these credentials were never seen to work for {ref.name}"
+        return f"{ref.repository} was never seen to be pullable without credentials"
+    return f"these credentials were never seen to work for {ref.repository}"
 
 
 def backing_copy_refusal(settings: Settings, ref: Reference, public: bool) -> str:
     """Why backing's copy may not be handed to a node that has none while upstream fails:
     nobody can check this pod's credentials now."""
-    if public or settings.backing_private_fallback == "allow":
+    if public or settings.backing_private_fallback is BackingPrivateFallback.ALLOW:
         return ""
-    return (f"{ref.name} was never seen pullable without credentials "
+    return (f"{ref.repository} was never seen pullable without credentials "
             "(backing_private_fallback: deny)")
 

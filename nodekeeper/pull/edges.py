@@ -1,50 +1,65 @@
-"""The edges of the PullImage core: what the puller needs from the world, as Protocols.
+"""The edges of the PullImage core: what the puller needs from the world, as Protocols,
+and every value that crosses them (defined in `values`, re-exported here).
 
     Images        containerd's images (containerd.Containerd)
     Upstream      the registry a reference names (registry.Prober)
-    BackingStore  the cluster-wide backing registry (backing.Backing)
+    BackingStore  the cluster-wide backing registry (registry.Backing)
     StateStore    what this node remembers (state.State)
-    Observer      who hears of answers the pod's owner should see (events.Events)
+    Observer      who hears of answers the pod's owner should see (kube.Events)
+    Sink          where kube.Events posts them (kube.ApiSink)
 
-The first four each have an in-memory fake in tests/fakes.py, and a conformance suite in
-tests/conformance.py that the fake and the real implementation both pass.
+Each has an in-memory fake in tests/fakes.py (Observer: tests/unit/test_puller.py), and a
+conformance suite in tests/conformance.py that the fake and the real implementation both
+pass. This module imports no implementation: adapters import from it, never the reverse.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from nodekeeper.kube.events import Served
+from nodekeeper.failures import Kind
 from nodekeeper.pull.credentials import Credentials
 from nodekeeper.pull.reference import Reference
-from nodekeeper.registry.copy import Location
-from nodekeeper.registry.probe import ProbeResult
-from nodekeeper.state.memory import Check, PullRecord
+from nodekeeper.pull.values import (
+    Answer,
+    Check,
+    Decision,
+    Endpoint,
+    Location,
+    NodeCopy,
+    Pod,
+    ProbeResult,
+)
+
+__all__ = [
+    "Answer", "BackingStore", "Check", "Decision", "Endpoint", "Images", "Location",
+    "NodeCopy", "Observer", "Pod", "ProbeResult", "Sink", "StateStore", "Upstream",
+]
 
 
 class Images(Protocol):
-    def known_image_id(self, name: str) -> str:
-        """The image ID held under `name` as vouched for without asking ('' : ask)."""
+    def known_image_id(self, reference: str) -> str:
+        """The image ID held under `reference` as vouched for without asking ('' : ask)."""
 
-    async def held_image_id(self, name: str) -> str:
-        """The image ID held under `name` ('' when none)."""
+    async def held_image_id(self, reference: str) -> str:
+        """The image ID held under `reference` ('' when none)."""
 
-    async def target_digest(self, name: str) -> str:
-        """The manifest or index digest `name` points at ('' when no such image)."""
+    async def target_digest(self, reference: str) -> str:
+        """The manifest or index digest `reference` points at ('' when no such image)."""
 
-    async def pull(self, original: object, name: str | None = None,
+    async def pull(self, original: object, reference: str | None = None,
                    credentials: Credentials | None = None) -> str:
         """Pull as `original` (the PullImage request as it came, opaque to the core) asks,
-        or `name` instead with `credentials` instead; return the image ID. Raises
-        errors.PullRefused when containerd refuses."""
+        or `reference` instead with `credentials` instead; return the image ID. Raises
+        errors.ContainerdRefusedPull when containerd refuses."""
 
-    async def alias(self, source: str, names: Sequence[str]) -> None:
-        """Record `names` for what `source` points at, as if pulled under them; then drop
-        `source`."""
+    async def alias(self, source: str, references: Sequence[str]) -> None:
+        """Record `references` for what `source` points at, as if pulled under them; then
+        drop `source`."""
 
-    async def wait_visible(self, name: str) -> bool:
-        """Wait (briefly) until `name` answers ImageStatus; False if it never did."""
+    async def wait_visible(self, reference: str) -> bool:
+        """Wait (briefly) until `reference` answers ImageStatus; False if it never did."""
 
     async def discard(self, digests: Sequence[str]) -> int:
         """Drop what failed downloads of `digests` left behind, so that the next pull
@@ -60,6 +75,10 @@ class Upstream(Protocol):
     def applicable(self, ref: Reference, credentials: Credentials | None
                    ) -> Credentials | None:
         """`credentials` if containerd would use them for `ref`'s registry, else None."""
+
+    def default_host(self, ref: Reference) -> str:
+        """The host containerd asks for `ref`'s registry unless a hosts.toml says
+        otherwise (docker.io: registry-1.docker.io)."""
 
 
 class BackingStore(Protocol):
@@ -97,19 +116,44 @@ class StateStore(Protocol):
 
     def seen_working(self, repository: str, fingerprint: str) -> bool: ...
 
-    def record_check(self, reference: str, result: str, digest: str = "") -> None: ...
+    def record_check(self, reference: str, failure: Kind | None, digest: str = "") -> None:
+        """A check upstream: it succeeded (`failure` None; upstream named `digest`) or
+        failed so; a failure leaves the last success standing. Check.result reads "ok" or
+        the kind's value."""
 
     def record_access(self, repository: str, fingerprint: str) -> None: ...
 
-    def record_decision(self, record: PullRecord) -> None: ...
+    def record_decision(self, answer: Answer) -> None: ...
 
-    def mark_stale(self, reference: str, digest: str, kind: str) -> None:
+    def recent(self) -> list[Answer]:
+        """The answers recorded most recently, oldest first."""
+
+    def mark_stale(self, reference: str, digest: str, kind: Kind) -> None:
         """`reference` was answered with `digest` though upstream did not confirm it."""
 
     def clear_stale(self, reference: str) -> None:
         """Upstream confirmed what `reference` is answered with."""
 
+    def stale(self, reference: str) -> str:
+        """The digest `reference` is answered with while upstream has not confirmed it
+        ('' when upstream confirmed what it is answered with)."""
+
 
 class Observer(Protocol):
-    def observe(self, served: Served) -> None:
+    def observe(self, answer: Answer) -> None:
         """Never waits, never raises."""
+
+
+class Sink(Protocol):
+    """Where Events on pods are posted: core/v1 Event bodies by namespace. Failures are
+    errors.PostFailed, saying whether trying again may work."""
+
+    async def prepare(self) -> None: ...
+
+    async def create(self, namespace: str, event: dict[str, Any]) -> None:
+        """Post a new Event (one already there under its name counts as posted)."""
+
+    async def patch(self, namespace: str, name: str, changes: dict[str, Any]) -> None:
+        """Change an Event posted before; PostFailed(missing=True) when it is gone."""
+
+    async def close(self) -> None: ...

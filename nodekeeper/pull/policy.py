@@ -19,8 +19,10 @@ patterns, so one PullImage tries at most a few thousand automata of bounded size
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from nodekeeper.failures import Kind
 from nodekeeper.pull import regex
@@ -44,9 +46,38 @@ MAX_NAME_PROGRAM = 1024
 # A typical rule takes 30-60 (`ghcr.io/org/*` 24, `15(\..*)?` 17).
 MAX_PROGRAM_TOTAL = 20_000
 
-UPDATE_MODES = ("always", "interval", "never")
-AUTH_FALLBACK = ("known-credentials", "never")
-BACKING_PRIVATE_FALLBACK = ("deny", "allow")
+
+
+class Update(str, enum.Enum):
+    """When a tag is checked upstream."""
+
+    ALWAYS = "always"
+    INTERVAL = "interval"         # at most once per `interval`
+    NEVER = "never"               # the node's copy, once it has one
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class AuthFallback(str, enum.Enum):
+    """Whether the node's copy of a private repository may stand in for upstream."""
+
+    KNOWN_CREDENTIALS = "known-credentials"  # for credentials seen to work
+    NEVER = "never"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class BackingPrivateFallback(str, enum.Enum):
+    """Whether backing's copy of a private repository may stand in for upstream."""
+
+    DENY = "deny"
+    ALLOW = "allow"
+
+    def __str__(self) -> str:
+        return self.value
+
 # Upstream failures a rule may choose to cover with the node's copy. `unauthorized` is not
 # among them: 401/403 fall back only under auth_fallback, for credentials seen to work.
 FALLBACK_REASONS = tuple(kind for kind in Kind if kind is not Kind.UNAUTHORIZED)
@@ -54,14 +85,14 @@ FALLBACK_REASONS = tuple(kind for kind in Kind if kind is not Kind.UNAUTHORIZED)
 
 @dataclass(frozen=True)
 class Settings:
-    update: str = "always"
+    update: Update = Update.ALWAYS
     interval: float = 900.0
     probe_timeout: float = 2.0
     fallback_on: frozenset[Kind] = frozenset(FALLBACK_REASONS)
-    auth_fallback: str = "known-credentials"
+    auth_fallback: AuthFallback = AuthFallback.KNOWN_CREDENTIALS
     # A node without a copy may take backing's copy while upstream is down only for
     # repositories seen pullable anonymously, unless this says allow.
-    backing_private_fallback: str = "deny"
+    backing_private_fallback: BackingPrivateFallback = BackingPrivateFallback.DENY
 
 
 @dataclass(frozen=True)
@@ -76,7 +107,7 @@ class Rule:
     _tags: tuple[regex.Pattern, ...] = field(repr=False, compare=False)
 
     def matches(self, ref: Reference) -> bool:
-        return self.matches_utf8(ref.name.encode(), ref.tag.encode())
+        return self.matches_utf8(ref.repository.encode(), ref.tag.encode())
 
     def matches_utf8(self, name: bytes, tag: bytes) -> bool:
         """`matches` for a name and tag encoded once for all the rules they are tried on."""
@@ -102,7 +133,7 @@ class Policy:
     rules: tuple[Rule, ...]
 
     def rule_for(self, ref: Reference) -> Rule:
-        name, tag = ref.name.encode(), ref.tag.encode()
+        name, tag = ref.repository.encode(), ref.tag.encode()
         for rule in self.rules:
             if rule.matches_utf8(name, tag):
                 return rule
@@ -193,9 +224,9 @@ def _rule(section: Section, base: Settings) -> Rule:
 
 
 def _settings(section: Section, base: Settings) -> Settings:
-    update = section.choice("update", UPDATE_MODES, base.update)
+    update = _choice(section, "update", Update, base.update)
     interval = section.duration("interval", base.interval)
-    if update == "interval" and interval <= 0:
+    if update is Update.INTERVAL and interval <= 0:
         raise section.error("interval", "update: interval needs an interval above 0")
     probe_timeout = section.duration("probe_timeout", base.probe_timeout)
     if not 0 < probe_timeout <= 60:
@@ -210,8 +241,15 @@ def _settings(section: Section, base: Settings) -> Settings:
                 f"expected one of {', '.join(names)}, got {reason!r}",
             )
         fallback_on.append(names[reason])
-    auth_fallback = section.choice("auth_fallback", AUTH_FALLBACK, base.auth_fallback)
-    backing_private = section.choice("backing_private_fallback", BACKING_PRIVATE_FALLBACK,
-                                     base.backing_private_fallback)
+    auth_fallback = _choice(section, "auth_fallback", AuthFallback, base.auth_fallback)
+    backing_private = _choice(section, "backing_private_fallback", BackingPrivateFallback,
+                              base.backing_private_fallback)
     return Settings(update, interval, probe_timeout, frozenset(fallback_on), auth_fallback,
                     backing_private)
+
+
+_Choice = TypeVar("_Choice", Update, AuthFallback, BackingPrivateFallback)
+
+
+def _choice(section: Section, name: str, options: type[_Choice], default: _Choice) -> _Choice:
+    return options(section.choice(name, [option.value for option in options], default.value))

@@ -1,6 +1,6 @@
 """PullImage's I/O: it gathers what decision.py decides with, and carries out each step.
 
-    pull(request)
+    pull(request) -> Answer
       a Job: the reference, rule, credentials and state, read once
       the node's copy vouched for by image events and no network needed -> answered at once
       otherwise, one round per reference and credentials (singleflight):
@@ -9,31 +9,30 @@
                           first: later callers start a round of their own)
               AskBacking  does the backing registry hold the digest? is it public?
               PullFrom    containerd pulls, from upstream or from backing
-              Serve       the answer          Refuse  a clear error
+              Serve       the answer (copied to backing when the decision says so)
+              Refuse      a clear error: PullFailed, carrying the answer
+        the round settled (record.py): the check or stale reference, the fallback logged
+      each caller's answer recorded (record.py): metrics, the Event, the decision
 
-What it records: the check (state), who was seen to pull (state), the decision (state,
-log, metrics), the copy to backing (write-through), which references are answered with a
-copy upstream did not confirm (state), and for those an Event on each pod (events).
+What a step records itself: the check when a probe fails, and who was seen to pull
+(state).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nodekeeper import logs, metrics
-from nodekeeper.errors import ContainerdError, PullFailed, PullRefused, RequestError
+from nodekeeper import logs
+from nodekeeper.errors import ContainerdError, ContainerdRefusedPull, PullFailed, RequestError
 from nodekeeper.failures import Failure, Kind
-from nodekeeper.kube.events import Pod, Served
 from nodekeeper.pull.credentials import ANONYMOUS, Credentials, fingerprint
 from nodekeeper.pull.decision import (
     Access,
     AskBacking,
     BackingView,
-    Decision,
     Failed,
     NodeCopy,
     Probe,
@@ -47,15 +46,21 @@ from nodekeeper.pull.decision import (
     Source,
     next_step,
 )
-from nodekeeper.pull.edges import BackingStore, Images, Observer, StateStore, Upstream
+from nodekeeper.pull.edges import (
+    Answer,
+    BackingStore,
+    Decision,
+    Images,
+    Observer,
+    Pod,
+    ProbeResult,
+    StateStore,
+    Upstream,
+)
 from nodekeeper.pull.policy import Policy, Rule
+from nodekeeper.pull.record import Recorder
 from nodekeeper.pull.reference import InvalidReference, Reference, parse
 from nodekeeper.pull.singleflight import Seal, SingleFlight
-from nodekeeper.registry import ProbeResult
-from nodekeeper.registry.copy import Location
-from nodekeeper.registry.hosts import default_host
-from nodekeeper.state.memory import PullRecord
-from nodekeeper.timetext import ago
 
 _log = logs.get("puller")
 
@@ -70,65 +75,30 @@ class PullRequest:
     pod: Pod | None = None            # whose pull this is, from the sandbox metadata
 
 
-@dataclass
-class Outcome:
-    """How a PullImage was answered: everything its log line and `status` show."""
-
-    image: str
-    reference: str = ""
-    rule: str = ""
-    decision: Decision = Decision.ERROR
-    reason: str = ""
-    kind: Kind | None = None          # what upstream did, for fallbacks and errors
-    detail: str = ""                  # and what exactly
-    upstream: str = ""                # the registry host asked
-    image_ref: str = ""
-    local_digest: str = ""
-    upstream_digest: str = ""
-    digest: str = ""                  # the digest answered
-    probe_ms: float | None = None
-    last_confirmed: float | None = None  # when upstream last confirmed the reference
-    shared: bool = False
-    outage: str = ""                  # the endpoint whose outage episode answered
-
-    def fields(self) -> dict[str, object]:
-        found: dict[str, object] = {
-            "reference": self.reference, "rule": self.rule, "decision": self.decision.value,
-            "reason": self.reason, "kind": self.kind.value if self.kind else "",
-            "detail": self.detail if self.decision is not Decision.ERROR else "",
-            "local_digest": self.local_digest, "upstream_digest": self.upstream_digest,
-            "probe_ms": self.probe_ms, "outage": self.outage}
-        if self.shared:
-            found["shared"] = True
-        return {k: v for k, v in found.items() if v not in ("", None)}
-
-
 @dataclass(frozen=True)
 class _Job:
     """One PullImage, as read once when it arrives."""
 
     request: PullRequest
     ref: Reference
-    name: str                         # str(ref): containerd's name for it
+    reference: str                    # str(ref): containerd's name for it
     rule: Rule
     credentials: Credentials | None   # those containerd would use for this registry
     who: str                          # their keyed fingerprint, or ANONYMOUS
     access: Access
     last_ok: float | None
     last_digest: str
-
-    @property
-    def registry_host(self) -> str:
-        """The host containerd asks for this registry unless a hosts.toml says otherwise."""
-        return default_host(self.ref.domain)
+    registry_host: str                # the host asked unless a hosts.toml says otherwise
 
     def facts(self, node: NodeCopy | None, now: float, backing: bool) -> Pull:
         return Pull(self.ref, self.rule.label, self.rule.settings, node, self.access, now,
                     self.last_ok, self.last_digest, backing)
 
-
-# Answers that say something the pod's owner should see on the pod (kube/events.py).
-_NOTICED = frozenset({Decision.FALLBACK, Decision.BACKING_FALLBACK, Decision.UPDATED})
+    @property
+    def answer(self) -> Answer:
+        """What every answer to this job says, whatever the decision."""
+        return Answer(image=self.request.image, reference=self.reference,
+                      pod=self.request.pod, rule=self.rule.label, last_confirmed=self.last_ok)
 
 
 class Puller:
@@ -141,34 +111,32 @@ class Puller:
         self._state = state
         self._policy = policy
         self._backing = backing
-        self._events = events
         self._clock = clock
-        self._rounds: SingleFlight[tuple[str, str], Outcome] = SingleFlight()
+        self._recorder = Recorder(state, events, clock)
+        self._rounds: SingleFlight[tuple[str, str], Answer] = SingleFlight()
 
-    async def pull(self, request: PullRequest) -> Outcome:
+    async def pull(self, request: PullRequest) -> Answer:
         started = self._clock()
         job = self._job(request)
-        known = self._answer_known(job)
-        if known is not None:
-            self._record(known, started)
-            self._notice(request, known)
-            return known
-        try:
-            outcome, shared = await self._rounds.run(
-                (job.name, job.who), lambda seal: self._decide(job, seal))
-        except PullFailed as failure:
-            details = failure.details
-            self._record(Outcome(request.image, job.name, job.rule.label,
-                                 reason=failure.message, kind=failure.kind,
-                                 local_digest=str(details.get("local_digest", "")),
-                                 upstream_digest=str(details.get("upstream_digest", ""))),
-                         started)
-            raise
-        if shared:
-            outcome = dataclasses.replace(outcome, image=request.image, shared=True)
-        self._record(outcome, started)
-        self._notice(request, outcome)
-        return outcome
+        answer, shared = self._answer_known(job), False
+        if answer is None:
+            try:
+                answer, shared = await self._rounds.run(
+                    (job.reference, job.who), lambda seal: self._decide(job, seal))
+            except PullFailed as failure:
+                # Each caller of a round has its own refusal (its image, pod and times).
+                refused = self._finish(failure.answer, request, started, shared=False)
+                self._recorder.answered(refused)
+                raise PullFailed(refused, failure.containerd) from None
+        answer = self._finish(answer, request, started, shared)
+        self._recorder.answered(answer)
+        return answer
+
+    def _finish(self, answer: Answer, request: PullRequest, started: float,
+                shared: bool) -> Answer:
+        return dataclasses.replace(
+            answer, image=request.image, pod=request.pod, shared=shared, at=started,
+            duration_ms=round((self._clock() - started) * 1000, 3))
 
     def _job(self, request: PullRequest) -> _Job:
         try:
@@ -176,18 +144,19 @@ class Puller:
         except InvalidReference as exc:
             raise RequestError(f"invalid image reference {request.image!r}: {exc}") from None
         credentials = self._upstream.applicable(ref, request.credentials)
-        who = fingerprint(self._state.key, ref.name, credentials)
-        public = self._state.seen_working(ref.name, ANONYMOUS)
-        these = who != ANONYMOUS and self._state.seen_working(ref.name, who)
+        who = fingerprint(self._state.key, ref.repository, credentials)
+        public = self._state.seen_working(ref.repository, ANONYMOUS)
+        these = who != ANONYMOUS and self._state.seen_working(ref.repository, who)
         check = self._state.check(str(ref))
         return _Job(request, ref, str(ref), self._policy().rule_for(ref), credentials, who,
                     Access(public, these, anonymous=who == ANONYMOUS),
-                    check.ok_at if check else None, check.digest if check else "")
+                    check.ok_at if check else None, check.digest if check else "",
+                    self._upstream.default_host(ref))
 
-    def _answer_known(self, job: _Job) -> Outcome | None:
+    def _answer_known(self, job: _Job) -> Answer | None:
         """The node's copy, when image events vouch for it and no network is needed:
         answered at once, without containerd, a task or a round."""
-        image_id = self._images.known_image_id(job.name)
+        image_id = self._images.known_image_id(job.reference)
         if not image_id:
             return None
         node = NodeCopy(image_id, job.ref.digest or job.last_digest)
@@ -195,23 +164,27 @@ class Puller:
         step = next_step(pull)
         if not isinstance(step, Serve):
             return None
-        return self._served(job, pull, step, None)
+        answer = self._served(job, pull, step, None, None)
+        self._recorder.settled(answer)
+        return answer
 
-    async def _decide(self, job: _Job, seal: Seal) -> Outcome:
+    async def _decide(self, job: _Job, seal: Seal) -> Answer:
         try:
-            return await self._steps(job, seal)
+            answer = await self._steps(job, seal)
         except ContainerdError as exc:  # containerd itself failed outside a pull
-            raise PullFailed(None, exc.message, exc, {"rule": job.rule.label}) from None
+            raise PullFailed(dataclasses.replace(job.answer, reason=exc.message), exc) from None
+        self._recorder.settled(answer)
+        return answer
 
-    async def _steps(self, job: _Job, seal: Seal) -> Outcome:
+    async def _steps(self, job: _Job, seal: Seal) -> Answer:
         # One ImageStatus (or what image events kept true) says whether the node has a
-        # copy; what the name points at is asked only when the network will be used.
-        image_id = await self._images.held_image_id(job.name)
+        # copy; what the reference points at is asked only when the network will be used.
+        image_id = await self._images.held_image_id(job.reference)
         node = NodeCopy(image_id, job.ref.digest or job.last_digest) if image_id else None
         pull = job.facts(node, self._clock(), self._backing is not None)
         step = next_step(pull)
         if node is not None and not isinstance(step, Serve | Refuse):
-            node = NodeCopy(image_id, await self._images.target_digest(job.name))
+            node = NodeCopy(image_id, await self._images.target_digest(job.reference))
             pull = dataclasses.replace(pull, node=node)
             step = next_step(pull)
         probe: ProbeResult | None = None
@@ -219,9 +192,9 @@ class Puller:
         while True:
             result: Result
             if isinstance(step, Serve):
-                return self._served(job, pull, step, probe_ms, probe)
+                return self._served(job, pull, step, probe, probe_ms)
             if isinstance(step, Refuse):
-                raise self._refused(job, pull, step, probe_ms)
+                raise PullFailed(self._refused(job, pull, step, probe_ms), step.containerd)
             if isinstance(step, Probe):
                 seal()
                 probe_started = self._clock()
@@ -241,9 +214,10 @@ class Puller:
             found = await self._upstream.probe(job.ref, job.credentials,
                                                job.rule.settings.probe_timeout)
         except Failure as failure:
-            self._state.record_check(job.name, failure.kind.value)
+            self._state.record_check(job.reference, failure.kind)
             return None, Failed(failure.kind, failure.detail, outage=failure.outage)
-        self._state.record_access(job.ref.name, job.who if found.authenticated else ANONYMOUS)
+        self._state.record_access(job.ref.repository,
+                                  job.who if found.authenticated else ANONYMOUS)
         return found, Probed(found.digest, found.authenticated, found.pull_quota_spent)
 
     async def _ask_backing(self, job: _Job, step: AskBacking) -> BackingView:
@@ -263,21 +237,22 @@ class Puller:
                 image_id = await self._pull_from_backing(job, step.digest)
                 return Pulled(image_id, step.digest)
             image_id = await self._images.pull(job.request.original)
-        except PullRefused as refused:
+        except ContainerdRefusedPull as refused:
             if step.source is Source.BACKING:
                 await self._backing_refused(job, step.digest, refused)
-            return Failed(refused.kind, refused.detail, refused.answer)
-        pulled = await self._images.target_digest(job.name)
+            return Failed(refused.kind, refused.detail, refused.containerd)
+        pulled = await self._images.target_digest(job.reference)
         if isinstance(probed, Probed) and pulled and pulled != probed.digest:
-            _log.warning("upstream moved during the pull", image=job.name,
+            _log.warning("upstream moved during the pull", image=job.reference,
                          probed=probed.digest, pulled=pulled)
         return Pulled(image_id, pulled)
 
-    async def _backing_refused(self, job: _Job, digest: str, refused: PullRefused) -> None:
+    async def _backing_refused(self, job: _Job, digest: str,
+                               refused: ContainerdRefusedPull) -> None:
         """A pull from backing failed. When backing's bytes did not match their digest,
         what containerd kept of them is dropped (it would commit them again on the pull
         from upstream that follows), and backing's copy is not used for a while."""
-        _log.warning("pull from backing failed", image=job.name, digest=digest,
+        _log.warning("pull from backing failed", image=job.reference, digest=digest,
                      kind=refused.kind.value, error=refused.detail)
         if refused.kind is not Kind.INVALID:
             return
@@ -287,93 +262,52 @@ class Puller:
             await self._images.discard((digest, *refused.digests))
         except ContainerdError as exc:
             _log.warning("could not drop the failed download; the pull from upstream may "
-                         "fail the same way", image=job.name, error=exc.message)
+                         "fail the same way", image=job.reference, error=exc.message)
 
     async def _pull_from_backing(self, job: _Job, digest: str) -> str:
-        """containerd pulls backing's copy, then records it under the original names, so
-        ImageStatus for what the pod asked for answers as if it came from upstream."""
+        """containerd pulls backing's copy, then records it under the original references,
+        so ImageStatus for what the pod asked for answers as if it came from upstream."""
         backing = self._backing
         assert backing is not None
         source = backing.name(job.ref, digest)
         image_id = await self._images.pull(job.request.original, source, backing.credentials)
-        names = [str(job.ref.with_digest(digest))] + ([job.name] if job.ref.tag else [])
+        references = [str(job.ref.with_digest(digest))] + ([job.reference] if job.ref.tag
+                                                           else [])
         try:
-            await self._images.alias(source, names)
+            await self._images.alias(source, references)
         except ContainerdError as exc:
-            raise PullRefused(Kind.INVALID, exc) from None
-        await self._images.wait_visible(job.name)
+            raise ContainerdRefusedPull(Kind.INVALID, exc) from None
+        await self._images.wait_visible(job.reference)
         return image_id
 
     # -- answers -----------------------------------------------------------------------------
 
-    def _served(self, job: _Job, pull: Pull, step: Serve, probe_ms: float | None,
-                probe: ProbeResult | None = None) -> Outcome:
-        decision, failure = step.decision, step.failure
-        outcome = Outcome(job.request.image, job.name, job.rule.label, decision, step.reason,
-                          failure.kind if failure else None, failure.detail if failure else "",
-                          probe.endpoint if probe else job.registry_host, step.image_id,
-                          pull.node.digest if pull.node else "", digest=step.digest,
-                          probe_ms=probe_ms, last_confirmed=job.last_ok,
-                          outage=failure.outage if failure else "")
-        probed = pull.probed
-        if isinstance(probed, Probed):
-            outcome.upstream_digest = probed.digest
-        if decision is Decision.BACKING_FALLBACK:
-            outcome.upstream_digest = step.digest
-        if decision in (Decision.FRESH, Decision.UPDATED, Decision.BACKING) or (
-                decision is Decision.PULLED and probe is not None):
-            self._state.record_check(job.name, "ok", step.digest)
-            self._state.clear_stale(job.name)
-        if failure is not None:
-            self._state.mark_stale(job.name, step.digest, failure.kind.value)
-        if probe is not None and decision in (Decision.FRESH, Decision.UPDATED,
-                                              Decision.PULLED):
+    def _served(self, job: _Job, pull: Pull, step: Serve, probe: ProbeResult | None,
+                probe_ms: float | None) -> Answer:
+        failure, probed = step.failure, pull.probed
+        upstream_digest = probed.digest if isinstance(probed, Probed) else ""
+        if step.decision is Decision.BACKING_FALLBACK:  # what backing's tag names
+            upstream_digest = step.digest
+        if step.copy_to_backing and probe is not None:
             self._write_through(job, step.digest, probe)
-        if failure is not None:
-            metrics.FALLBACKS.labels(failure.kind.value).inc()
-            where = ("the node's copy" if decision is Decision.FALLBACK
-                     else "the backing registry's copy")
-            _log.warning(f"upstream failed; answering with {where}", image=job.name,
-                         kind=failure.kind.value, detail=failure.detail, digest=step.digest,
-                         last_confirmed=ago(pull.now - job.last_ok) if job.last_ok else "never",
-                         rule=job.rule.label,
-                         **({"outage": failure.outage} if failure.outage else {}))
-        return outcome
+        return dataclasses.replace(
+            job.answer, decision=step.decision, reason=step.reason,
+            kind=failure.kind if failure else None, detail=failure.detail if failure else "",
+            upstream=probe.host if probe else job.registry_host, image_id=step.image_id,
+            node_digest=pull.node.digest if pull.node else "",
+            upstream_digest=upstream_digest, digest=step.digest, confirmed=step.confirmed,
+            probe_ms=probe_ms, outage=failure.outage if failure else "")
 
-    def _refused(self, job: _Job, pull: Pull, step: Refuse,
-                 probe_ms: float | None) -> PullFailed:
+    def _refused(self, job: _Job, pull: Pull, step: Refuse, probe_ms: float | None) -> Answer:
         probed = pull.probed
-        outcome = Outcome(job.request.image, job.name, job.rule.label, Decision.ERROR,
-                          step.message, step.kind,
-                          local_digest=pull.node.digest if pull.node else "",
-                          upstream_digest=probed.digest if isinstance(probed, Probed) else "",
-                          probe_ms=probe_ms)
-        return PullFailed(step.kind, step.message, step.answer, outcome.fields())
+        return dataclasses.replace(
+            job.answer, reason=step.message, kind=step.kind,
+            node_digest=pull.node.digest if pull.node else "",
+            upstream_digest=probed.digest if isinstance(probed, Probed) else "",
+            probe_ms=probe_ms, outage=probed.outage if isinstance(probed, Failed) else "")
 
     def _write_through(self, job: _Job, digest: str, probe: ProbeResult) -> None:
         if self._backing is None or probe.source is None:
             return
-        creds = job.credentials if probe.authenticated else None
-        self._backing.write_through(job.ref, digest, Location(probe.source, job.ref.path, creds),
+        self._backing.write_through(job.ref, digest, probe.source,
                                     public=not probe.authenticated)
-
-    def _notice(self, request: PullRequest, outcome: Outcome) -> None:
-        if self._events is None or request.pod is None or outcome.decision not in _NOTICED:
-            return
-        self._events.observe(Served(
-            request.pod, request.image, outcome.reference, outcome.decision.value,
-            outcome.kind.value if outcome.kind else "", outcome.detail, outcome.upstream,
-            outcome.digest, outcome.local_digest if outcome.decision is Decision.UPDATED
-            else "", outcome.last_confirmed, outcome.outage))
-
-    def _record(self, outcome: Outcome, started: float) -> None:
-        metrics.DECISIONS.labels(outcome.decision.value,
-                                 outcome.kind.value if outcome.kind else "none").inc()
-        if outcome.shared:
-            return  # the caller that ran the work recorded it
-        # Written once the answer is on its way: the kubelet need not wait for the disk.
-        asyncio.get_running_loop().call_soon(self._state.record_decision, PullRecord(
-            started, outcome.image, outcome.rule, outcome.decision.value, outcome.reason,
-            outcome.local_digest, outcome.upstream_digest,
-            round((self._clock() - started) * 1000, 3)))
-

@@ -45,7 +45,7 @@ class Reference:
     digest: str = ""
 
     @property
-    def name(self) -> str:
+    def repository(self) -> str:
         """`docker.io/library/postgres`: what policy rules match and containerd records."""
         return f"{self.domain}/{self.path}"
 
@@ -55,7 +55,8 @@ class Reference:
         return bool(self.digest)
 
     def __str__(self) -> str:
-        return f"{self.name}@{self.digest}" if self.digest else f"{self.name}:{self.tag}"
+        return (f"{self.repository}@{self.digest}" if self.digest
+                else f"{self.repository}:{self.tag}")
 
     def with_digest(self, digest: str) -> Reference:
         return Reference(self.domain, self.path, digest=digest)

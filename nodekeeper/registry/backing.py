@@ -36,8 +36,9 @@ from nodekeeper import logs, metrics
 from nodekeeper.config import BackingConfig
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.pull.reference import Reference
-from nodekeeper.registry import Endpoint, Session
-from nodekeeper.registry.copy import Copier, Location
+from nodekeeper.pull.values import Endpoint, Location
+from nodekeeper.registry import Session
+from nodekeeper.registry.copy import Copier
 from nodekeeper.registry.probe import ACCEPT
 from nodekeeper.registry.wire import classify, valid_digest
 

@@ -54,8 +54,7 @@ from typing import Any
 import httpx
 
 from nodekeeper.failures import Failure, Kind
-from nodekeeper.pull.credentials import Credentials
-from nodekeeper.registry.hosts import Endpoint
+from nodekeeper.pull.values import Endpoint, Location
 from nodekeeper.registry.probe import ACCEPT
 from nodekeeper.registry.session import Session
 from nodekeeper.registry.wire import MAX_MANIFEST_BYTES, classify, read_body, valid_digest
@@ -84,22 +83,6 @@ MAX_DEPTH = 4             # indexes inside indexes
 # concurrent copies of one image; a short random pause and a retry clear it.
 RACE_ATTEMPTS = 3
 RACE_PAUSE = (0.05, 0.3)
-
-
-@dataclass(frozen=True)
-class Location:
-    """A repository on one registry, e.g. ("cache/docker.io/library/postgres")."""
-
-    endpoint: Endpoint
-    repository: str
-    credentials: Credentials | None = None
-
-    @property
-    def base(self) -> str:
-        return f"{self.endpoint.base}/{self.repository}"
-
-    def __str__(self) -> str:
-        return f"{self.endpoint.host}/{self.repository}"
 
 
 @dataclass

@@ -20,7 +20,6 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,31 +32,13 @@ else:  # pragma: no cover - Python 3.10
 from nodekeeper import logs
 from nodekeeper.addresses import is_loopback
 from nodekeeper.failures import Failure, Kind
+from nodekeeper.pull.values import Endpoint
 
 DOCKER_HUB_SERVER = "https://registry-1.docker.io"
 # hosts.toml files are a few hundred bytes; anything far larger is not one.
 MAX_HOSTS_TOML_BYTES = 256 * 1024
 
 _log = logs.get("hosts")
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One place to ask: `base` is the API root (…/v2)."""
-
-    base: str
-    host: str
-    ca: tuple[str, ...] = ()
-    skip_verify: bool = False
-    headers: tuple[tuple[str, str], ...] = ()
-    # Mirrors are told which registry is meant, as containerd does (?ns=docker.io).
-    namespace: str = ""
-    capabilities: frozenset[str] = field(default=frozenset({"pull", "resolve", "push"}))
-    # Client certificates: (certificate file, key file; '' when the key is in the first).
-    client: tuple[tuple[str, str], ...] = ()
-    # HTTPS that may fall back to plain HTTP (the endpoint after it) when the registry
-    # does not speak TLS: containerd's way with loopback registries.
-    http_fallback: bool = False
 
 
 def default_server(domain: str) -> str:

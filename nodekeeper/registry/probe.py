@@ -19,14 +19,14 @@ import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from nodekeeper import logs, metrics
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.pull.credentials import Credentials
 from nodekeeper.pull.reference import Reference
-from nodekeeper.registry.hosts import Endpoint, Hosts
+from nodekeeper.pull.values import Endpoint, Location, ProbeResult
+from nodekeeper.registry.hosts import Hosts, default_host
 from nodekeeper.registry.outage import Ended, Outage, Outages, Started, Step
 from nodekeeper.registry.session import Session
 from nodekeeper.registry.wire import MAX_MANIFEST_BYTES, classify, read_body, valid_digest
@@ -42,18 +42,6 @@ ACCEPT = ", ".join(MANIFEST_TYPES)
 DEFAULT_OUTAGE_WAIT = 0.2
 
 _log = logs.get("probe")
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    digest: str
-    endpoint: str
-    # The request's credentials were used (else the registry answered anonymously).
-    authenticated: bool
-    # Docker Hub says the pull quota is spent: a HEAD still works, a pull would not.
-    pull_quota_spent: bool = False
-    # Where the answer came from, for copying the image elsewhere afterwards.
-    source: Endpoint | None = field(default=None, compare=False)
 
 
 class Prober:
@@ -114,6 +102,9 @@ class Prober:
         offset = time.time() - self._clock()
         return [dataclasses.replace(outage, since=outage.since + offset)
                 for outage in self._outages.open()]
+
+    def default_host(self, ref: Reference) -> str:
+        return default_host(ref.domain)
 
     def applicable(self, ref: Reference, credentials: Credentials | None
                    ) -> Credentials | None:
@@ -291,7 +282,8 @@ class Prober:
             raise Failure(Kind.INVALID, f"{endpoint.host} answered {digest} for {ref.digest}")
         remaining = response.headers.get("ratelimit-remaining", "").split(";", 1)[0].strip()
         return ProbeResult(digest, endpoint.host, authenticated=creds is not None,
-                           pull_quota_spent=remaining == "0", source=endpoint)
+                           pull_quota_spent=remaining == "0",
+                           source=Location(endpoint, ref.path, creds))
 
 
 def _retrieved(task: asyncio.Task[ProbeResult]) -> None:

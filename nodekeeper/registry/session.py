@@ -27,7 +27,7 @@ import httpx
 from nodekeeper import logs, metrics
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.pull.credentials import Credentials
-from nodekeeper.registry.hosts import Endpoint
+from nodekeeper.pull.values import Endpoint
 from nodekeeper.registry.wire import MAX_SMALL_BODY, classify, header_safe, read_body, scrub
 
 DEFAULT_TOKEN_SECONDS = 60.0     # when a token answer has no expires_in, as containerd

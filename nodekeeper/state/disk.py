@@ -32,6 +32,7 @@ from pathlib import Path
 
 from nodekeeper import logs
 from nodekeeper.errors import StateCorrupt
+from nodekeeper.pull.values import Answer, Check
 
 DB_NAME = "state.db"
 SECRET_NAME = "fingerprint.key"
@@ -88,26 +89,6 @@ AccessKey = tuple[str, str]  # (repository, fingerprint)
 
 
 @dataclass(frozen=True)
-class Check:
-    checked_at: float
-    result: str
-    ok_at: float | None
-    digest: str
-
-
-@dataclass(frozen=True)
-class PullRecord:
-    at: float
-    image: str
-    rule: str
-    decision: str
-    reason: str
-    local_digest: str
-    upstream_digest: str
-    duration_ms: float
-
-
-@dataclass(frozen=True)
 class Stale:
     """A reference answered with a copy upstream did not confirm: which, why, since when
     (the same copy), and when it was last answered so."""
@@ -126,7 +107,7 @@ class Records:
 
     checks: dict[str, Check] = field(default_factory=dict)
     access: dict[AccessKey, tuple[float, float]] = field(default_factory=dict)
-    decisions: MutableSequence[PullRecord] = field(default_factory=list)
+    decisions: MutableSequence[Answer] = field(default_factory=list)
     meta: dict[str, tuple[str, float]] = field(default_factory=dict)
     stale: dict[str, Stale | None] = field(default_factory=dict)
 
@@ -287,7 +268,7 @@ def write(db: sqlite3.Connection, records: Records) -> None:
         db.executemany(
             "INSERT INTO decisions (at, image, rule, decision, reason, local_digest, "
             "upstream_digest, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(d.at, d.image, d.rule, d.decision, d.reason, d.local_digest,
+            [(d.at, d.image, d.rule, d.decision.value, d.reason, d.node_digest,
               d.upstream_digest, d.duration_ms) for d in records.decisions])
         db.executemany(
             "INSERT INTO meta (key, value, at) VALUES (?, ?, ?) ON CONFLICT(key) "

@@ -37,16 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nodekeeper import logs, metrics
+from nodekeeper.failures import Kind
 from nodekeeper.pull.credentials import ANONYMOUS
+from nodekeeper.pull.values import Answer, Check
 from nodekeeper.state import disk as statedisk
 from nodekeeper.state.disk import (
     DB_NAME,
     KEEP_DECISIONS,
     SECRET_NAME,
     AccessKey,
-    Check,
     Identity,
-    PullRecord,
     Records,
     Stale,
 )
@@ -55,9 +55,7 @@ __all__ = [
     "DB_NAME",
     "KEEP_DECISIONS",
     "SECRET_NAME",
-    "Check",
     "Health",
-    "PullRecord",
     "State",
 ]
 
@@ -108,7 +106,7 @@ class State:
         self._access: dict[AccessKey, tuple[float, float]] = {}
         self._meta: dict[str, tuple[str, float]] = {}
         self._stale: dict[str, Stale] = {}
-        self._recent: collections.deque[PullRecord] = collections.deque(maxlen=KEEP_DECISIONS)
+        self._recent: collections.deque[Answer] = collections.deque(maxlen=KEEP_DECISIONS)
         self._pending = _pending()
         self._everything = False  # the next batch writes all of memory
         # The writer's view of the disk.
@@ -192,17 +190,22 @@ class State:
             found = self._stale.get(reference)
             return found.digest if found else ""
 
+    def recent(self) -> list[Answer]:
+        """The most recent PullImage answers recorded, oldest first."""
+        with self._lock:
+            return list(self._recent)
+
     # -- writes (memory now, disk soon) ----------------------------------------------------
 
-    def record_check(self, reference: str, result: str, digest: str = "",
+    def record_check(self, reference: str, failure: Kind | None, digest: str = "",
                      now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._wake:
             previous = self._checks.get(reference)
-            if result == "ok":
-                check = Check(now, result, now, digest)
+            if failure is None:
+                check = Check(now, "ok", now, digest)
             else:  # a failed probe leaves the last success standing
-                check = Check(now, result, previous.ok_at if previous else None,
+                check = Check(now, failure.value, previous.ok_at if previous else None,
                               previous.digest if previous else "")
             self._checks[reference] = self._pending.checks[reference] = check
             self._wake.notify_all()
@@ -215,13 +218,13 @@ class State:
             self._access[key] = self._pending.access[key] = (min(first, now), now)
             self._wake.notify_all()
 
-    def record_decision(self, decision: PullRecord) -> None:
+    def record_decision(self, answer: Answer) -> None:
         with self._wake:
-            self._recent.append(decision)
-            self._pending.decisions.append(decision)
+            self._recent.append(answer)
+            self._pending.decisions.append(answer)
             self._wake.notify_all()
 
-    def mark_stale(self, reference: str, digest: str, kind: str,
+    def mark_stale(self, reference: str, digest: str, kind: Kind,
                    now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._wake:
@@ -229,7 +232,7 @@ class State:
             # `since` stays while the same copy keeps standing in.
             since = previous.since if previous and previous.digest == digest else now
             self._stale[reference] = self._pending.stale[reference] = Stale(
-                digest, kind, since, now)
+                digest, kind.value, since, now)
             count = len(self._stale)
             self._wake.notify_all()
         metrics.IMAGES_STALE.set(count)

@@ -18,7 +18,8 @@ from typing import Any
 
 from nodekeeper.errors import StateUnreadable
 from nodekeeper.pull.credentials import ANONYMOUS
-from nodekeeper.state.disk import DB_NAME, Check, PullRecord, Stale
+from nodekeeper.pull.values import Check
+from nodekeeper.state.disk import DB_NAME, Stale
 
 # How long a view waits for the daemon's writer to finish a batch.
 BUSY_TIMEOUT = 2.0
@@ -41,6 +42,20 @@ class Access:
     credentials: int  # how many credential fingerprints worked
 
 
+@dataclass(frozen=True)
+class Decided:
+    """One recorded PullImage decision, as `status` lists it."""
+
+    at: float
+    image: str
+    rule: str
+    decision: str  # a decision.Decision's value, as stored (older daemons' too)
+    reason: str
+    local_digest: str
+    upstream_digest: str
+    duration_ms: float
+
+
 @dataclass(frozen=True, kw_only=True)
 class ReferenceView:
     """For `explain`: the last check of one reference, and its repository's access."""
@@ -55,7 +70,7 @@ class StatusView:
 
     backing: Meta | None  # the backing registry's health, when a problem was recorded
     stale: dict[str, Stale]  # by reference, served stale the longest first
-    decisions: list[PullRecord]  # newest first
+    decisions: list[Decided]  # newest first
     checks: dict[str, Check]  # by reference, in order
 
 
@@ -91,7 +106,7 @@ def status(directory: str | Path, *, decisions: int) -> StatusView | None:
     return StatusView(
         backing=Meta(value=backing[0][0], at=backing[0][1]) if backing else None,
         stale={row[0]: Stale(*row[1:]) for row in stale},
-        decisions=[PullRecord(*row) for row in recent],
+        decisions=[Decided(*row) for row in recent],
         checks={row[0]: Check(*row[1:]) for row in checks})
 
 

@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,12 @@ from structlog.testing import capture_logs
 from nodekeeper import metrics
 from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.config import KubernetesConfig
+from nodekeeper.failures import Kind
 from nodekeeper.kube import client as kube_client
-from nodekeeper.kube.events import Events, Pod, Served, message
+from nodekeeper.kube.events import Events, message
 from nodekeeper.kube.sink import ApiSink
+from nodekeeper.pull.edges import Answer, Decision, Pod
+from tests import conformance
 from tests.conftest import MakeNodekeeper
 from tests.fakes import RecordingMetric
 from tests.harness import (
@@ -67,17 +70,17 @@ def bound_pod(apiserver: ApiServer, namespace: str = "shop") -> Pod:
     return Pod(meta["name"], meta["namespace"], meta["uid"])
 
 
-def served(pod: Pod, **changes: Any) -> Served:
+def served(pod: Pod, **changes: Any) -> Answer:
     values: dict[str, Any] = dict(
         pod=pod, image="postgres:15", reference="docker.io/library/postgres:15",
-        decision="fallback", failure_kind="unreachable", failure_detail="connection refused",
-        upstream="registry-1.docker.io", digest=DIGEST, previous_digest="",
+        decision=Decision.FALLBACK, kind=Kind.UNREACHABLE, detail="connection refused",
+        upstream="registry-1.docker.io", digest=DIGEST, node_digest="",
         last_confirmed=CONFIRMED)
     values.update(changes)
-    return Served(**values)
+    return Answer(**values)
 
 
-def observe_timed(events: Events, item: Served, times: int = 1) -> float:
+def observe_timed(events: Events, item: Answer, times: int = 1) -> float:
     """The slowest of `times` observe() calls, in seconds."""
     slowest = 0.0
     for _ in range(times):
@@ -143,11 +146,11 @@ async def test_updated_is_a_normal_event_when_enabled(apiserver: ApiServer,
                                                       tmp_path: Path) -> None:
     kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubelet.conf")
     pod = bound_pod(apiserver)
-    events = node_events(kubeconfig, event_decisions=("fallback", "updated"))
+    events = node_events(kubeconfig, event_decisions=(Decision.FALLBACK, Decision.UPDATED))
     await events.start()
     try:
-        events.observe(served(pod, decision="updated", failure_kind="", failure_detail="",
-                              previous_digest=OLD))
+        events.observe(served(pod, decision=Decision.UPDATED, kind=None, detail="",
+                              node_digest=OLD))
         (event,) = await events_of(apiserver, pod)
     finally:
         await events.close()
@@ -173,7 +176,7 @@ async def test_token_file_is_read_again_after_a_401(apiserver: ApiServer, tmp_pa
             await asyncio.sleep(0.05)
         assert dropped.counts == {"refused": 1}  # a 401 twice over is a refusal
         token.write_text(apiserver.node_token)
-        events.observe(served(pod, failure_detail="timeout after 2s"))
+        events.observe(served(pod, detail="timeout after 2s"))
         (event,) = await events_of(apiserver, pod)
     finally:
         await events.close()
@@ -248,7 +251,7 @@ def proxied_events(apiserver: ApiServer, proxy: FaultProxy, tmp_path: Path, *,
     """Events posted through the proxy (plain http on loopback, so a token)."""
     kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig", server=proxy.url,
                                             user={"token": apiserver.node_token})
-    return Events(NODE, ("fallback",), ApiSink(str(kubeconfig), 0.5), timeout=0.5,
+    return Events(NODE, (Decision.FALLBACK,), ApiSink(str(kubeconfig), 0.5), timeout=0.5,
                   queue=queue)
 
 
@@ -389,3 +392,32 @@ def test_a_fallback_through_the_daemon_shows_on_the_pod_and_in_status(
         capture_output=True, text=True, timeout=30, check=True).stdout
     assert "served without upstream's confirmation (1;" in status
     assert f"{ref}\n      {image.digest} since" in status
+
+
+class ApiServerWorld:
+    """The real API server, with the verbs the sink suite uses."""
+
+    def __init__(self, apiserver: ApiServer) -> None:
+        self.apiserver = apiserver
+
+    def pod(self) -> Pod:
+        return bound_pod(self.apiserver)
+
+    def events(self, pod: Pod) -> list[dict[str, Any]]:
+        return self.apiserver.events(pod.namespace, involvedObject__uid=pod.uid)
+
+
+class TestApiSink(conformance.SinkSuite):
+    """The same suite as the fake sink's (tests/unit/test_fakes.py), as the node."""
+
+    @pytest.fixture
+    def sink_world(self, apiserver: ApiServer) -> ApiServerWorld:
+        return ApiServerWorld(apiserver)
+
+    @pytest.fixture
+    async def sink(self, apiserver: ApiServer, tmp_path: Path) -> AsyncIterator[ApiSink]:
+        kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubelet.conf")
+        sink = ApiSink(str(kubeconfig), 5.0)
+        await sink.prepare()
+        yield sink
+        await sink.close()

@@ -31,7 +31,13 @@ from nodekeeper.pull.decision import (
     Step,
     next_step,
 )
-from nodekeeper.pull.policy import FALLBACK_REASONS, Settings
+from nodekeeper.pull.policy import (
+    FALLBACK_REASONS,
+    AuthFallback,
+    BackingPrivateFallback,
+    Settings,
+    Update,
+)
 from nodekeeper.pull.reference import parse
 
 
@@ -57,7 +63,7 @@ def facts(settings: Settings | None = None, node: NodeCopy | None = NODE,
           backing: bool = False, last_digest: str = "") -> Pull:
     assert ref in (TAGGED, PINNED)
     return Pull(TAGGED if ref is TAGGED else PINNED, "rules[0] (team/*)",
-                settings or Settings("always"), node, access, NOW, last_ok, last_digest,
+                settings or Settings(Update.ALWAYS), node, access, NOW, last_ok, last_digest,
                 backing)
 
 
@@ -113,9 +119,9 @@ def no_network(step: Step) -> Result:
 @pytest.mark.parametrize(
     ("settings", "ref", "last_ok", "decision", "reason"),
     [
-        (Settings("never"), TAGGED, None, Decision.LOCAL_PINNED, "update: never"),
-        (Settings("always"), PINNED, None, Decision.LOCAL_PINNED, "digest reference"),
-        (Settings("interval", interval=60), TAGGED, NOW - 59, Decision.LOCAL_INTERVAL,
+        (Settings(Update.NEVER), TAGGED, None, Decision.LOCAL_PINNED, "update: never"),
+        (Settings(Update.ALWAYS), PINNED, None, Decision.LOCAL_PINNED, "digest reference"),
+        (Settings(Update.INTERVAL, interval=60), TAGGED, NOW - 59, Decision.LOCAL_INTERVAL,
          "checked 59s ago"),
     ],
 )
@@ -132,9 +138,9 @@ def test_the_nodes_copy_without_network(settings: Settings, ref: object, last_ok
 @pytest.mark.parametrize(
     ("settings", "last_ok"),
     [
-        (Settings("always"), NOW),
-        (Settings("interval", interval=60), NOW - 60),    # elapsed, exactly
-        (Settings("interval", interval=60), None),        # never checked
+        (Settings(Update.ALWAYS), NOW),
+        (Settings(Update.INTERVAL, interval=60), NOW - 60),    # elapsed, exactly
+        (Settings(Update.INTERVAL, interval=60), None),        # never checked
     ],
 )
 def test_a_check_is_due(settings: Settings, last_ok: float | None) -> None:
@@ -143,9 +149,9 @@ def test_a_check_is_due(settings: Settings, last_ok: float | None) -> None:
 
 @pytest.mark.parametrize("access", [STRANGER, NOBODY])
 @pytest.mark.parametrize(("settings", "ref", "last_ok"), [
-    (Settings("never"), TAGGED, None),
-    (Settings("always"), PINNED, None),
-    (Settings("interval", interval=3600), TAGGED, NOW),
+    (Settings(Update.NEVER), TAGGED, None),
+    (Settings(Update.ALWAYS), PINNED, None),
+    (Settings(Update.INTERVAL, interval=3600), TAGGED, NOW),
 ])
 def test_unverified_credentials_are_checked_upstream_first(
         settings: Settings, ref: object, last_ok: float | None, access: Access) -> None:
@@ -160,11 +166,12 @@ def test_unverified_credentials_are_checked_upstream_first(
 def test_digest_unchanged_is_fresh() -> None:
     answer, steps = decide(facts(), upstream(OLD))
     assert steps == [Probe()]
-    assert served(answer) == Serve(Decision.FRESH, "digest unchanged", CONFIG_OLD, OLD)
+    assert served(answer) == Serve(Decision.FRESH, "digest unchanged", CONFIG_OLD, OLD,
+                                   confirmed=True, copy_to_backing=True)
 
 
 def test_fresh_after_verifying_credentials_says_so() -> None:
-    answer, _ = decide(facts(Settings("never"), access=STRANGER), upstream(OLD, True))
+    answer, _ = decide(facts(Settings(Update.NEVER), access=STRANGER), upstream(OLD, True))
     assert served(answer).decision is Decision.FRESH
     assert served(answer).reason == "credentials not yet verified"
 
@@ -172,7 +179,8 @@ def test_fresh_after_verifying_credentials_says_so() -> None:
 def test_digest_moved_is_updated() -> None:
     answer, steps = decide(facts(), upstream(NEW))
     assert steps == [Probe(), PullFrom(Source.UPSTREAM, NEW)]
-    assert served(answer) == Serve(Decision.UPDATED, "digest changed", CONFIG_NEW, NEW)
+    assert served(answer) == Serve(Decision.UPDATED, "digest changed", CONFIG_NEW, NEW,
+                                   confirmed=True, copy_to_backing=True)
 
 
 def test_the_digest_pulled_is_the_one_answered() -> None:
@@ -185,7 +193,8 @@ def test_the_digest_pulled_is_the_one_answered() -> None:
 def test_no_copy_is_pulled() -> None:
     answer, steps = decide(facts(node=None), upstream(NEW))
     assert steps == [Probe(), PullFrom(Source.UPSTREAM, NEW)]
-    assert served(answer) == Serve(Decision.PULLED, "not on the node", CONFIG_NEW, NEW)
+    assert served(answer) == Serve(Decision.PULLED, "not on the node", CONFIG_NEW, NEW,
+                                   confirmed=True, copy_to_backing=True)
 
 
 def test_a_digest_reference_without_a_copy_is_pulled_without_a_probe() -> None:
@@ -202,7 +211,8 @@ def test_a_needed_pull_comes_from_backing_when_it_holds_the_digest(node: NodeCop
     answer, steps = decide(facts(node=node, backing=True), upstream(
         NEW, backing=BackingView(NEW, holds=True), backing_pull=Pulled(CONFIG_NEW, NEW)))
     assert steps == [Probe(), AskBacking(NEW), PullFrom(Source.BACKING, NEW)]
-    assert served(answer) == Serve(Decision.BACKING, "digest held by backing", CONFIG_NEW, NEW)
+    assert served(answer) == Serve(Decision.BACKING, "digest held by backing", CONFIG_NEW, NEW,
+                                   confirmed=True)
 
 
 def test_backing_without_the_digest_leaves_the_pull_to_upstream() -> None:
@@ -238,7 +248,7 @@ def test_every_fallback_kind_serves_the_nodes_copy(kind: Kind, access: Access) -
 
 @pytest.mark.parametrize("kind", FALLBACK_REASONS)
 def test_a_kind_missing_from_fallback_on_is_refused(kind: Kind) -> None:
-    settings = Settings("always", fallback_on=frozenset(FALLBACK_REASONS) - {kind})
+    settings = Settings(Update.ALWAYS, fallback_on=frozenset(FALLBACK_REASONS) - {kind})
     answer = refused(decide(facts(settings), upstream(failure=Failed(kind, "detail")))[0])
     assert answer.kind is kind
     assert f"fallback_on of rules[0] (team/*) does not include {kind.value}" in answer.message
@@ -265,7 +275,7 @@ def test_unauthorized_falls_back_for_credentials_that_worked_before() -> None:
 
 def test_unauthorized_cannot_be_left_out_of_fallback_on() -> None:
     # It is governed by auth_fallback instead; fallback_on never lists it.
-    settings = Settings("always", fallback_on=frozenset())
+    settings = Settings(Update.ALWAYS, fallback_on=frozenset())
     answer, _ = decide(facts(settings, access=KNOWN),
                        upstream(failure=Failed(Kind.UNAUTHORIZED, "401")))
     assert served(answer).decision is Decision.FALLBACK
@@ -273,14 +283,14 @@ def test_unauthorized_cannot_be_left_out_of_fallback_on() -> None:
 
 @pytest.mark.parametrize("kind", [Kind.UNREACHABLE, Kind.UNAUTHORIZED])
 def test_auth_fallback_never_refuses_known_credentials(kind: Kind) -> None:
-    settings = Settings("always", auth_fallback="never")
+    settings = Settings(Update.ALWAYS, auth_fallback=AuthFallback.NEVER)
     answer = refused(decide(facts(settings, access=KNOWN),
                             upstream(failure=Failed(kind, "x")))[0])
     assert "needs credentials and auth_fallback is never" in answer.message
 
 
 def test_auth_fallback_never_still_serves_public_repositories() -> None:
-    settings = Settings("always", auth_fallback="never")
+    settings = Settings(Update.ALWAYS, auth_fallback=AuthFallback.NEVER)
     answer, _ = decide(facts(settings), upstream(failure=Failed(Kind.UNREACHABLE, "x")))
     assert served(answer).decision is Decision.FALLBACK
 
@@ -393,7 +403,7 @@ def test_backings_copy_refused(view: BackingView, why: str) -> None:
 
 
 def test_backing_private_fallback_allow_serves_a_private_copy() -> None:
-    settings = Settings("always", backing_private_fallback="allow")
+    settings = Settings(Update.ALWAYS, backing_private_fallback=BackingPrivateFallback.ALLOW)
     answer, _ = decide(facts(settings, node=None, backing=True, last_digest=NEW), upstream(
         failure=Failed(Kind.UNREACHABLE, "x"), fallback_view=BackingView(NEW, True, False),
         backing_pull=Pulled(CONFIG_NEW, NEW)))
@@ -401,7 +411,7 @@ def test_backing_private_fallback_allow_serves_a_private_copy() -> None:
 
 
 def test_backing_is_not_asked_for_a_kind_outside_fallback_on() -> None:
-    settings = Settings("always", fallback_on=frozenset({Kind.TIMEOUT}))
+    settings = Settings(Update.ALWAYS, fallback_on=frozenset({Kind.TIMEOUT}))
     answer, steps = decide(facts(settings, node=None, backing=True),
                            upstream(failure=Failed(Kind.NOT_FOUND, "x")))
     assert steps == [Probe()]
@@ -446,3 +456,26 @@ def test_a_pinned_pull_refused_by_containerd_is_passed_on(kind: Kind) -> None:
                            upstream(pull=Failed(kind, "x", CONTAINERD_SAYS)))
     assert steps == [PullFrom(Source.UPSTREAM, OLD)]
     assert answer == Refuse(kind, "x", CONTAINERD_SAYS)
+
+
+# -- what an answer confirms, and what is copied to backing ----------------------------------
+
+@pytest.mark.parametrize(("pull", "world", "confirmed", "copied"), [
+    (facts(Settings(Update.NEVER)), no_network, False, False),                # local-pinned
+    (facts(), upstream(OLD), True, True),                                      # fresh
+    (facts(), upstream(NEW), True, True),                                      # updated
+    (facts(node=None), upstream(NEW), True, True),                             # pulled
+    (facts(node=None, ref=PINNED), upstream(OLD), False, False),               # pinned pull
+    (facts(node=None, backing=True), upstream(NEW, backing=BackingView(NEW, True),
+                                              backing_pull=Pulled(CONFIG_NEW, NEW)),
+     True, False),                                                             # backing
+    (facts(), upstream(failure=Failed(Kind.UNREACHABLE, "refused")), False, False),  # fallback
+    (facts(node=None, backing=True),
+     upstream(failure=Failed(Kind.UNREACHABLE, "refused"),
+              fallback_view=BackingView(OLD, True, public=True),
+              backing_pull=Pulled(CONFIG_OLD, OLD)), False, False),          # backing-fallback
+])
+def test_an_answer_says_whether_upstream_confirmed_it_and_whether_backing_gets_a_copy(
+        pull: Pull, world: Answers, confirmed: bool, copied: bool) -> None:
+    answer = served(decide(pull, world)[0])
+    assert (answer.confirmed, answer.copy_to_backing) == (confirmed, copied), answer

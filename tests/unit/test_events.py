@@ -17,10 +17,13 @@ from structlog.testing import capture_logs
 
 from nodekeeper import metrics
 from nodekeeper.config import KubernetesConfig
+from nodekeeper.errors import PostFailed
+from nodekeeper.failures import Kind
 from nodekeeper.kube import events as events_module
-from nodekeeper.kube.events import Events, Pod, PostFailed, Served, event_name, message, pod_of
+from nodekeeper.kube.events import Events, event_name, message
 from nodekeeper.kube.kubeconfig import KubeconfigError
-from tests.fakes import RecordingMetric
+from nodekeeper.pull.edges import Answer, Decision, Pod
+from tests.fakes import FakeSink, RecordingMetric
 
 NOW = 1_800_000_000.0
 DIGEST = "sha256:" + "a" * 64
@@ -28,11 +31,11 @@ OLD = "sha256:" + "b" * 64
 POD = Pod("web-0", "shop", "1f0c6b2e-7d1a-4c59-9a43-0e6d2b8c5a11")
 
 
-def served(**changes: Any) -> Served:
-    base = Served(pod=POD, image="postgres:15", reference="docker.io/library/postgres:15",
-                  decision="fallback", failure_kind="unreachable",
-                  failure_detail="timeout after 2s", upstream="registry-1.docker.io",
-                  digest=DIGEST, previous_digest="", last_confirmed=NOW - 3 * 86400)
+def served(**changes: Any) -> Answer:
+    base = Answer(pod=POD, image="postgres:15", reference="docker.io/library/postgres:15",
+                  decision=Decision.FALLBACK, kind=Kind.UNREACHABLE,
+                  detail="timeout after 2s", upstream="registry-1.docker.io",
+                  digest=DIGEST, node_digest="", last_confirmed=NOW - 3 * 86400)
     return dataclasses.replace(base, **changes)
 
 
@@ -46,19 +49,19 @@ def test_fallback_message() -> None:
 
 
 def test_backing_fallback_and_other_kinds() -> None:
-    text = message(served(decision="backing-fallback", failure_kind="rate_limited",
-                          failure_detail="429 Too Many Requests", last_confirmed=None), NOW)
+    text = message(served(decision=Decision.BACKING_FALLBACK, kind=Kind.RATE_LIMITED,
+                          detail="429 Too Many Requests", last_confirmed=None), NOW)
     assert text == (
         "upstream registry-1.docker.io rate-limiting (429 Too Many Requests): started with the "
         f"backing registry's copy of docker.io/library/postgres:15, {DIGEST}, never confirmed "
         "upstream from this node")
-    assert message(served(failure_kind="timeout", failure_detail="", upstream=""), NOW)\
+    assert message(served(kind=Kind.TIMEOUT, detail="", upstream=""), NOW)\
         .startswith("upstream not answering: started with the node's copy")
 
 
 def test_updated_message() -> None:
-    text = message(served(decision="updated", failure_kind="", failure_detail="",
-                          previous_digest=OLD), NOW)
+    text = message(served(decision=Decision.UPDATED, kind=None, detail="",
+                          node_digest=OLD), NOW)
     assert text == (f"docker.io/library/postgres:15 updated upstream at registry-1.docker.io: "
                     f"{OLD} -> {DIGEST}")
 
@@ -73,7 +76,7 @@ def test_age_wording(ago: float, words: str) -> None:
 
 
 def test_message_is_bounded() -> None:
-    text = message(served(failure_detail="x" * 5000, reference="r" * 2000), NOW)
+    text = message(served(detail="x" * 5000, reference="r" * 2000), NOW)
     assert len(text) <= events_module.MAX_MESSAGE
     assert "x" * (events_module.MAX_DETAIL + 1) not in text
 
@@ -91,45 +94,10 @@ def test_event_name_fits_a_dns_subdomain() -> None:
     ("web", "shop", "x" * 200), ("web", "shop", "a/b"),
 ])
 def test_pod_of_refuses_what_the_api_server_would(name: str, namespace: str, uid: str) -> None:
-    assert pod_of(name, namespace, uid) is None
+    assert Pod.of(name, namespace, uid) is None
 
 
 # -- the queue -------------------------------------------------------------------------
-
-
-class FakeSink:
-    """Records calls; keeps Events by name; fails or hangs on demand."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, dict[str, Any]]] = []
-        self.stored: dict[str, dict[str, Any]] = {}
-        self.failures: list[PostFailed] = []
-        self.hang = False
-        self.closed = False
-
-    async def prepare(self) -> None:
-        pass
-
-    async def _maybe_fail(self) -> None:
-        if self.hang:
-            await asyncio.Event().wait()
-        if self.failures:
-            raise self.failures.pop(0)
-
-    async def create(self, namespace: str, event: dict[str, Any]) -> None:
-        self.calls.append(("create", namespace, event))
-        await self._maybe_fail()
-        self.stored[event["metadata"]["name"]] = dict(event)
-
-    async def patch(self, namespace: str, name: str, changes: dict[str, Any]) -> None:
-        self.calls.append(("patch", name, changes))
-        await self._maybe_fail()
-        if name not in self.stored:
-            raise PostFailed("404 not found", retry=False, missing=True)
-        self.stored[name].update(changes)
-
-    async def close(self) -> None:
-        self.closed = True
 
 
 class Clock:
@@ -177,8 +145,9 @@ MakeEvents = Callable[..., Events]
 def make_events(sink: FakeSink, clock: Clock) -> MakeEvents:
     def make(**kwargs: Any) -> Events:
         kwargs.setdefault("sleep", Sleeps())
-        return Events("node-a", kwargs.pop("decisions", ("fallback", "backing-fallback")),
-                      sink, clock=clock.time, monotonic=clock.monotonic, **kwargs)
+        decisions = kwargs.pop("decisions", (Decision.FALLBACK, Decision.BACKING_FALLBACK))
+        return Events("node-a", decisions, sink, clock=clock.time, monotonic=clock.monotonic,
+                      **kwargs)
 
     return make
 
@@ -216,12 +185,12 @@ async def test_the_event_as_posted(make_events: MakeEvents, sink: FakeSink) -> N
 async def test_decisions_are_a_setting(make_events: MakeEvents, sink: FakeSink) -> None:
     quiet = make_events()
     await quiet.start()
-    quiet.observe(served(decision="updated", failure_kind="", previous_digest=OLD))
+    quiet.observe(served(decision=Decision.UPDATED, kind=None, node_digest=OLD))
     assert quiet.pending == 0
     await quiet.close()
-    loud = make_events(decisions=("updated",))
+    loud = make_events(decisions=(Decision.UPDATED,))
     await loud.start()
-    loud.observe(served(decision="updated", failure_kind="", previous_digest=OLD))
+    loud.observe(served(decision=Decision.UPDATED, kind=None, node_digest=OLD))
     loud.observe(served())
     await settle(loud, sink, 1)
     await loud.close()
@@ -250,7 +219,7 @@ async def test_repeats_are_one_event_with_a_count(make_events: MakeEvents, sink:
     assert stored["firstTimestamp"] == "2027-01-15T08:00:00Z"
     # Another pod, another failure, another outage: each its own Event.
     events.observe(served(pod=Pod("web-1", "shop", "0" * 8)))
-    events.observe(served(failure_detail="connection refused"))
+    events.observe(served(detail="connection refused"))
     events.observe(served(last_confirmed=NOW - 60))
     await settle(events, sink, 5)
     await events.close()
@@ -340,8 +309,8 @@ async def test_observe_is_instant_and_bounded(make_events: MakeEvents, sink: Fak
 async def test_observe_never_raises(make_events: MakeEvents,
                                     dropped_metric: RecordingMetric) -> None:
     events = make_events()
-    broken = served(pod=None)  # type: ignore[arg-type]
-    object.__setattr__(broken, "failure_detail", None)  # slicing None fails inside
+    broken = served()
+    object.__setattr__(broken, "detail", None)  # slicing None fails inside
     events.observe(broken)
     assert dropped_metric.counts == {"internal": 1}
 
@@ -364,7 +333,7 @@ async def test_failures_back_off_then_recover(make_events: MakeEvents, sink: Fak
     assert names.count("kubernetes Events posted again") == 1
     # A success resets the back-off.
     sink.failures = [PostFailed("503", retry=True)]
-    events.observe(served(failure_detail="other"))
+    events.observe(served(detail="other"))
     await settle(events, sink, 8)
     assert 0.4 <= sleeps.delays[-1] <= 0.6
     await events.close()

@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from nodekeeper.pull.edges import Endpoint, Location, Pod
 from nodekeeper.pull.reference import parse
-from nodekeeper.registry.copy import Location
-from nodekeeper.registry.hosts import Endpoint
 from tests import conformance
 from tests.fakes import (
     FakeBacking,
     FakeImages,
     FakeRegistry,
+    FakeSink,
     FakeState,
     FakeUpstream,
     Published,
@@ -108,3 +110,26 @@ class TestFakeState(conformance.StateSuite):
     @pytest.fixture
     def state(self) -> FakeState:
         return FakeState()
+
+
+class FakeSinkWorld:
+    def __init__(self) -> None:
+        self.sink = FakeSink()
+        self._pods = 0
+
+    def pod(self) -> Pod:
+        self._pods += 1
+        return Pod(f"web-{self._pods}", "shop", f"uid-{self._pods}")
+
+    def events(self, pod: Pod) -> list[dict[str, Any]]:
+        return self.sink.events(pod)
+
+
+class TestFakeSink(conformance.SinkSuite):
+    @pytest.fixture
+    def sink_world(self) -> FakeSinkWorld:
+        return FakeSinkWorld()
+
+    @pytest.fixture
+    def sink(self, sink_world: FakeSinkWorld) -> FakeSink:
+        return sink_world.sink

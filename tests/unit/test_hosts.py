@@ -9,7 +9,8 @@ import structlog
 
 from nodekeeper.addresses import is_loopback
 from nodekeeper.failures import Failure, Kind
-from nodekeeper.registry.hosts import Endpoint, Hosts
+from nodekeeper.pull.edges import Endpoint
+from nodekeeper.registry.hosts import Hosts
 
 
 def hosts_file(hosts_dir: Path, domain: str, text: str) -> Path:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 
 from nodekeeper.failures import Failure, Kind
-from nodekeeper.kube.events import Pod, Served, message
+from nodekeeper.kube.events import message
 from nodekeeper.pull.credentials import Credentials
 from nodekeeper.pull.decision import Decision
+from nodekeeper.pull.edges import Answer, Pod
 from nodekeeper.pull.policy import parse as parse_policy
 from nodekeeper.pull.puller import Puller, PullRequest
 from nodekeeper.pull.reference import Reference, parse
@@ -195,12 +196,15 @@ class InOutage:
                    ) -> Credentials | None:
         return self.upstream.applicable(ref, credentials)
 
+    def default_host(self, ref: Reference) -> str:
+        return self.upstream.default_host(ref)
+
 
 class Heard:
     def __init__(self) -> None:
-        self.served: list[Served] = []
+        self.served: list[Answer] = []
 
-    def observe(self, served: Served) -> None:
+    def observe(self, served: Answer) -> None:
         self.served.append(served)
 
 
@@ -210,14 +214,15 @@ async def test_a_fallback_during_an_outage_names_the_endpoint_in_the_log_and_the
     images, state, heard = FakeImages(registries), FakeState(), Heard()
     rules = parse_policy(Document("policy.yaml", "defaults:\n  update: always\n"))
     upstream = FakeUpstream(registries)
-    await Puller(images, upstream, state, lambda: rules, None, heard).pull(
-        PullRequest(REF, None, Requested(REF)))
-    puller = Puller(images, InOutage(upstream), state, lambda: rules, None, heard)
+    await Puller(images=images, upstream=upstream, state=state, policy=lambda: rules,
+                 events=heard).pull(PullRequest(REF, None, Requested(REF)))
+    puller = Puller(images=images, upstream=InOutage(upstream), state=state,
+                    policy=lambda: rules, events=heard)
 
     answer = await puller.pull(PullRequest(REF, None, Requested(REF), POD))
 
-    assert (answer.decision, answer.image_ref) == (Decision.FALLBACK, V1.image_id)
-    assert answer.fields()["outage"] == SERVER
+    assert (answer.decision, answer.image_id) == (Decision.FALLBACK, V1.image_id)
+    assert answer.log_fields()["outage"] == SERVER
     (served,) = heard.served
     assert served.outage == SERVER
     assert f"during an outage of {SERVER}: started with the node's copy of " \
@@ -225,6 +230,7 @@ async def test_a_fallback_during_an_outage_names_the_endpoint_in_the_log_and_the
 
 
 def test_an_event_for_a_pull_s_own_failure_names_no_outage() -> None:
-    served = Served(POD, "app:1", str(parse(REF)), "fallback", "timeout", DETAIL, SERVER,
-                    V1.digest, "", None)
+    served = Answer(image="app:1", reference=str(parse(REF)), pod=POD,
+                    decision=Decision.FALLBACK, kind=Kind.TIMEOUT, detail=DETAIL,
+                    upstream=SERVER, digest=V1.digest)
     assert "outage" not in message(served, 0.0)

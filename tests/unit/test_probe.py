@@ -201,7 +201,7 @@ async def test_oversized_manifest_is_invalid(make_prober: MakeProber) -> None:
 async def test_docker_hub_goes_to_registry_1(make_prober: MakeProber) -> None:
     registry = FakeRegistry()
     result = await probe(make_prober(registry), "postgres:15")
-    assert result.endpoint == "registry-1.docker.io"
+    assert result.host == "registry-1.docker.io"
     assert str(registry.requests[0].url) == \
         "https://registry-1.docker.io/v2/library/postgres/manifests/15"
 
@@ -509,7 +509,7 @@ async def test_mirror_is_asked_first_with_ns(make_prober: MakeProber, tmp_path: 
     hosts_toml(tmp_path, HOST, '[host."http://mirror.example:5001"]\n')
     registry = FakeRegistry()
     result = await probe(make_prober(registry))
-    assert result.endpoint == "mirror.example:5001"
+    assert result.host == "mirror.example:5001"
     (request,) = registry.requests
     assert request.url.host == "mirror.example"
     assert request.url.params["ns"] == HOST
@@ -529,7 +529,7 @@ async def test_unusable_mirror_hands_over_to_the_server(make_prober: MakeProber,
         return await registry(request)
 
     result = await probe(make_prober(handler))
-    assert result.endpoint == HOST
+    assert result.host == HOST
     assert "ns" not in registry.requests[-1].url.params
 
 
@@ -774,7 +774,7 @@ async def test_a_black_holed_mirror_costs_outage_wait_and_the_server_answers(
     prober = make_prober(handler, outage_wait=0.01)
     assert (await failure(prober, timeout=0.2)).kind is Kind.TIMEOUT  # the mirror took it all
     found = [await probe(prober, timeout=5.0) for _ in range(5)]
-    assert {(f.endpoint, f.digest) for f in found} == {(HOST, DIGEST)}
+    assert {(f.host, f.digest) for f in found} == {(HOST, DIGEST)}
     assert len(mirror) == 2
     assert len(registry.requests) == 5
     assert [(o.endpoint, o.answered) for o in prober.open_outages()] == [(MIRROR, 5)]

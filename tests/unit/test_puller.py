@@ -7,13 +7,13 @@ import asyncio
 
 import pytest
 
-from nodekeeper.errors import ContainerdError, PullFailed, PullRefused
+from nodekeeper.errors import ContainerdError, ContainerdRefusedPull, PullFailed
 from nodekeeper.failures import Kind
-from nodekeeper.kube.events import Pod, Served
 from nodekeeper.pull.credentials import ANONYMOUS, Credentials, fingerprint
 from nodekeeper.pull.decision import Decision
+from nodekeeper.pull.edges import Answer, Pod
 from nodekeeper.pull.policy import parse as parse_policy
-from nodekeeper.pull.puller import Outcome, Puller, PullRequest
+from nodekeeper.pull.puller import Puller, PullRequest
 from nodekeeper.pull.reference import parse
 from nodekeeper.settings import Document
 from tests.fakes import (
@@ -38,10 +38,10 @@ class Heard:
     """Records what the puller tells the pod's owner (events.Events in the daemon)."""
 
     def __init__(self) -> None:
-        self.served: list[Served] = []
+        self.served: list[Answer] = []
 
-    def observe(self, served: Served) -> None:
-        self.served.append(served)
+    def observe(self, answer: Answer) -> None:
+        self.served.append(answer)
 
 
 class Node:
@@ -62,7 +62,7 @@ class Node:
                              self.heard)
 
     async def pull(self, credentials: Credentials | None = None,
-                   original: Requested | None = None, pod: Pod | None = None) -> Outcome:
+                   original: Requested | None = None, pod: Pod | None = None) -> Answer:
         return await self.puller.pull(PullRequest(
             REF, credentials, original or Requested(REF, credentials), pod))
 
@@ -84,14 +84,14 @@ async def test_first_pull_then_fresh_then_updated() -> None:
     assert (await node.pull()).decision is Decision.FRESH
     node.upstream.publish(REF, V2)
     updated = await node.pull()
-    assert (updated.decision, updated.image_ref) == (Decision.UPDATED, V2.image_id)
-    assert (updated.local_digest, updated.upstream_digest) == (V1.digest, V2.digest)
+    assert (updated.decision, updated.image_id) == (Decision.UPDATED, V2.image_id)
+    assert (updated.node_digest, updated.upstream_digest) == (V1.digest, V2.digest)
     await settle()
     assert [d.decision for d in node.state.decisions] == ["pulled", "fresh", "updated"]
     check = node.state.check(NAME)
     assert check is not None
     assert (check.result, check.digest) == ("ok", V2.digest)
-    assert node.state.seen_working(parse(REF).name, ANONYMOUS)
+    assert node.state.seen_working(parse(REF).repository, ANONYMOUS)
 
 
 async def test_a_copy_vouched_for_by_image_events_is_answered_without_a_round() -> None:
@@ -101,7 +101,7 @@ async def test_a_copy_vouched_for_by_image_events_is_answered_without_a_round() 
     node.images.vouched.add(NAME)
     probes = len(node.prober.probes)
     answer = await node.pull()
-    assert (answer.decision, answer.image_ref) == (Decision.LOCAL_PINNED, V1.image_id)
+    assert (answer.decision, answer.image_id) == (Decision.LOCAL_PINNED, V1.image_id)
     assert len(node.prober.probes) == probes
     assert not node.puller._rounds.busy((NAME, ANONYMOUS))
 
@@ -111,7 +111,7 @@ async def test_overlapping_pulls_share_one_round() -> None:
     node.upstream.publish(REF, V1)
     node.images.pull_seconds = 0.05
     answers = await asyncio.gather(*(node.pull() for _ in range(10)))
-    assert {a.image_ref for a in answers} == {V1.image_id}
+    assert {a.image_id for a in answers} == {V1.image_id}
     assert len(node.prober.probes) == 1
     assert len(node.images.pulls) == 1
     assert sum(a.shared for a in answers) == 9
@@ -132,7 +132,7 @@ async def test_a_pull_after_the_question_went_upstream_asks_again() -> None:
     node.upstream.black_hole = False
     node.upstream.publish(REF, V2)
     second = await node.pull()  # started after the push: must not share the first round
-    assert second.image_ref == V2.image_id
+    assert second.image_id == V2.image_id
     assert not second.shared
     assert (await first).decision is Decision.FALLBACK
 
@@ -184,9 +184,10 @@ async def test_a_refusal_names_what_was_tried_and_is_recorded() -> None:
     failed = await node.failure(Credentials("alice", "guess"))
     assert failed.kind is Kind.UNREACHABLE
     assert "these credentials were never seen to work" in failed.message
-    assert failed.answer is None
+    assert failed.containerd is None
     await settle()
-    assert node.state.decisions[-1].decision == "error"
+    assert node.state.decisions[-1] is failed.answer
+    assert (failed.answer.decision, failed.answer.reference) == (Decision.ERROR, NAME)
     assert "guess" not in repr(node.state.decisions)
 
 
@@ -196,8 +197,8 @@ async def test_credentials_for_another_registry_count_as_none() -> None:
     node = Node(private=True)
     node.upstream.publish(REF, V1)
     await node.pull(ALICE)
-    assert node.state.seen_working(parse(REF).name,
-                                   fingerprint(node.state.key, parse(REF).name, ALICE))
+    assert node.state.seen_working(parse(REF).repository,
+                                   fingerprint(node.state.key, parse(REF).repository, ALICE))
     node.upstream.down = True
     assert (await node.pull(ALICE)).decision is Decision.FALLBACK
     elsewhere = Credentials("alice", "alice-pw", server_address="https://other.example")
@@ -209,9 +210,9 @@ async def test_containerds_refusal_is_passed_on_when_nothing_better_can_be_said(
     node = Node()
     node.upstream.publish(REF, V1)
     said = ContainerdError("NOT_FOUND", f'failed to pull and unpack image "{REF}": not found')
-    node.images.refuse_with = PullRefused(Kind.NOT_FOUND, said)
+    node.images.refuse_with = ContainerdRefusedPull(Kind.NOT_FOUND, said)
     failed = await node.failure()
-    assert (failed.kind, failed.answer) == (Kind.NOT_FOUND, said)
+    assert (failed.kind, failed.containerd) == (Kind.NOT_FOUND, said)
 
 
 WEB = Pod("web-1", "shop", "0b4c7d3e-0000-4000-8000-000000000001")
@@ -227,10 +228,10 @@ async def test_each_pod_hears_of_the_fallback_it_got() -> None:
     assert {a.decision for a in answers} == {Decision.FALLBACK}
     assert sorted(s.pod.name for s in node.heard.served) == ["api-1", "web-1"]
     served = node.heard.served[0]
-    assert (served.image, served.reference, served.decision) == (REF, NAME, "fallback")
-    assert (served.failure_kind, served.upstream, served.digest) == (
-        "unreachable", HOST, V1.digest)
-    assert "connection refused" in served.failure_detail
+    assert (served.image, served.reference, served.decision) == (REF, NAME, Decision.FALLBACK)
+    assert (served.kind, served.upstream, served.digest) == (
+        Kind.UNREACHABLE, HOST, V1.digest)
+    assert "connection refused" in served.detail
     assert served.last_confirmed == node.state.check(NAME).ok_at  # type: ignore[union-attr]
 
 
@@ -243,8 +244,8 @@ async def test_an_update_is_heard_with_both_digests_and_a_fresh_answer_is_not() 
     node.upstream.publish(REF, V2)
     await node.pull(pod=WEB)
     (served,) = node.heard.served
-    assert (served.decision, served.previous_digest, served.digest) == (
-        "updated", V1.digest, V2.digest)
+    assert (served.decision, served.node_digest, served.digest) == (
+        Decision.UPDATED, V1.digest, V2.digest)
 
 
 async def test_a_fallback_is_remembered_as_stale_until_upstream_confirms_again() -> None:
@@ -268,9 +269,10 @@ async def test_bad_bytes_from_backing_are_dropped_and_upstream_serves_the_pull()
     layer = "sha256:" + "e" * 64
     said = ContainerdError("FAILED_PRECONDITION", f'failed commit on ref "layer-{layer}": '
                            f"unexpected commit digest sha256:{'f' * 64}, expected {layer}")
-    node.images.refuse_with = PullRefused(Kind.INVALID, said, (f"sha256:{'f' * 64}", layer))
+    node.images.refuse_with = ContainerdRefusedPull(Kind.INVALID, said,
+                                                    (f"sha256:{'f' * 64}", layer))
     answer = await node.pull()
-    assert (answer.decision, answer.image_ref) == (Decision.PULLED, V1.image_id)
+    assert (answer.decision, answer.image_id) == (Decision.PULLED, V1.image_id)
     assert [name for _, name, _ in node.images.pulls] == [
         node.backing.name(parse(REF), V1.digest), None]
     assert node.images.discarded == [V1.digest, f"sha256:{'f' * 64}", layer]
@@ -282,7 +284,23 @@ async def test_a_backing_pull_failing_otherwise_marks_nothing_bad() -> None:
     assert node.backing is not None
     node.upstream.publish(REF, V1)
     node.backing.write_through(parse(REF), V1.digest, None, public=True)  # type: ignore[arg-type]
-    node.images.refuse_with = PullRefused(Kind.UNREACHABLE, ContainerdError("UNKNOWN", "dial"))
+    node.images.refuse_with = ContainerdRefusedPull(Kind.UNREACHABLE,
+                                                    ContainerdError("UNKNOWN", "dial"))
     assert (await node.pull()).decision is Decision.PULLED
     assert node.images.discarded == []
     assert node.backing.bad == set()
+
+
+async def test_one_answer_is_what_is_returned_recorded_and_heard() -> None:
+    node = Node()
+    node.upstream.publish(REF, V1)
+    await node.pull(pod=WEB)
+    node.upstream.down = True
+    answer = await node.pull(pod=WEB)
+    await settle()
+    assert node.state.decisions[-1] is answer
+    assert node.heard.served == [answer]
+    assert (answer.decision, answer.kind, answer.image_id, answer.pod) == (
+        Decision.FALLBACK, Kind.UNREACHABLE, V1.image_id, WEB)
+    assert not answer.confirmed
+    assert node.state.stale(NAME) == V1.digest

@@ -52,7 +52,7 @@ OTHER_DIGEST = "sha256:" + hashlib.sha256(b"other").hexdigest()
 def test_normalization(text: str, domain: str, path: str, tag: str, digest: str) -> None:
     ref = parse(text)
     assert ref == Reference(domain, path, tag, digest)
-    assert ref.name == f"{domain}/{path}"
+    assert ref.repository == f"{domain}/{path}"
     assert ref.pinned is bool(digest)
 
 
@@ -64,7 +64,7 @@ def test_str_is_the_normalized_form() -> None:
 def test_with_digest_drops_the_tag() -> None:
     ref = parse("ghcr.io/a/b:1")
     pinned = ref.with_digest(DIGEST)
-    assert (pinned.name, pinned.tag, pinned.digest) == (ref.name, "", DIGEST)
+    assert (pinned.repository, pinned.tag, pinned.digest) == (ref.repository, "", DIGEST)
     assert pinned.pinned
     assert not ref.pinned
 
@@ -129,12 +129,12 @@ def test_error_messages_say_why() -> None:
 def test_name_length_limit_counts_the_normalized_name() -> None:
     domain = "registry.example"
     fits = "a" * (MAX_NAME_LENGTH - len(domain) - 1)
-    assert parse(f"{domain}/{fits}").name == f"{domain}/{fits}"
+    assert parse(f"{domain}/{fits}").repository == f"{domain}/{fits}"
     with pytest.raises(InvalidReference, match="longer"):
         parse(f"{domain}/{fits}a")
     # On docker.io the implicit "library/" counts too.
     hub_room = MAX_NAME_LENGTH - len(f"{DOCKER_HUB}/library/")
-    assert len(parse("b" * hub_room).name) == MAX_NAME_LENGTH
+    assert len(parse("b" * hub_room).repository) == MAX_NAME_LENGTH
     with pytest.raises(InvalidReference):
         parse("b" * (hub_room + 1))
 
@@ -243,7 +243,7 @@ def test_normalized_reference_invariants(text: str) -> None:
     ref = parse(text)
     assert ref.domain
     assert ref.path
-    assert ref.name.startswith(ref.domain + "/")
+    assert ref.repository.startswith(ref.domain + "/")
     assert bool(ref.tag) != bool(ref.digest)  # exactly one of them
     assert ref.pinned == bool(ref.digest)
     assert ref.domain != "index.docker.io"
@@ -273,7 +273,7 @@ def test_explicit_domain_is_kept(domain: str, components: list[str]) -> None:
 
 @given(references(), tags, digests)
 def test_tag_and_digest_keeps_only_the_digest(text: str, tag: str, digest: str) -> None:
-    name = parse(text).name
+    name = parse(text).repository
     both = parse(f"{name}:{tag}@{digest}")
     assert both == parse(f"{name}@{digest}")
     assert both.tag == ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nodekeeper._proto import cri_image_pb2 as cri
-from nodekeeper.kube.events import Pod, pod_of
+from nodekeeper.pull.edges import Pod
 
 
 def _varint(value: int) -> bytes:
@@ -36,7 +36,7 @@ def test_metadata_is_read_from_a_kubelet_request() -> None:
     parsed = cri.PullImageRequest.FromString(REQUEST)
     meta = parsed.sandbox_config.metadata
     assert (meta.name, meta.namespace, meta.uid, meta.attempt) == ("web-0", "shop", UID, 2)
-    assert pod_of(meta.name, meta.namespace, meta.uid) == Pod("web-0", "shop", UID)
+    assert Pod.of(meta.name, meta.namespace, meta.uid) == Pod("web-0", "shop", UID)
 
 
 def test_every_other_sandbox_field_survives_byte_for_byte() -> None:
@@ -48,4 +48,4 @@ def test_a_request_without_sandbox_names_no_pod() -> None:
     parsed = cri.PullImageRequest.FromString(_field(1, _field(1, b"postgres:15")))
     assert not parsed.HasField("sandbox_config")
     meta = parsed.sandbox_config.metadata
-    assert pod_of(meta.name, meta.namespace, meta.uid) is None
+    assert Pod.of(meta.name, meta.namespace, meta.uid) is None

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from nodekeeper.failures import Kind
+from nodekeeper.pull.edges import Answer, Check, Decision
 from nodekeeper.state import view
 from nodekeeper.state.disk import Stale
 from nodekeeper.state.memory import (
     DB_NAME,
     KEEP_DECISIONS,
     SECRET_NAME,
-    Check,
-    PullRecord,
     State,
 )
 
@@ -45,9 +45,10 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def decision(n: int) -> PullRecord:
-    return PullRecord(float(n), f"img{n}", "defaults", "fresh", "digest unchanged",
-                    f"sha256:{n:064x}", f"sha256:{n:064x}", 1.5)
+def decision(n: int) -> Answer:
+    return Answer(at=float(n), image=f"img{n}", rule="defaults", decision=Decision.FRESH,
+                  reason="digest unchanged", node_digest=f"sha256:{n:064x}",
+                  upstream_digest=f"sha256:{n:064x}", duration_ms=1.5)
 
 
 def decision_count(directory: Path) -> int:
@@ -63,28 +64,28 @@ def test_unknown_reference_has_no_check(state: State) -> None:
 
 
 def test_successful_check(state: State) -> None:
-    state.record_check(REF, "ok", "sha256:a", now=100.0)
+    state.record_check(REF, None, "sha256:a", now=100.0)
     assert state.check(REF) == Check(100.0, "ok", 100.0, "sha256:a")
 
 
 def test_failed_check_keeps_the_last_success(state: State) -> None:
-    state.record_check(REF, "ok", "sha256:a", now=100.0)
-    state.record_check(REF, "timeout", now=200.0)
+    state.record_check(REF, None, "sha256:a", now=100.0)
+    state.record_check(REF, Kind.TIMEOUT, now=200.0)
     assert state.check(REF) == Check(200.0, "timeout", 100.0, "sha256:a")
-    state.record_check(REF, "unreachable", now=300.0)
+    state.record_check(REF, Kind.UNREACHABLE, now=300.0)
     assert state.check(REF) == Check(300.0, "unreachable", 100.0, "sha256:a")
-    state.record_check(REF, "ok", "sha256:b", now=400.0)
+    state.record_check(REF, None, "sha256:b", now=400.0)
     assert state.check(REF) == Check(400.0, "ok", 400.0, "sha256:b")
 
 
 def test_failure_without_any_success(state: State) -> None:
-    state.record_check(REF, "not_found", "sha256:ignored", now=50.0)
+    state.record_check(REF, Kind.NOT_FOUND, "sha256:ignored", now=50.0)
     assert state.check(REF) == Check(50.0, "not_found", None, "")
 
 
 def test_checks_are_per_reference(state: State) -> None:
-    state.record_check(REF, "ok", "sha256:a", now=1.0)
-    state.record_check(REF + "x", "timeout", now=2.0)
+    state.record_check(REF, None, "sha256:a", now=1.0)
+    state.record_check(REF + "x", Kind.TIMEOUT, now=2.0)
     check = state.check(REF)
     assert check is not None
     assert check.result == "ok"
@@ -95,7 +96,7 @@ def test_checks_are_per_reference(state: State) -> None:
 
 def test_record_check_defaults_to_the_wall_clock(state: State) -> None:
     before = time.time()
-    state.record_check(REF, "ok", "sha256:a")
+    state.record_check(REF, None, "sha256:a")
     after = time.time()
     check = state.check(REF)
     assert check is not None
@@ -131,8 +132,8 @@ def test_access_times_are_kept(state: State) -> None:
 
 def test_everything_survives_a_restart(tmp_path: Path) -> None:
     first = State(tmp_path)
-    first.record_check(REF, "ok", "sha256:a", now=100.0)
-    first.record_check(REF, "server_error", now=150.0)
+    first.record_check(REF, None, "sha256:a", now=100.0)
+    first.record_check(REF, Kind.SERVER_ERROR, now=150.0)
     first.record_access(REPO, "fp1", now=100.0)
     first.record_decision(decision(1))
     key = first.key
@@ -151,7 +152,12 @@ def test_the_view_beside_the_daemon_sees_decisions(state: State) -> None:
     assert state.flush()
     shown = view.status(state.directory, decisions=10)
     assert shown is not None
-    assert shown.decisions == [decision(7)]
+    (decided,) = shown.decisions
+    recorded = decision(7)
+    assert decided == view.Decided(recorded.at, recorded.image, recorded.rule,
+                                   recorded.decision.value, recorded.reason,
+                                   recorded.node_digest, recorded.upstream_digest,
+                                   recorded.duration_ms)
 
 
 def test_decisions_are_trimmed(state: State) -> None:
@@ -239,7 +245,7 @@ def test_database_file_is_private(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     try:
-        opened.record_check(REF, "ok", "sha256:a", now=1.0)
+        opened.record_check(REF, None, "sha256:a", now=1.0)
         assert opened.flush()
         assert mode(tmp_path / DB_NAME) == 0o600
     finally:
@@ -259,7 +265,7 @@ def test_corrupt_database_is_moved_aside_and_rebuilt(tmp_path: Path, garbage: by
         assert len(aside) == 1
         assert aside[0].read_bytes() == garbage
         assert opened.check(REF) is None
-        opened.record_check(REF, "ok", "sha256:a", now=1.0)
+        opened.record_check(REF, None, "sha256:a", now=1.0)
         opened.record_access(REPO, "fp", now=1.0)
     finally:
         opened.close()
@@ -275,8 +281,8 @@ def test_corrupt_database_is_moved_aside_and_rebuilt(tmp_path: Path, garbage: by
 
 def test_stale_references_survive_a_restart_until_cleared(state: State) -> None:
     digest = "sha256:" + "a" * 64
-    state.mark_stale(REF, digest, "unreachable", now=100.0)
-    state.mark_stale(REF, digest, "timeout", now=200.0)
+    state.mark_stale(REF, digest, Kind.UNREACHABLE, now=100.0)
+    state.mark_stale(REF, digest, Kind.TIMEOUT, now=200.0)
     assert state.flush()
     shown = view.status(state.directory, decisions=0)
     assert shown is not None

@@ -17,8 +17,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from nodekeeper.pull.credentials import ANONYMOUS
+from nodekeeper.pull.edges import Answer, Check, Decision
 from nodekeeper.state import disk as statedisk
-from nodekeeper.state.memory import DB_NAME, SECRET_NAME, Check, Health, PullRecord, State
+from nodekeeper.state.memory import DB_NAME, SECRET_NAME, Health, State
 from tests.harness.mounts import Tmpfs
 
 REF = "docker.io/library/postgres:15"
@@ -26,9 +27,10 @@ REPO = "docker.io/library/postgres"
 FAST = {"retry_first": 0.05, "retry_max": 0.2}
 
 
-def decision(n: int) -> PullRecord:
-    return PullRecord(float(n), f"img{n}", "defaults", "fresh", "digest unchanged",
-                    f"sha256:{n:064x}", f"sha256:{n:064x}", 1.5)
+def decision(n: int) -> Answer:
+    return Answer(at=float(n), image=f"img{n}", rule="defaults", decision=Decision.FRESH,
+                  reason="digest unchanged", node_digest=f"sha256:{n:064x}",
+                  upstream_digest=f"sha256:{n:064x}", duration_ms=1.5)
 
 
 def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -45,7 +47,7 @@ def rows(directory: Path, sql: str) -> list[tuple[object, ...]]:
 
 
 def record_some(state: State, n: int = 0) -> None:
-    state.record_check(f"{REF}{n}", "ok", f"sha256:{n}", now=100.0 + n)
+    state.record_check(f"{REF}{n}", None, f"sha256:{n}", now=100.0 + n)
     state.record_access(REPO, ANONYMOUS, now=100.0 + n)
     state.record_access(REPO, f"fp{n}", now=100.0 + n)
     state.record_decision(decision(n))
@@ -160,7 +162,7 @@ def test_a_full_file_system_and_space_again(disk: Tmpfs,
     filler = disk.fill()
     for n in range(1, 200):
         record_some(state, n)
-        state.record_check(f"{REF}{n}", "ok", "sha256:" + "f" * 2000, now=100.0 + n)
+        state.record_check(f"{REF}{n}", None, "sha256:" + "f" * 2000, now=100.0 + n)
     assert not state.flush(timeout=2)
     assert not state.health.persistent
     assert "full" in state.health.problem or "No space" in state.health.problem
@@ -379,7 +381,7 @@ def test_a_state_shared_by_threads_stays_consistent(tmp_path: Path,
 
     def writer(n: int) -> None:
         for i in range(200):
-            state.record_check(f"{REF}-{n}-{i}", "ok", "d", now=float(i))
+            state.record_check(f"{REF}-{n}-{i}", None, "d", now=float(i))
             state.record_access(REPO, f"fp{n}-{i}", now=float(i))
             state.fingerprints(REPO)
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from nodekeeper.errors import StateUnreadable
+from nodekeeper.failures import Kind
 from nodekeeper.pull.credentials import ANONYMOUS
+from nodekeeper.pull.edges import Answer, Check, Decision
 from nodekeeper.state import view
-from nodekeeper.state.disk import DB_NAME, Check, PullRecord, Stale
+from nodekeeper.state.disk import DB_NAME, Stale
 from nodekeeper.state.memory import State
 
 REF = "docker.io/library/postgres:15"
@@ -29,9 +31,15 @@ def state(tmp_path: Path) -> Iterator[State]:
         opened.close()
 
 
-def decided(n: int) -> PullRecord:
-    return PullRecord(float(n), f"img{n}", "defaults", "fresh", "digest unchanged",
-                      "sha256:a", "sha256:a", 1.5)
+def decided(n: int) -> Answer:
+    return Answer(at=float(n), image=f"img{n}", rule="defaults", decision=Decision.FRESH,
+                  reason="digest unchanged", node_digest="sha256:a",
+                  upstream_digest="sha256:a", duration_ms=1.5)
+
+
+def shown_as(n: int) -> view.Decided:
+    return view.Decided(float(n), f"img{n}", "defaults", "fresh", "digest unchanged",
+                        "sha256:a", "sha256:a", 1.5)
 
 
 def test_no_database_is_none_and_creates_nothing(tmp_path: Path) -> None:
@@ -41,7 +49,7 @@ def test_no_database_is_none_and_creates_nothing(tmp_path: Path) -> None:
 
 
 def test_one_reference_and_who_pulled_its_repository(state: State) -> None:
-    state.record_check(REF, "ok", "sha256:b", now=50.0)
+    state.record_check(REF, None, "sha256:b", now=50.0)
     state.record_access(REPO, ANONYMOUS)
     state.record_access(REPO, "fp1")
     state.record_access(REPO, "fp2")
@@ -59,15 +67,15 @@ def test_status_newest_decisions_first_stale_longest_first_checks_in_order(
         state: State) -> None:
     for n in range(5):
         state.record_decision(decided(n))
-    state.record_check(REF, "ok", "sha256:b", now=50.0)
-    state.record_check(OTHER, "timeout", now=60.0)
-    state.mark_stale(OTHER, "sha256:c", "timeout", now=300.0)
-    state.mark_stale(REF, "sha256:b", "unreachable", now=200.0)
+    state.record_check(REF, None, "sha256:b", now=50.0)
+    state.record_check(OTHER, Kind.TIMEOUT, now=60.0)
+    state.mark_stale(OTHER, "sha256:c", Kind.TIMEOUT, now=300.0)
+    state.mark_stale(REF, "sha256:b", Kind.UNREACHABLE, now=200.0)
     state.set_meta("backing", "down: refused")
     assert state.flush()
     shown = view.status(state.directory, decisions=3)
     assert shown is not None
-    assert shown.decisions == [decided(4), decided(3), decided(2)]
+    assert shown.decisions == [shown_as(4), shown_as(3), shown_as(2)]
     assert list(shown.stale.items()) == [
         (REF, Stale("sha256:b", "unreachable", 200.0, 200.0)),
         (OTHER, Stale("sha256:c", "timeout", 300.0, 300.0))]
