@@ -109,7 +109,8 @@ class Daemon:
         prober = Prober(Hosts(config.containerd.hosts_dir), session)
         # The cluster-wide backing registry, when configured.
         backing = (Backing(config.backing, session, Copier(session),
-                           on_health=lambda health: state.set_meta("backing", health))
+                           on_health=lambda health: state.set_meta("backing", health),
+                           node=containerd)
                    if config.backing.enabled else None)
         # Events on the pod for answers upstream did not confirm, when the kubeconfig
         # allows; started with the background tasks.
