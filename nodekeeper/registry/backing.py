@@ -251,6 +251,7 @@ class Backing:
                 if await self._copier.has_manifest(dest, digest):
                     self._known.add(key)
                     metrics.COPIES.labels("skipped").inc()
+                    _log.debug("backing holds it already; not copied", **fields)
                     if public:
                         await self._mark_public(dest)
                     return
