@@ -128,10 +128,12 @@ class Node:
 @dataclass(frozen=True)
 class Pulls:
     """What a round of pulls answered (an image ID, or the gRPC error's text) per node,
-    and when: seconds from the first pull's start to each pull's answer."""
+    when (seconds from the first pull's start to each pull's answer), and how long each
+    pull took."""
 
     answers: tuple[str, ...]
     seconds: tuple[float, ...]
+    durations: tuple[float, ...]
 
     @property
     def until_last(self) -> float:
@@ -224,7 +226,8 @@ class Cluster:
 
         with ThreadPoolExecutor(max_workers=len(self.nodes)) as pool:
             done = list(pool.map(pull, self.nodes))
-        return Pulls(tuple(a for a, _ in done), tuple(s for _, s in done))
+        seconds = tuple(s for _, s in done)
+        return Pulls(tuple(a for a, _ in done), seconds, seconds)
 
     def pull_staggered(self, ref: str, *, gap: float = 0.0, direct: bool = False,
                        settle: str = "") -> Pulls:
@@ -232,15 +235,17 @@ class Cluster:
         digest), each only once the copies to backing of it that the previous node's pull
         started have ended."""
         began = time.monotonic()
-        answers, seconds = [], []
+        answers, seconds, durations = [], [], []
         for number, node in enumerate(self.nodes):
             if number and gap:
                 time.sleep(gap)
+            started = time.monotonic()
             answers.append(_answer(node, ref, direct))
             seconds.append(time.monotonic() - began)
+            durations.append(time.monotonic() - started)
             if settle and not direct:
                 node.settle(settle)
-        return Pulls(tuple(answers), tuple(seconds))
+        return Pulls(tuple(answers), tuple(seconds), tuple(durations))
 
     def settle(self, digest: str, timeout: float = 60.0) -> None:
         """Wait until every copy to backing that pulls of `digest` started has ended."""
