@@ -2,7 +2,8 @@
 until the last node has it, with nodekeeper and with containerd alone on the same nodes.
 
     .venv/bin/python bench/cluster.py [--nodes 4 8] [--rounds 3] [--layer-mb 3]
-                                      [--gap 1.5] [--containerd 2.3] [--keep]
+                                      [--gap 1.5] [--containerd 2.3] [--quiet S]
+                                      [--keep]
 
 For each K in --nodes, one cluster (tests/harness/cluster.py): K nodes on this machine,
 each its own containerd and its own nodekeeper (policy `update: always`, backing with
@@ -66,6 +67,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--layer-mb", type=float, default=3.0)
     parser.add_argument("--gap", type=float, default=1.5, help="seconds, staggered")
     parser.add_argument("--containerd", default="2.3", choices=sorted(RELEASES))
+    parser.add_argument("--quiet", type=float, default=0.0,
+                        help="end a round once upstream was quiet this long, instead of "
+                             "waiting for nodekeeper to log that every copy ended (for "
+                             "a nodekeeper that logs no skipped copy)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser.parse_args(argv)
 
@@ -83,7 +88,7 @@ def steady(cluster: Cluster, quiet: float = 0.3) -> Traffic:
 
 
 def one_round(cluster: Cluster, way: str, target: str, seed: str, layer_bytes: int,
-              gap: float) -> Round:
+              gap: float, quiet: float) -> Round:
     image = cluster.push_new("bench/app", "v1", seed=seed, layer_bytes=layer_bytes)
     ref = cluster.ref("bench/app", "v1")
     cluster.upstream.clear_requests()
@@ -97,10 +102,12 @@ def one_round(cluster: Cluster, way: str, target: str, seed: str, layer_bytes: i
         raise RuntimeError(f"{target}, {way}: pulls answered {wrong}")
     decisions: Counter[str] = Counter()
     if not direct:
-        cluster.settle(image.digest)
+        if not quiet:
+            cluster.settle(image.digest)
         for node in cluster.nodes:
             decisions.update(node.decisions(image.digest))
-    return Round(len(cluster.nodes), way, target, steady(cluster), pulls.until_last,
+    return Round(len(cluster.nodes), way, target, steady(cluster, quiet or 0.3),
+                 pulls.until_last,
                  max(pulls.durations), decisions)
 
 
@@ -116,7 +123,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Round]:
                     for target in order:
                         seed = f"k{count}-{way}-{target}-{number}-{time.time_ns()}"
                         rounds.append(one_round(cluster, way, target, seed, layer_bytes,
-                                                args.gap))
+                                                args.gap, args.quiet))
     return rounds
 
 
