@@ -11,8 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from nodekeeper.containerd.client import Containerd as Client
+from nodekeeper.errors import ContainerdError
 from tests.conftest import RELEASES
-from tests.harness import multi_platform, push, resolve
+from tests.harness import multi_platform, push, resolve, sha256_digest
 from tests.harness.cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -108,3 +110,23 @@ def test_the_copy_asks_upstream_only_for_what_the_node_lacks(cluster: Cluster) -
     assert resolve(cluster.backing.url, repo, "v1") == index.digest
     for image in index.images:
         assert resolve(cluster.backing.url, repo, image.digest) == image.digest
+
+
+async def test_the_content_store_reads_back_what_a_pull_stored(cluster: Cluster) -> None:
+    image = cluster.push_new("content", "v1", seed="content", layer_bytes=3 * 1024 * 1024)
+    node = cluster.nodes[0]
+    node.pull(cluster.ref("content", "v1"), direct=True)
+    client = Client(node.containerd.address)
+    try:
+        for digest, data in {**image.blobs, image.digest: image.manifest}.items():
+            assert await client.content_size(digest) == len(data)
+            pieces = [piece async for piece in client.read_content(digest)]
+            assert b"".join(pieces) == data
+            assert max(map(len, pieces)) <= 1024 * 1024  # streamed, not in one message
+        absent = sha256_digest(b"never pulled")
+        assert await client.content_size(absent) is None
+        with pytest.raises(ContainerdError) as refused:
+            [piece async for piece in client.read_content(absent)]
+        assert refused.value.code == "NOT_FOUND"
+    finally:
+        await client.close()
