@@ -213,7 +213,7 @@ class Copier:
 
 
 class _Copy:
-    """One copy() call: its two locations, blob slots and report."""
+    """One copy() call: its source and destination, blob slots and report."""
 
     def __init__(self, session: Session, source: Source, dest: Location,
                  slots: asyncio.Semaphore, mount_from: list[str]) -> None:
