@@ -149,7 +149,8 @@ class Daemon:
         if config.backing.enabled:
             backing = Backing(config=config.backing, session=session,
                               copier=Copier(session=session),
-                              on_health=lambda health: state.set_meta("backing", health))
+                              on_health=lambda health: state.set_meta("backing", health),
+                              node=containerd)
             parts.push_async_callback(backing.close)
 
         # Events on the pod for answers upstream did not confirm, when the kubeconfig

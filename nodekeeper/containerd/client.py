@@ -1,5 +1,6 @@
-"""The only code that talks to containerd: its CRI image service, native images API and
-image events, and what containerd's refusals of a pull mean (`classify_pull_error`).
+"""The only code that talks to containerd: its CRI image service, native images API,
+content store (reads, and dropping failed downloads) and image events, and what
+containerd's refusals of a pull mean (`classify_pull_error`).
 
 One gRPC channel to containerd's socket, shared by every call. The channel reconnects by
 itself with a short back-off, so containerd may start after nodekeeper, or restart under
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 import grpc
 import grpc.aio
@@ -32,6 +33,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CRI_SERVICE = cri.DESCRIPTOR.services_by_name["ImageService"].full_name
 IMAGES_SERVICE = "containerd.services.images.v1.Images"
 CONTENT_SERVICE = "containerd.services.content.v1.Content"
+CONTENT_READ = f"/{CONTENT_SERVICE}/Read"
 EVENTS_SUBSCRIBE = "/containerd.services.events.v1.Events/Subscribe"
 # containerd registers a subscription as soon as the request arrives, but says nothing back
 # until the first event; names are kept only once the stream has stood this long.
@@ -129,6 +131,39 @@ class Containerd:
     async def content(self, method: str, request: bytes) -> bytes:
         metadata = (("containerd-namespace", self.namespace),)
         return await self.call(f"/{CONTENT_SERVICE}/{method}", request, None, metadata)
+
+    async def content_size(self, digest: str) -> int | None:
+        """The size of `digest` in the content store (None when it is not there)."""
+        try:
+            answer = await self.content("Info", ctdcontent.InfoRequest(digest=digest)
+                                        .SerializeToString())
+        except ContainerdError as exc:
+            if exc.code == "NOT_FOUND":
+                return None
+            raise
+        return int(ctdcontent.InfoResponse.FromString(answer).info.size)
+
+    async def read_content(self, digest: str) -> AsyncGenerator[bytes, None]:
+        """The bytes of `digest` from the content store, streamed as containerd sends them
+        (pieces of up to 1 MiB; gRPC's flow control holds containerd back while the
+        reader is slower). ContainerdError when the read fails."""
+        read = self._channel.unary_stream(
+            CONTENT_READ, request_serializer=ctdcontent.ReadContentRequest.SerializeToString,
+            response_deserializer=ctdcontent.ReadContentResponse.FromString)
+        call = read(ctdcontent.ReadContentRequest(digest=digest),
+                    metadata=(("containerd-namespace", self.namespace),))
+        offset = 0
+        try:
+            async for piece in call:
+                if piece.offset != offset:
+                    raise ContainerdError("DATA_LOSS", f"{digest}: a piece at offset "
+                                                       f"{piece.offset}, {offset} expected")
+                offset += len(piece.data)
+                yield piece.data
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            call.cancel()
 
     async def discard(self, digests: Sequence[str]) -> int:
         """Abort the downloads in progress (ingests) of `digests`: after a pull fails on

@@ -3,7 +3,10 @@
 Images live at `<backing>/<prefix>/<source registry>/<repository>`, digests unchanged.
 
 - Write-through: a digest a node obtained upstream and backing lacks is copied there in
-  the background, registry to registry; the kubelet's pull never waits for it.
+  the background; the kubelet's pull never waits for it. Given the node's content store
+  (`node`), the copy reads what the pull just stored from there, and asks upstream only
+  for what the node lacks (an index's other platforms): upstream serves each digest to a
+  node once. Without it, the copy reads everything from upstream again.
 - Read: containerd pulls from backing when backing holds the digest a pull needs, or when
   upstream fails and the node has no copy (subject to the rule below).
 - Anonymous marker: when the copying node found the repository pullable without
@@ -40,6 +43,7 @@ from nodekeeper.pull.values import Endpoint, Location
 from nodekeeper.registry import Session
 from nodekeeper.registry.copy import Copier
 from nodekeeper.registry.probe import ACCEPT
+from nodekeeper.registry.sources import NodeContent, NodeSource, RegistrySource, Source
 from nodekeeper.registry.wire import classify, valid_digest
 
 PUBLIC_TAG = "nodekeeper.public"
@@ -63,8 +67,10 @@ _log = logs.get("backing")
 class Backing:
     def __init__(self, config: BackingConfig, session: Session, copier: Copier,
                  on_health: Callable[[str], None] = lambda _: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 node: NodeContent | None = None) -> None:
         self.config = config
+        self._node = node
         self._on_health = on_health
         self.host = urlsplit(config.url).netloc
         self.endpoint = Endpoint(base=f"{config.url}/v2", host=self.host,
@@ -212,7 +218,8 @@ class Backing:
 
     def write_through(self, ref: Reference, digest: str, source: Location,
                       public: bool) -> None:
-        """Copy `digest` (obtained from `source`) to backing unless it is there already."""
+        """Copy `digest` (obtained from `source`) to backing unless it is there already:
+        from the node's content store, and from `source` what the node lacks."""
         key = (self.repository(ref), digest)
         if not self.config.write or key in self._copying:
             return
@@ -225,9 +232,14 @@ class Backing:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _copy(self, ref: Reference, digest: str, source: Location, public: bool,
+    def _source(self, upstream: Location) -> Source:
+        registry = RegistrySource(self._session, upstream)
+        return registry if self._node is None else NodeSource(self._node, registry)
+
+    async def _copy(self, ref: Reference, digest: str, upstream: Location, public: bool,
                     key: tuple[str, str]) -> None:
         dest = self._location(ref)
+        source = self._source(upstream)
         fields = {"image": str(ref), "digest": digest, "backing": f"{self.host}/{dest.repository}"}
         try:
             async with self._slots:
@@ -240,6 +252,7 @@ class Backing:
                 if await self._copier.has_manifest(dest, digest):
                     self._known.add(key)
                     metrics.COPIES.labels("skipped").inc()
+                    _log.debug("backing holds it already; not copied", **fields)
                     if public:
                         await self._mark_public(dest)
                     return
@@ -258,6 +271,8 @@ class Backing:
             metrics.COPIES.labels("finished").inc()
             metrics.COPY_BYTES.inc(report.bytes_copied)
             _log.info("copied to backing", **fields, bytes=report.bytes_copied,
+                      bytes_from_node=report.bytes_from_node,
+                      bytes_from_upstream=report.bytes_copied - report.bytes_from_node,
                       blobs_copied=report.blobs_copied, blobs_skipped=report.blobs_skipped,
                       blobs_mounted=report.blobs_mounted, public=public,
                       seconds=round(self._clock() - started, 3))
@@ -270,7 +285,7 @@ class Backing:
         finally:
             self._copying.discard(key)
 
-    async def _copy_and_check(self, source: Location, dest: Location, ref: Reference,
+    async def _copy_and_check(self, source: Source, dest: Location, ref: Reference,
                               digest: str, key: tuple[str, str],
                               fields: dict[str, str]) -> None:
         await self._copier.copy(source, dest, digest, ref.tag or None)

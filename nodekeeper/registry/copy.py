@@ -1,17 +1,19 @@
-"""Copying an image from one registry to another, digests unchanged.
+"""Copying an image to a registry, digests unchanged.
 
-`Copier.copy(source, dest, digest, tag)`:
+`Copier.copy(source, dest, digest, tag)`: `source` is a registry repository (a Location)
+or any sources.Source, such as the node's content store backed by upstream (NodeSource).
 
-1. GET the manifest or index `digest` from source, with every manifest type in Accept,
-   and check its hash: the bytes are copied as fetched, never re-serialized.
-2. For an index, GET every child the same way (all platforms; nested indexes too). A
+1. Read the manifest or index `digest` from source (from a registry: GET with every
+   manifest type in Accept) and check its hash: the bytes are copied as read, never
+   re-serialized.
+2. For an index, read every child the same way (all platforms; nested indexes too). A
    child the source lacks fails the copy, naming the child.
 3. Copy every blob the manifests name (configs and layers), `parallel_blobs` at a time:
        HEAD in dest         present: skipped
        mount                POST …/blobs/uploads/?mount=&from= for each `mount_from`
                             repository: 201 mounted; 202 the upload it opened is used
-       upload               GET source, POST …/blobs/uploads/, then PUT dest?digest=
-                            from the GET, streamed in chunks and hashed on the way: a blob
+       upload               read source, POST …/blobs/uploads/, then PUT dest?digest=
+                            from the read, streamed in chunks and hashed on the way: a blob
                             that does not match its digest or size is cut off before its
                             last byte. Memory stays flat whatever the blob's size.
 4. PUT every manifest by digest, children before their index (distribution 2.8 refuses
@@ -43,6 +45,7 @@ import random
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
+    AsyncIterator,
     Awaitable,
     Callable,
     Coroutine,
@@ -54,10 +57,11 @@ from typing import Any
 import httpx
 
 from nodekeeper.failures import Failure, Kind
-from nodekeeper.pull.values import Endpoint, Location
+from nodekeeper.pull.values import Location
 from nodekeeper.registry.probe import ACCEPT
 from nodekeeper.registry.session import Session
-from nodekeeper.registry.wire import MAX_MANIFEST_BYTES, classify, read_body, valid_digest
+from nodekeeper.registry.sources import RegistrySource, Source, namespace, pull_scope
+from nodekeeper.registry.wire import MAX_MANIFEST_BYTES, classify, valid_digest
 
 INDEX_TYPES = frozenset({
     "application/vnd.oci.image.index.v1+json",
@@ -92,12 +96,17 @@ class CopyReport:
     blobs_skipped: int = 0   # dest had them
     blobs_mounted: int = 0   # cross-repository mounts
     bytes_copied: int = 0    # blob bytes streamed
+    blobs_from_node: int = 0  # of blobs_copied, read from the node's content store
+    bytes_from_node: int = 0  # of bytes_copied, the same
 
 
 @dataclass(frozen=True)
 class _Blob:
+    """A descriptor: of a blob, or of an index's child manifest."""
+
     digest: str
     size: int
+    media_type: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,23 +138,25 @@ class Copier:
         try:
             await _racing(lambda: self._session.request(
                 "HEAD", where.endpoint, f"{where.base}/manifests/{digest}",
-                creds=where.credentials, scope=_pull(where.repository),
-                params=_ns(where.endpoint), headers={"Accept": ACCEPT}), Kind.SERVER_ERROR)
+                creds=where.credentials, scope=pull_scope(where.repository),
+                params=namespace(where.endpoint), headers={"Accept": ACCEPT}), Kind.SERVER_ERROR)
         except Failure as failure:
             if failure.kind is Kind.NOT_FOUND:
                 return False
             raise
         return True
 
-    async def copy(self, source: Location, dest: Location, digest: str, tag: str | None = None,
-                   mount_from: Sequence[str] = ()) -> CopyReport:
+    async def copy(self, source: Location | Source, dest: Location, digest: str,
+                   tag: str | None = None, mount_from: Sequence[str] = ()) -> CopyReport:
         """Copy the manifest or index `digest`, with everything it references, then tag it."""
+        if isinstance(source, Location):
+            source = RegistrySource(self._session, source)
         try:
             return await self._copy(source, dest, digest, tag, mount_from)
         except Exception as exc:
             raise classify(exc, f"copying {digest} from {source} to {dest}") from None
 
-    async def _copy(self, source: Location, dest: Location, digest: str, tag: str | None,
+    async def _copy(self, source: Source, dest: Location, digest: str, tag: str | None,
                     mount_from: Sequence[str]) -> CopyReport:
         _check_digest(digest)
         job = _Copy(self._session, source, dest, asyncio.Semaphore(self._parallel),
@@ -171,7 +182,8 @@ class Copier:
 
     async def _check(self, where: Location, digest: str) -> list[str]:
         _check_digest(digest)
-        job = _Copy(self._session, where, where, asyncio.Semaphore(self._parallel), [])
+        job = _Copy(self._session, RegistrySource(self._session, where), where,
+                    asyncio.Semaphore(self._parallel), [])
         manifests: list[_Manifest] = []
         try:
             await job.fetch(digest, "", 0, manifests, set())
@@ -192,7 +204,8 @@ class Copier:
 
     async def _push_blob(self, where: Location, data: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        job = _Copy(self._session, where, where, asyncio.Semaphore(1), [])
+        job = _Copy(self._session, RegistrySource(self._session, where), where,
+                    asyncio.Semaphore(1), [])
         if not await job.blob_exists(digest):
             url, scope = await job.start_upload(_Blob(digest, len(data)))
             await job.finish_upload(url, scope, _Blob(digest, len(data)), data)
@@ -200,9 +213,9 @@ class Copier:
 
 
 class _Copy:
-    """One copy() call: its two locations, blob slots and report."""
+    """One copy() call: its source and destination, blob slots and report."""
 
-    def __init__(self, session: Session, source: Location, dest: Location,
+    def __init__(self, session: Session, source: Source, dest: Location,
                  slots: asyncio.Semaphore, mount_from: list[str]) -> None:
         self.session = session
         self.source = source
@@ -216,34 +229,34 @@ class _Copy:
     # -- manifests -------------------------------------------------------------------------
 
     async def fetch(self, digest: str, parent: str, depth: int, out: list[_Manifest],
-                    seen: set[str]) -> None:
-        """Append `digest` and, for an index, its children (first) to `out`."""
+                    seen: set[str], media_type: str = "") -> None:
+        """Append `digest` and, for an index, its children (first) to `out`. `media_type`:
+        what the index naming it says."""
         if digest in seen:
             return
         if len(seen) >= MAX_MANIFESTS or depth > MAX_DEPTH:
             raise Failure(Kind.INVALID, f"{self.source}@{parent}: more than {MAX_MANIFESTS} "
                                            f"manifests or {MAX_DEPTH} nested indexes")
         seen.add(digest)
-        manifest, children = await self._get_manifest(digest, parent)
+        manifest, children = await self._get_manifest(digest, parent, media_type)
         for child in children:
-            await self.fetch(child, digest, depth + 1, out, seen)
+            await self.fetch(child.digest, digest, depth + 1, out, seen, child.media_type)
         out.append(manifest)
 
-    async def _get_manifest(self, digest: str, parent: str) -> tuple[_Manifest, list[str]]:
+    async def _get_manifest(self, digest: str, parent: str,
+                            media_type: str) -> tuple[_Manifest, list[_Blob]]:
+        # Each manifest at most MAX_MANIFEST_BYTES, and an index with its children at most
+        # four times that.
+        budget = min(MAX_MANIFEST_BYTES, 4 * MAX_MANIFEST_BYTES - self.manifest_bytes)
         try:
-            response = await self.session.request(
-                "GET", self.source.endpoint, f"{self.source.base}/manifests/{digest}",
-                creds=self.source.credentials, scope=_pull(self.source.repository),
-                params=_ns(self.source.endpoint), headers={"Accept": ACCEPT}, stream=True)
+            fetched = await self.source.manifest(digest, budget, media_type)
         except Failure as failure:
             if failure.kind is Kind.NOT_FOUND and parent:
                 raise Failure(Kind.NOT_FOUND, f"{self.source} lacks manifest {digest}, "
                                                  f"listed in index {parent}") from None
             raise
-        try:
-            body = await self._read_manifest(response, digest)
-        finally:
-            await response.aclose()
+        body = fetched.body
+        self.manifest_bytes += len(body)
         if _hash(digest, body) != digest:
             raise Failure(Kind.INVALID, f"{self.source} served manifest {digest} with "
                                            "other content")
@@ -253,26 +266,17 @@ class _Copy:
             document = None
         if not isinstance(document, dict):
             raise Failure(Kind.INVALID, f"{self.source}@{digest} is not a JSON object")
-        served = response.headers.get("content-type", "").split(";", 1)[0].strip()
         declared = document.get("mediaType")
-        media_type = declared if isinstance(declared, str) and declared else served
+        media_type = declared if isinstance(declared, str) and declared else fetched.media_type
         where = f"{self.source}@{digest}"
         if media_type in INDEX_TYPES:
-            children = [d.digest for d in _descriptors(document, "manifests", where)]
+            children = _descriptors(document, "manifests", where)
             return _Manifest(digest, media_type, body, ()), children
         if media_type not in IMAGE_TYPES:
             raise Failure(Kind.INVALID, f"{where} has unsupported media type {media_type!r}")
         config = _descriptors({"c": [document.get("config")]}, "c", where)
         layers = _descriptors(document, "layers", where, skip_foreign=True)
         return _Manifest(digest, media_type, body, (*config, *layers)), []
-
-    async def _read_manifest(self, response: httpx.Response, digest: str) -> bytes:
-        # Each manifest at most MAX_MANIFEST_BYTES, and an index with its children at most
-        # four times that.
-        budget = min(MAX_MANIFEST_BYTES, 4 * MAX_MANIFEST_BYTES - self.manifest_bytes)
-        body = await read_body(response, budget, f"{self.source}@{digest}")
-        self.manifest_bytes += len(body)
-        return body
 
     async def put_manifest(self, manifest: _Manifest, reference: str) -> None:
         response = await _racing(lambda: self.session.request(
@@ -294,40 +298,35 @@ class _Copy:
             if mounted:
                 self.report.blobs_mounted += 1
                 return
-            await self._transfer(blob, upload)
+            local = await self._transfer(blob, upload)
             self.report.blobs_copied += 1
             self.report.bytes_copied += blob.size
+            if local:
+                self.report.blobs_from_node += 1
+                self.report.bytes_from_node += blob.size
 
     async def blob_is_wrong(self, blob: _Blob) -> bool:
         """Whether the source serves other bytes than `blob`'s (missing counts as right:
         a copy fills it in)."""
         async with self.slots:
             try:
-                response = await self.session.request(
-                    "GET", self.source.endpoint, f"{self.source.base}/blobs/{blob.digest}",
-                    creds=self.source.credentials, scope=_pull(self.source.repository),
-                    params=_ns(self.source.endpoint), stream=True)
+                async with self.source.blob(blob.digest, blob.size) as opened:
+                    async for _ in _verified(opened.chunks, blob, opened.where):
+                        pass
             except Failure as failure:
                 if failure.kind is Kind.NOT_FOUND:
                     return False
-                raise
-            try:
-                _check_blob_response(response, blob, str(self.source))
-                async for _ in _verified(response, blob, str(self.source)):
-                    pass
-            except Failure as failure:
                 if failure.kind is not Kind.INVALID:
                     raise
                 return True
-            finally:
-                await response.aclose()
             return False
 
     async def blob_exists(self, digest: str) -> bool:
         try:
             await _racing(lambda: self.session.request(
                 "HEAD", self.dest.endpoint, f"{self.dest.base}/blobs/{digest}",
-                creds=self.dest.credentials, scope=_pull(self.dest.repository)), Kind.SERVER_ERROR)
+                creds=self.dest.credentials, scope=pull_scope(self.dest.repository)),
+                Kind.SERVER_ERROR)
         except Failure as failure:
             if failure.kind is Kind.NOT_FOUND:
                 return False
@@ -338,7 +337,7 @@ class _Copy:
         """(True, None) when mounted; else the upload the last refused mount opened, if any
         (a mount that fails opens an ordinary upload: it is used, not left behind)."""
         for number, repository in enumerate(self.mount_from, 1):
-            scope = f"{self.push_scope} {_pull(repository)}"
+            scope = f"{self.push_scope} {pull_scope(repository)}"
             try:
                 response = await self.session.request(
                     "POST", self.dest.endpoint, f"{self.dest.base}/blobs/uploads/",
@@ -378,24 +377,20 @@ class _Copy:
                                            f"{url.host}")
         return url
 
-    async def _transfer(self, blob: _Blob, upload: tuple[httpx.URL, str] | None) -> None:
-        """Stream the blob from source into `upload`, or into an upload opened here."""
+    async def _transfer(self, blob: _Blob, upload: tuple[httpx.URL, str] | None) -> bool:
+        """Stream the blob from source into `upload`, or into an upload opened here.
+        Whether it came from the node's content store."""
         try:
-            source = await self.session.request(
-                "GET", self.source.endpoint, f"{self.source.base}/blobs/{blob.digest}",
-                creds=self.source.credentials, scope=_pull(self.source.repository),
-                params=_ns(self.source.endpoint), headers={"Accept-Encoding": "identity"},
-                stream=True)
-            body = _verified(source, blob, str(self.source))
-            try:
-                _check_blob_response(source, blob, str(self.source))
-                # Opened once the source answers, so the authorization its POST leaves
-                # cached is as fresh as can be for the PUT.
-                upload = upload or await self.start_upload(blob)
-                await self.finish_upload(*upload, blob, body)
-            finally:
-                await body.aclose()
-                await source.aclose()
+            async with self.source.blob(blob.digest, blob.size) as opened:
+                body = _verified(opened.chunks, blob, opened.where)
+                try:
+                    # Opened once the source answers, so the authorization its POST leaves
+                    # cached is as fresh as can be for the PUT.
+                    upload = upload or await self.start_upload(blob)
+                    await self.finish_upload(*upload, blob, body)
+                finally:
+                    await body.aclose()
+                return opened.local
         except Failure:
             if upload is not None:
                 await self._cancel(upload[0])
@@ -421,25 +416,14 @@ class _Copy:
                                        scope=f"repository:{self.dest.repository}:delete")
 
 
-def _check_blob_response(response: httpx.Response, blob: _Blob, where: str) -> None:
-    encoding = response.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":
-        raise Failure(Kind.INVALID, f"{where} served blob {blob.digest} with "
-                                       f"Content-Encoding {encoding}")
-    length = response.headers.get("content-length")
-    if length is not None and length.strip() != str(blob.size):
-        raise Failure(Kind.INVALID, f"{where} served blob {blob.digest} as {length} bytes, "
-                                       f"its manifest says {blob.size}")
-
-
-async def _verified(response: httpx.Response, blob: _Blob,
+async def _verified(chunks: AsyncIterator[bytes], blob: _Blob,
                     where: str) -> AsyncGenerator[bytes, None]:
     """The blob's bytes as they arrive; fails before the last byte if they are not the blob."""
     algorithm, _, expected = blob.digest.partition(":")
     hasher = hashlib.new(algorithm)
     remaining = blob.size
     try:
-        async for chunk in response.aiter_bytes():  # identity: see _check_blob_response
+        async for chunk in chunks:
             remaining -= len(chunk)
             if remaining < 0:
                 raise Failure(Kind.INVALID, f"{where}: blob {blob.digest} is longer than "
@@ -475,7 +459,8 @@ def _descriptors(document: dict[str, Any], key: str, where: str,
             raise Failure(Kind.INVALID, f"{where}: bad descriptor {str(entry)[:200]}")
         if skip_foreign and entry.get("urls") and entry.get("mediaType") in FOREIGN_LAYER_TYPES:
             continue
-        found.append(_Blob(digest, size))
+        media_type = entry.get("mediaType")
+        found.append(_Blob(digest, size, media_type if isinstance(media_type, str) else ""))
     return found
 
 
@@ -489,16 +474,8 @@ def _hash(digest: str, data: bytes) -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
-def _pull(repository: str) -> str:
-    return f"repository:{repository}:pull"
-
-
 def _push(repository: str) -> str:
     return f"repository:{repository}:pull,push"
-
-
-def _ns(endpoint: Endpoint) -> dict[str, str] | None:
-    return {"ns": endpoint.namespace} if endpoint.namespace else None
 
 
 

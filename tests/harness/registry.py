@@ -51,6 +51,7 @@ class RegistryRequest:
     uri: str
     status: int
     user_agent: str
+    size: int = 0  # bytes of the answer's body
 
     @property
     def path(self) -> str:
@@ -338,6 +339,7 @@ class Registry(Service):
                 uri=m["uri"],
                 status=int(m["status"]),
                 user_agent=m["agent"],
+                size=0 if m["size"] == "-" else int(m["size"]),
             )
             if not include_harness and req.user_agent.startswith(HARNESS_USER_AGENT):
                 continue

@@ -1,6 +1,7 @@
 """Copying images between registries, against an in-process fake registry
 (httpx.MockTransport): skips, mounts, uploads, digest checks, ordering, Location handling
-and authorization of streamed uploads."""
+and authorization of streamed uploads; and copying from the node's content store (an
+in-memory stand-in) with the registry for what the node lacks."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ import base64
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
 
+from nodekeeper.errors import ContainerdError
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.pull.credentials import Credentials
 from nodekeeper.registry import Copier, CopyReport, Endpoint, Location, Session
+from nodekeeper.registry.sources import NodeSource, RegistrySource
 from tests.harness.oci import DOCKER_MANIFEST, Image, Index, build_image, build_index
 
 SOURCE = "source.test"
@@ -604,3 +607,147 @@ async def test_check_counts_a_missing_blob_as_right(make_world: MakeWorld) -> No
     world.source.add_image("library/app", image)
     del world.source.blobs["library/app", image.layer_digests[0]]
     assert await world.copier.check(world.src(), image.digest) == []
+
+
+# -- from the node's content store ---------------------------------------------------------
+
+
+@dataclass
+class FakeContent:
+    """containerd's content store: blobs and manifests by digest, read in small pieces."""
+
+    items: dict[str, bytes] = field(default_factory=dict)
+    broken: set[str] = field(default_factory=set)  # reads fail half-way
+    reads: list[str] = field(default_factory=list)
+
+    def hold(self, image: Image | Index, *, platforms: int | None = None) -> None:
+        """What containerd keeps after a pull: the index, and `platforms` of its images."""
+        images = image.images if isinstance(image, Index) else (image,)
+        for child in images[:platforms]:
+            self.items.update(child.blobs)
+            self.items[child.digest] = child.manifest
+        self.items[image.digest] = image.manifest
+
+    async def content_size(self, digest: str) -> int | None:
+        data = self.items.get(digest)
+        return None if data is None else len(data)
+
+    async def read_content(self, digest: str) -> AsyncGenerator[bytes, None]:
+        self.reads.append(digest)
+        data = self.items[digest]
+        for start in range(0, max(len(data), 1), 7):
+            if digest in self.broken and start > 0:
+                raise ContainerdError("UNKNOWN", "read failed")
+            yield data[start:start + 7]
+
+
+def from_node(world: World, content: FakeContent) -> NodeSource:
+    return NodeSource(content, RegistrySource(world.copier._session, world.src()))
+
+
+async def test_what_the_node_holds_is_read_from_it_not_from_upstream(
+        make_world: MakeWorld) -> None:
+    world = make_world()
+    image = build_image(seed="n", layers=2)
+    world.source.add_image("library/app", image)
+    content = FakeContent()
+    content.hold(image)
+
+    report = await world.copier.copy(from_node(world, content), world.dst(), image.digest, "v1")
+
+    assert world.source.requests == []
+    size = sum(len(b) for b in image.blobs.values())
+    assert (report.blobs_copied, report.bytes_copied) == (3, size)
+    assert (report.blobs_from_node, report.bytes_from_node) == (3, size)
+    assert world.dest.manifests["cache/app", "v1"] == (image.media_type, image.manifest)
+    for digest, data in image.blobs.items():
+        assert world.dest.blobs["cache/app", digest] == data
+
+
+async def test_other_platforms_of_an_index_come_from_upstream(make_world: MakeWorld) -> None:
+    world = make_world()
+    index = three_platforms()
+    world.source.add_image("library/app", index)
+    content = FakeContent()
+    content.hold(index, platforms=1)  # containerd fetches its own platform only
+    mine, *others = index.images
+
+    report = await world.copier.copy(from_node(world, content), world.dst(), index.digest, "v1")
+
+    fetched = {r.url.path.rsplit("/", 1)[1] for r in world.source.seen("GET")}
+    assert fetched == {d for image in others for d in (image.digest, *image.blobs)}
+    assert (report.manifests, report.blobs_copied, report.blobs_from_node) == (4, 9, 3)
+    assert report.bytes_from_node == sum(len(b) for b in mine.blobs.values())
+    assert world.dest.manifests["cache/app", "v1"] == (index.media_type, index.manifest)
+
+
+async def test_a_manifest_without_a_media_type_is_asked_of_upstream(
+        make_world: MakeWorld) -> None:
+    """Only a registry's Content-Type can say what it is: no guessing from the node."""
+    world = make_world()
+    image = build_image(seed="t")
+    document = json.loads(image.manifest)
+    del document["mediaType"]
+    body = json.dumps(document).encode()
+    world.source.add_image("library/app", image)
+    world.source.manifests["library/app", sha(body)] = (image.media_type, body)
+    content = FakeContent()
+    content.hold(image)
+    content.items[sha(body)] = body
+
+    await world.copier.copy(from_node(world, content), world.dst(), sha(body))
+
+    assert [r.url.path for r in world.source.seen("GET")] == [
+        f"/v2/library/app/manifests/{sha(body)}"]
+    put = world.dest.seen("PUT", f"/manifests/{sha(body)}")[0]
+    assert put.headers["content-type"] == image.media_type
+
+
+async def test_node_content_that_does_not_match_its_digest_is_never_stored(
+        make_world: MakeWorld) -> None:
+    world = make_world()
+    image = build_image(seed="c")
+    world.source.add_image("library/app", image)
+    content = FakeContent()
+    content.hold(image)
+    layer = image.layer_digests[0]
+    content.items[layer] = bytes(len(content.items[layer]))  # same size, other bytes
+
+    with pytest.raises(Failure) as failure:
+        await world.copier.copy(from_node(world, content), world.dst(), image.digest)
+
+    assert failure.value.kind is Kind.INVALID
+    assert layer in failure.value.detail
+    assert ("cache/app", layer) not in world.dest.blobs
+    assert not world.dest.seen("PUT", "/manifests/")
+
+
+async def test_a_failed_read_from_the_node_fails_the_copy_as_a_server_error(
+        make_world: MakeWorld) -> None:
+    world = make_world()
+    image = build_image(seed="r")
+    world.source.add_image("library/app", image)
+    content = FakeContent()
+    content.hold(image)
+    content.broken.add(image.layer_digests[0])
+
+    with pytest.raises(Failure) as failure:
+        await world.copier.copy(from_node(world, content), world.dst(), image.digest)
+
+    assert failure.value.kind is Kind.SERVER_ERROR
+    assert "content store" in failure.value.detail
+    assert ("cache/app", image.layer_digests[0]) not in world.dest.blobs
+
+
+async def test_blobs_backing_has_are_not_read_from_the_node(make_world: MakeWorld) -> None:
+    world = make_world()
+    image = build_image(seed="s")
+    world.source.add_image("library/app", image)
+    world.dest.blobs["cache/app", image.config_digest] = image.config
+    content = FakeContent()
+    content.hold(image)
+
+    report = await world.copier.copy(from_node(world, content), world.dst(), image.digest)
+
+    assert image.config_digest not in content.reads
+    assert (report.blobs_skipped, report.blobs_from_node) == (1, 1)
