@@ -24,7 +24,7 @@ from tests.harness import (
     push,
 )
 from tests.harness.cri_runtime import Container, RuntimeClient
-from tests.harness.kubelet import Kubelet
+from tests.harness.kubelet import Kubelet, KubeletRelease, selected_kubelets
 from tests.harness.nodekeeper import Nodekeeper
 from tests.harness.pods import AppPod, app_image, pause_image
 
@@ -103,6 +103,16 @@ class Node:
 
 
 MakeNode = Callable[..., Node]
+
+# NODEKEEPER_KUBELET="1.36" narrows the matrix; every version by default.
+KUBELET_RELEASES = selected_kubelets()
+
+
+@pytest.fixture(params=KUBELET_RELEASES, ids=lambda release: f"kubelet-{release.name}")
+def kubelet_release(request: pytest.FixtureRequest) -> KubeletRelease:
+    """The kubelet version under test: every kubelet scenario runs once per version."""
+    release: KubeletRelease = request.param
+    return release
 Record = Callable[[str, "float | None"], None]
 
 
@@ -157,6 +167,7 @@ def upstream(make_upstream: Callable[..., Upstream]) -> Upstream:
 def make_node(
     tmp_path: Path, infra: Registry, upstreams: Upstreams, make_upstream: Callable[..., Upstream],
     make_containerd: MakeContainerd, make_nodekeeper: MakeNodekeeper,
+    kubelet_release: KubeletRelease,
 ) -> Iterator[MakeNode]:
     """Start a node: its own containerd (or the one given), nodekeeper in ``mode``
     "nodekeeper", and a kubelet. Starting one closes the previous node's kubelet."""
@@ -187,7 +198,8 @@ def make_node(
             nodekeeper = make_nodekeeper(containerd.address, policy=POLICY, settings=settings)
         endpoint = nodekeeper.socket if nodekeeper is not None else containerd.address
         kubelet = Kubelet(tmp_path / f"node{number}-kubelet", runtime_endpoint=containerd.address,
-                          image_endpoint=endpoint, credentials=credentials)
+                          image_endpoint=endpoint, release=kubelet_release,
+                          credentials=credentials)
         kubelets.append(kubelet)
         kubelet.start()
         return Node(mode, containerd, nodekeeper if mode == "nodekeeper" else None, kubelet,
