@@ -114,6 +114,7 @@ def kubelet_release(request: pytest.FixtureRequest) -> KubeletRelease:
     release: KubeletRelease = request.param
     return release
 Record = Callable[[str, "float | None"], None]
+Tally = Callable[[str, int], None]
 
 
 @pytest.fixture(scope="session")
@@ -222,6 +223,16 @@ def record(request: pytest.FixtureRequest) -> Record:
     return note
 
 
+@pytest.fixture
+def tally(request: pytest.FixtureRequest) -> Tally:
+    """Note a count (requests, say) for the summary, beside the measured times."""
+
+    def note(label: str, count: int) -> None:
+        request.node.user_properties.append(("kubelet count", (label, count)))
+
+    return note
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     lines = []
     for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
@@ -231,7 +242,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             if key == "kubelet timing":
                 label, seconds = value
                 shown = "not within its bound" if seconds is None else f"{seconds:.2f} s"
-                lines.append(f"  {report.nodeid.split('::')[-1]}: {label}: {shown}")
+            elif key == "kubelet count":
+                label, shown = value
+            else:
+                continue
+            lines.append(f"  {report.nodeid.split('::')[-1]}: {label}: {shown}")
     if lines:
         terminalreporter.write_sep("-", "kubelet tier: measured times")
         for line in lines:
