@@ -327,7 +327,8 @@ class FaultProxy(Service):
         method: str | None = None,
         times: int | None = None,
     ) -> None:
-        """Forward matching requests after ``seconds`` (sooner if switched meanwhile)."""
+        """Forward matching requests after ``seconds`` (sooner if switched meanwhile), unless
+        the client has hung up by then."""
         self._set_action(_Action("delay", _Match(path_contains, method), times, seconds=seconds))
 
     def answer_late(
@@ -627,7 +628,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self._send_canned(action, path, user_agent)
             return
         if action is not None and action.kind == "delay":
-            proxy._wait_switch(epoch, action.seconds)
+            proxy._wait_switch(epoch, action.seconds, self.connection)
+            if _client_gone(self.connection):
+                self.close_connection = True  # it gave up waiting: nobody to answer
+                return
         late = action is not None and action.kind == "late"
         self._forward(method, path, user_agent,
                       (epoch, action.seconds) if late and action else None)

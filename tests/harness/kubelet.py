@@ -138,6 +138,7 @@ class Kubelet(Service):
         node_name: str = "nodekeeper-test",
         verbosity: int = 4,
         credentials: dict[str, tuple[str, str]] | None = None,
+        feature_gates: dict[str, bool] | None = None,
         start_timeout: float = 60.0,
         lock_timeout: float = 900.0,
         stop_timeout: float = 15.0,
@@ -153,6 +154,7 @@ class Kubelet(Service):
         self.release = release
         self.node_name = node_name
         self.credentials = credentials
+        self.feature_gates = feature_gates or {}
         self.start_timeout = start_timeout
         self.lock_timeout = lock_timeout
         self.stop_timeout = stop_timeout
@@ -191,6 +193,7 @@ class Kubelet(Service):
             "imageGCLowThresholdPercent": 99,
             "localStorageCapacityIsolation": False,
             **self.release.config(),
+            **({"featureGates": self.feature_gates} if self.feature_gates else {}),
         }
 
     # -- lifecycle -----------------------------------------------------------------------

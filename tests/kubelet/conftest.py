@@ -178,7 +178,8 @@ def make_node(
     def make(mode: str, *, containerd: Containerd | None = None,
              nodekeeper: Nodekeeper | None = None, backing_url: str | None = None,
              credentials: dict[str, tuple[str, str]] | None = None,
-             kubernetes: dict[str, str] | None = None) -> Node:
+             kubernetes: dict[str, str] | None = None,
+             feature_gates: dict[str, bool] | None = None) -> Node:
         assert mode in MODES
         for previous in kubelets:
             previous.close()
@@ -200,7 +201,7 @@ def make_node(
         endpoint = nodekeeper.socket if nodekeeper is not None else containerd.address
         kubelet = Kubelet(tmp_path / f"node{number}-kubelet", runtime_endpoint=containerd.address,
                           image_endpoint=endpoint, release=kubelet_release,
-                          credentials=credentials)
+                          credentials=credentials, feature_gates=feature_gates)
         kubelets.append(kubelet)
         kubelet.start()
         return Node(mode, containerd, nodekeeper if mode == "nodekeeper" else None, kubelet,
