@@ -5,15 +5,18 @@ as the same bytes: fields nodekeeper does not know pass through untouched, and n
 re-serialized on the hot path. Each RPC is parsed only to validate it and to name the
 image in its log line.
 
-`_instrument` wraps every RPC: one canonical log line, metrics, and the single mapping
-from nodekeeper's errors to gRPC status codes (`_status`).
+`_instrument` and `_instrument_stream` wrap every RPC (`_accounting` does the work for
+both): one canonical log line, metrics, and the single mapping from nodekeeper's errors to
+gRPC status codes (`_status`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -35,10 +38,12 @@ CRI_SERVICE = cri.DESCRIPTOR.services_by_name["ImageService"].full_name  # runti
 MAX_REFERENCE_BYTES = 4096
 
 # Calls the kubelet makes constantly are logged at debug; calls that change the node at info.
-_QUIET_RPCS = frozenset({"ImageStatus", "ListImages", "ImageFsInfo"})
+_QUIET_RPCS = frozenset({"ImageStatus", "ListImages", "StreamImages", "ImageFsInfo"})
 
 Fields = dict[str, Any]
 Handler = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes], Fields], Awaitable[bytes]]
+StreamHandler = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes], Fields],
+                         AsyncIterator[bytes]]
 
 _log = logs.get("cri")
 
@@ -71,6 +76,18 @@ class Containerd(Protocol):  # containerd.Containerd
     async def cri(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
         """Forward a CRI image service request's bytes; containerd's answer's bytes."""
 
+    def cri_stream(self, method: str, request: bytes,
+                   timeout: float | None = None) -> AsyncIterator[bytes]:
+        """Forward a server-streaming CRI request's bytes; containerd's answers' bytes."""
+
+
+@dataclass
+class _Outcome:
+    """How an RPC ended, as `_accounting` saw it: the status code the kubelet gets."""
+
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+
 
 class ImageService:
     """Serves the kubelet: PullImage goes to the puller, everything else to containerd."""
@@ -89,11 +106,12 @@ class ImageService:
             "RemoveImage": self._remove_image,
             "ImageFsInfo": self._image_fs_info,
         }
-        return grpc.method_handlers_generic_handler(
-            CRI_SERVICE,
-            {name: grpc.unary_unary_rpc_method_handler(self._instrument(name, fn))
-             for name, fn in rpcs.items()},
-        )
+        handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+            name: grpc.unary_unary_rpc_method_handler(self._instrument(name, fn))
+            for name, fn in rpcs.items()}
+        handlers["StreamImages"] = grpc.unary_stream_rpc_method_handler(
+            self._instrument_stream("StreamImages", self._stream_images))
+        return grpc.method_handlers_generic_handler(CRI_SERVICE, handlers)
 
     async def _forward(self, rpc: str, request: bytes,
                        context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -105,6 +123,16 @@ class ImageService:
         if parsed.filter.image.image:
             fields["image"] = parsed.filter.image.image
         return await self._forward("ListImages", request, context)
+
+    async def _stream_images(self, request: bytes,
+                             context: grpc.aio.ServicerContext[bytes, bytes],
+                             fields: Fields) -> AsyncIterator[bytes]:
+        parsed = _parse(cri.StreamImagesRequest, request)
+        if parsed.filter.image.image:
+            fields["image"] = parsed.filter.image.image
+        async for answer in self._containerd.cri_stream("StreamImages", request,
+                                                        timeout=context.time_remaining()):
+            yield answer
 
     async def _image_status(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes],
                             fields: Fields) -> bytes:
@@ -140,39 +168,58 @@ class ImageService:
         _parse(cri.ImageFsInfoRequest, request)
         return await self._forward("ImageFsInfo", request, context)
 
+    @contextlib.contextmanager
+    def _accounting(self, rpc: str, fields: Fields) -> Iterator[_Outcome]:
+        """Around one RPC: counts it in flight, maps an error to the status the kubelet
+        gets (the error is absorbed; the caller aborts with `outcome`), and writes the
+        canonical log line and the metrics when it ends."""
+        started = time.perf_counter()
+        outcome = _Outcome()
+        self.inflight += 1
+        try:
+            yield outcome
+        except NodekeeperError as exc:
+            outcome.code, outcome.message = _status(exc)
+            fields["error"] = outcome.message
+        except asyncio.CancelledError:
+            outcome.code = grpc.StatusCode.CANCELLED
+            self.cancelled += 1
+            raise
+        except Exception as exc:  # a bug: answer INTERNAL, keep serving
+            _log.exception("unexpected error", rpc=rpc)
+            outcome.code = grpc.StatusCode.INTERNAL
+            outcome.message = f"nodekeeper internal error: {exc!r}"
+            fields["error"] = outcome.message
+        finally:
+            self.inflight -= 1
+            seconds = time.perf_counter() - started
+            metrics.RPCS.labels(rpc, outcome.code.name).inc()
+            metrics.RPC_SECONDS.labels(rpc).observe(seconds)
+            _canonical_line(rpc, outcome.code, seconds, fields, rpc in _QUIET_RPCS)
+
     def _instrument(
         self, rpc: str, handler: Handler
     ) -> Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]:
-        quiet = rpc in _QUIET_RPCS
-
         async def instrumented(request: bytes,
                                context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-            started = time.perf_counter()
             fields: Fields = {}
-            self.inflight += 1
-            code = grpc.StatusCode.OK
-            try:
-                answer = await handler(request, context, fields)
-            except NodekeeperError as exc:
-                code, message = _status(exc)
-                fields["error"] = message
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                self.cancelled += 1
-                raise
-            except Exception as exc:  # a bug: answer INTERNAL, keep serving
-                _log.exception("unexpected error", rpc=rpc)
-                code, message = grpc.StatusCode.INTERNAL, f"nodekeeper internal error: {exc!r}"
-                fields["error"] = message
-            else:
-                return answer
-            finally:
-                self.inflight -= 1
-                seconds = time.perf_counter() - started
-                metrics.RPCS.labels(rpc, code.name).inc()
-                metrics.RPC_SECONDS.labels(rpc).observe(seconds)
-                _canonical_line(rpc, code, seconds, fields, quiet)
-            await context.abort(code, message)
+            with self._accounting(rpc, fields) as outcome:
+                return await handler(request, context, fields)
+            await context.abort(outcome.code, outcome.message)
+
+        return instrumented
+
+    def _instrument_stream(
+        self, rpc: str, handler: StreamHandler
+    ) -> Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], AsyncIterator[bytes]]:
+        async def instrumented(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+                               ) -> AsyncIterator[bytes]:
+            fields: Fields = {}
+            with self._accounting(rpc, fields) as outcome:
+                async for answer in handler(request, context, fields):
+                    yield answer
+            if outcome.code != grpc.StatusCode.OK:
+                await context.abort(outcome.code, outcome.message)
 
         return instrumented
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 import grpc
 import grpc.aio
@@ -122,6 +122,21 @@ class Containerd:
 
     async def cri(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
         return await self.call(f"/{CRI_SERVICE}/{method}", request, timeout)
+
+    async def cri_stream(self, method: str, request: bytes,
+                         timeout: float | None = None) -> AsyncIterator[bytes]:
+        """A server-streaming CRI call: each answer as the raw bytes containerd sent it;
+        ContainerdError when the stream fails, after the answers that came before."""
+        stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = self._channel.unary_stream(
+            f"/{CRI_SERVICE}/{method}")
+        call = stream(request, timeout=timeout)
+        try:
+            async for answer in call:
+                yield answer
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            call.cancel()  # the kubelet gone mid-stream: containerd stops sending too
 
     async def images(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
         """Call the native images API in our namespace (where the CRI plugin keeps images)."""

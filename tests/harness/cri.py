@@ -117,6 +117,20 @@ class CriClient(_UnixClient):
             req.filter.image.image = filter_image
         return self._rpc("ListImages", req, cri.ListImagesResponse, timeout)
 
+    def stream_images(
+        self, filter_image: str | None = None, *, timeout: float | None = None
+    ) -> list[cri.StreamImagesResponse]:
+        """StreamImages (CRI 1.36, server-streaming): every answer until the stream ends."""
+        req = cri.StreamImagesRequest()
+        if filter_image is not None:
+            req.filter.image.image = filter_image
+        method: grpc.UnaryStreamMultiCallable[cri.StreamImagesRequest, cri.StreamImagesResponse]
+        method = self._channel.unary_stream(
+            f"/{CRI_IMAGE_SERVICE}/StreamImages",
+            request_serializer=cri.StreamImagesRequest.SerializeToString,
+            response_deserializer=cri.StreamImagesResponse.FromString)
+        return list(method(req, timeout=self.timeout if timeout is None else timeout))
+
     def remove(self, image: str, *, timeout: float | None = None) -> None:
         req = cri.RemoveImageRequest(image=cri.ImageSpec(image=image))
         self._rpc("RemoveImage", req, cri.RemoveImageResponse, timeout)

@@ -47,6 +47,11 @@ _MESSAGES: dict[str, list[tuple[str, int, int, str, bool]]] = {
                   ("state", 6, _INT32, "", False), ("created_at", 7, _INT64, "", False)],
     "ListContainersRequest": [],
     "ListContainersResponse": [("containers", 1, _MSG, "Container", True)],
+    "StopContainerRequest": [("container_id", 1, _STR, "", False),
+                             ("timeout", 2, _INT64, "", False)],
+    "StopContainerResponse": [],
+    "RemoveContainerRequest": [("container_id", 1, _STR, "", False)],
+    "RemoveContainerResponse": [],
 }
 
 
@@ -109,6 +114,14 @@ class RuntimeClient(_UnixClient):
                           c.image.image, c.image_ref, CONTAINER_STATES.get(c.state, "unknown"),
                           c.created_at)
                 for c in self._rpc("ListContainers").containers]
+
+    def remove_container(self, container_id: str) -> None:
+        """Kill (no grace period), then remove one container; its pod sandbox stays."""
+        # The request's own field "timeout" (the grace period) is not _rpc's deadline.
+        request = _M["StopContainerRequest"](container_id=container_id, timeout=0)
+        self._call(f"/{RUNTIME_SERVICE}/StopContainer", request, _M["StopContainerResponse"],
+                   None)
+        self._rpc("RemoveContainer", container_id=container_id)
 
     def remove_sandbox(self, sandbox_id: str) -> None:
         """Stop, then remove a pod sandbox with its containers (both idempotent in CRI)."""

@@ -9,6 +9,10 @@ broken upstream is broken for its ping too); narrow it with ``path_contains=`` (
 of the path, without the query: ``"/manifests/"``, ``"/blobs/"``, ``"/v2/app/"``) and
 ``method=``.
 
+Concurrency: every request is timed from its arrival to the end of its answer (or until a
+hung one is released or its client hangs up); ``peak_concurrent()`` says how many matching
+requests were ever in flight at once, e.g. manifest requests during a registry outage.
+
 Forwarding: the ``Host`` header is set to the target's host so the registry builds its
 URLs for itself, and a ``Location`` header pointing at the target is rewritten to point at
 the proxy (blob uploads keep going through it). ``WWW-Authenticate`` is passed unchanged:
@@ -22,6 +26,7 @@ import contextlib
 import http.client
 import io
 import json
+import select
 import socket
 import ssl
 import threading
@@ -99,6 +104,30 @@ class _HeaderRule:
     set: tuple[tuple[str, str], ...]
 
 
+@dataclass
+class _Span:
+    """One request from arrival until it was answered, released or abandoned."""
+
+    method: str
+    path: str
+    user_agent: str
+    start: float
+    end: float | None = None
+
+
+def _client_gone(sock: socket.socket) -> bool:
+    """Whether the client has hung up (an orderly close reads as b"" without consuming)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
 @dataclass(frozen=True)
 class _Logged:
     method: str
@@ -149,6 +178,7 @@ class FaultProxy(Service):
         self._header_rules: list[_HeaderRule] = []
         self._epoch = 0  # bumped by every switch: hung and delayed requests watch it
         self._log: list[_Logged] = []
+        self._spans: list[_Span] = []
         self._sockets: set[socket.socket] = set()  # client and upstream connections
         self._threads: list[threading.Thread] = []
         self._server: _ProxyServer | None = None
@@ -285,7 +315,8 @@ class FaultProxy(Service):
     ) -> None:
         """Take matching requests and never answer. A hung request is released, by
         dropping its connection without a response, at the next switch (``passthrough()``,
-        ``respond()``, ...), ``refuse()``, ``close()``, or after ``max_seconds``."""
+        ``respond()``, ...), ``refuse()``, ``close()``, after ``max_seconds``, or as soon as
+        its client hangs up."""
         self._set_action(_Action("hang", _Match(path_contains, method), times, seconds=max_seconds))
 
     def delay(
@@ -296,7 +327,8 @@ class FaultProxy(Service):
         method: str | None = None,
         times: int | None = None,
     ) -> None:
-        """Forward matching requests after ``seconds`` (sooner if switched meanwhile)."""
+        """Forward matching requests after ``seconds`` (sooner if switched meanwhile), unless
+        the client has hung up by then."""
         self._set_action(_Action("delay", _Match(path_contains, method), times, seconds=seconds))
 
     def answer_late(
@@ -352,14 +384,20 @@ class FaultProxy(Service):
                     self._action = None  # not a switch: the epoch stays
             return action, epoch
 
-    def _wait_switch(self, epoch: int, seconds: float) -> bool:
-        """Block until the next switch (True) or for ``seconds`` (False)."""
+    def _wait_switch(self, epoch: int, seconds: float,
+                     client: socket.socket | None = None) -> bool:
+        """Block until the next switch (True) or for ``seconds`` (False); with ``client``,
+        also stop (False) as soon as that client hangs up."""
         deadline = time.monotonic() + seconds
         with self._cond:
             while self._epoch == epoch:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
+                if client is not None:
+                    if _client_gone(client):
+                        return False
+                    remaining = min(remaining, 0.005)  # a hang-up is seen within 5 ms
                 self._cond.wait(remaining)
             return True
 
@@ -420,11 +458,45 @@ class FaultProxy(Service):
         return wait_for_count(
             lambda: self.requests(method, path_contains, status=status), count, timeout)
 
+    def peak_concurrent(
+        self,
+        method: str | None = None,
+        path_contains: str | None = None,
+        *,
+        include_harness: bool = False,
+    ) -> int:
+        """The most matching requests ever in flight at once since ``clear()`` (harness
+        traffic left out unless ``include_harness``)."""
+        with self._cond:
+            spans = [(s.start, s.end) for s in self._spans
+                     if (include_harness or not s.user_agent.startswith(HARNESS_USER_AGENT))
+                     and (method is None or s.method == method.upper())
+                     and (path_contains is None or path_contains in s.path)]
+        # An end sorts before a start at the same instant: back to back is not overlap.
+        edges = sorted([(start, 1) for start, _ in spans]
+                       + [(end, -1) for _, end in spans if end is not None])
+        peak = level = 0
+        for _, step in edges:
+            level += step
+            peak = max(peak, level)
+        return peak
+
     def clear(self) -> None:
         with self._cond:
             self._log.clear()
+            self._spans = [s for s in self._spans if s.end is None]  # still in flight
 
     # -- bookkeeping for the server ------------------------------------------------------
+
+    def _open_span(self, method: str, path: str, user_agent: str) -> _Span:
+        span = _Span(method, path, user_agent, time.monotonic())
+        with self._cond:
+            self._spans.append(span)
+        return span
+
+    def _close_span(self, span: _Span) -> None:
+        with self._cond:
+            span.end = time.monotonic()
 
     def _track_socket(self, sock: socket.socket) -> None:
         with self._cond:
@@ -535,10 +607,19 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         method = self.command
         path = urlsplit(self.path).path
         user_agent = self.headers.get("User-Agent", "")
+        span = proxy._open_span(method, path, user_agent)
+        try:
+            self._dispatch(method, path, user_agent)
+        finally:
+            proxy._close_span(span)
+
+    def _dispatch(self, method: str, path: str, user_agent: str) -> None:
+        proxy = self.server.proxy
         action, epoch = proxy._decide(method, path)
         if action is not None and action.kind == "hang":
             proxy._record(method, path, NO_RESPONSE, user_agent)
-            proxy._wait_switch(epoch, action.seconds)
+            # A client that gives up ends its request: it is no longer in flight.
+            proxy._wait_switch(epoch, action.seconds, self.connection)
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -547,7 +628,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self._send_canned(action, path, user_agent)
             return
         if action is not None and action.kind == "delay":
-            proxy._wait_switch(epoch, action.seconds)
+            proxy._wait_switch(epoch, action.seconds, self.connection)
+            if _client_gone(self.connection):
+                self.close_connection = True  # it gave up waiting: nobody to answer
+                return
         late = action is not None and action.kind == "late"
         self._forward(method, path, user_agent,
                       (epoch, action.seconds) if late and action else None)

@@ -14,11 +14,14 @@ import base64
 import contextlib
 import fcntl
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,7 +31,7 @@ from tests.harness import nodebins
 from tests.harness._proc import ManagedProcess, Service
 from tests.harness.cri_runtime import RuntimeClient
 
-KUBELET_BINARY = "kubelet-1.32.10/kubelet"
+KUBELETS_ENV = "NODEKEEPER_KUBELET"
 LOCK_PATH = Path("/run/lock/nodekeeper-test-kubelet.lock")
 DEVICE_PLUGIN_SOCKET = Path("/var/lib/kubelet/device-plugins/kubelet.sock")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -36,6 +39,39 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 class KubeletError(RuntimeError):
     """The kubelet did not start, or another one held the machine for too long."""
+
+
+@dataclass(frozen=True)
+class KubeletRelease:
+    """One kubelet version the tier runs: ``name`` ("1.32", "1.36") is what
+    ``NODEKEEPER_KUBELET`` and the test ids use."""
+
+    name: str
+
+    @property
+    def binary(self) -> Path:
+        return nodebins.binary(nodebins.KUBELETS[self.name])
+
+    def config(self) -> dict[str, Any]:
+        """What this version needs in its KubeletConfiguration beyond the common part."""
+        if self.name == "1.32":
+            return {}
+        # Since 1.35 it refuses to start on a cgroup v1 host unless told otherwise.
+        return {"failCgroupV1": False}
+
+
+KUBELET_RELEASES = {name: KubeletRelease(name) for name in nodebins.KUBELETS}
+
+
+def selected_kubelets(value: str | None = None) -> list[KubeletRelease]:
+    """The kubelets named in ``NODEKEEPER_KUBELET`` ("1.32,1.36"; unset or empty: all)."""
+    text = os.environ.get(KUBELETS_ENV, "") if value is None else value
+    names = [n.strip() for n in text.split(",") if n.strip()] or list(KUBELET_RELEASES)
+    unknown = [n for n in names if n not in KUBELET_RELEASES]
+    if unknown:
+        raise ValueError(f"{KUBELETS_ENV}: unknown kubelet {', '.join(unknown)};"
+                         f" known: {', '.join(KUBELET_RELEASES)}")
+    return [KUBELET_RELEASES[n] for n in dict.fromkeys(names)]
 
 
 _LIVE: set[Kubelet] = set()
@@ -88,8 +124,9 @@ def docker_config(auths: dict[str, tuple[str, str]]) -> str:
 
 
 class Kubelet(Service):
-    """kubelet 1.32 with its config, root dir, static pod dir, pod logs and log file under
-    ``base_dir``. ``image_endpoint`` is nodekeeper's socket, or containerd's to compare."""
+    """A kubelet of ``release`` with its config, root dir, static pod dir, pod logs and log
+    file under ``base_dir``. ``image_endpoint`` is nodekeeper's socket, or containerd's to
+    compare."""
 
     def __init__(
         self,
@@ -97,9 +134,11 @@ class Kubelet(Service):
         *,
         runtime_endpoint: str,
         image_endpoint: str,
+        release: KubeletRelease = KUBELET_RELEASES["1.32"],
         node_name: str = "nodekeeper-test",
         verbosity: int = 4,
         credentials: dict[str, tuple[str, str]] | None = None,
+        feature_gates: dict[str, bool] | None = None,
         start_timeout: float = 60.0,
         lock_timeout: float = 900.0,
         stop_timeout: float = 15.0,
@@ -112,15 +151,17 @@ class Kubelet(Service):
         self.log_path = self.base_dir / "kubelet.log"
         self.runtime_endpoint = runtime_endpoint.removeprefix("unix://")
         self.image_endpoint = image_endpoint.removeprefix("unix://")
+        self.release = release
         self.node_name = node_name
         self.credentials = credentials
+        self.feature_gates = feature_gates or {}
         self.start_timeout = start_timeout
         self.lock_timeout = lock_timeout
         self.stop_timeout = stop_timeout
         self._lock: IO[bytes] | None = None
         self._closed = False
         self._proc = ManagedProcess(
-            [str(nodebins.binary(KUBELET_BINARY)), "--config", str(self.config_path),
+            [str(release.binary), "--config", str(self.config_path),
              "--root-dir", str(self.root_dir), "--hostname-override", node_name,
              f"--v={verbosity}"],
             self.log_path, cwd=self.base_dir)
@@ -137,6 +178,10 @@ class Kubelet(Service):
             "cgroupDriver": "cgroupfs",
             "failSwapOn": False,
             "enableServer": False,
+            # No API server to ask (1.36 refuses to start with webhook authentication and
+            # no client); nothing is served anyway.
+            "authentication": {"webhook": {"enabled": False}, "anonymous": {"enabled": True}},
+            "authorization": {"mode": "AlwaysAllow"},
             "readOnlyPort": 0,
             "healthzPort": 0,
             "resolvConf": "",
@@ -147,6 +192,8 @@ class Kubelet(Service):
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
             "localStorageCapacityIsolation": False,
+            **self.release.config(),
+            **({"featureGates": self.feature_gates} if self.feature_gates else {}),
         }
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -196,6 +243,19 @@ class Kubelet(Service):
         except BaseException:
             self.close()
             raise
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The kubelet's process frozen (SIGSTOP) for the block and thawed (SIGCONT) after
+        it: whatever changes meanwhile, it sees all at once, in its next relist."""
+        pid = self._proc.pid
+        if pid is None or not self.running:
+            raise KubeletError("the kubelet is not running")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     def stop(self) -> None:
         """Stop the process only: its pods keep running (as a real kubelet's do)."""

@@ -1,13 +1,14 @@
-"""The node binaries no Debian package ships (containerd 1.7 and 2.3, a kubelet), found through
-``NODEKEEPER_NODE_BINARIES`` and unpacked once into a cache outside the checkout.
+"""The node binaries no Debian package ships (containerd 1.7 and 2.3, kubelets 1.32 and 1.36),
+found through ``NODEKEEPER_NODE_BINARIES`` and unpacked once into a cache outside the checkout.
 
 The directory named by the variable (default: ``../shared/node-binaries`` from the repository
 root) holds either ``node-binaries-<arch>.tar.xz`` with a ``SHA256SUMS`` beside it, or the
-unpacked layout itself (``containerd-2.3.4/containerd``, ``kubelet-1.32.10/kubelet``, ...):
-upstream release binaries laid out so work as well. An archive is unpacked into
-``<cache>/node-binaries/<sha256 of the archive>``; the unpacked files are checked against
-SHA256SUMS before the directory gets its final name, so a directory under that name is
-always complete and verified, and two test runs unpacking at once both end up using one.
+unpacked layout itself (``containerd-2.3.4/containerd``, ``kubelet-1.32.10/kubelet``,
+``kubelet-1.36.2/kubelet``, ...): upstream release binaries laid out so work as well. An
+archive is unpacked into ``<cache>/node-binaries/<sha256 of the archive>``; the unpacked
+files are checked against SHA256SUMS before the directory gets its final name, so a
+directory under that name is always complete and verified, and two test runs unpacking at
+once both end up using one.
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ CACHE_ENV = "NODEKEEPER_TEST_CACHE"
 DEFAULT_CACHE = Path("/var/cache/nodekeeper-test")
 ARCHIVE_NAME = "node-binaries-amd64.tar.xz"
 SUMS_NAME = "SHA256SUMS"
+# The kubelets in the layout, by the name NODEKEEPER_KUBELET and the test ids use.
+KUBELETS = {
+    "1.32": "kubelet-1.32.10/kubelet",
+    "1.36": "kubelet-1.36.2/kubelet",
+}
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _WHERE_FROM = (
-    "containerd 1.7/2.3 and the kubelet come from the upstream release archives of containerd"
-    " and Kubernetes"
+    "containerd 1.7/2.3 and the kubelets 1.32/1.36 come from the upstream release archives of"
+    " containerd and Kubernetes"
 )
 
 

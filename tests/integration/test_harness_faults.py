@@ -611,3 +611,32 @@ def test_bearer_auth_client_reuses_its_token(
     assert claims["aud"] == tokens.service
     [access] = claims["access"]
     assert (access["name"], sorted(access["actions"])) == ("private/app", ["pull", "push"])
+
+
+def test_peak_concurrent_counts_requests_in_flight_and_a_client_giving_up_ends_one(
+    registry: Registry, proxy: FaultProxy
+) -> None:
+    push_new(registry.url, "app", "v1", seed="concurrent")
+    proxy.hang(path_contains="/manifests/")
+    url = f"{proxy.url}/v2/app/manifests/v1"
+
+    def give_up() -> None:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.head(url, timeout=0.3)
+
+    for _ in range(3):  # one after another: each client hangs up before the next asks
+        give_up()
+        time.sleep(0.2)  # the proxy notices a hang-up within a few ms
+    assert len(proxy.requests(path_contains="/manifests/", status=NO_RESPONSE)) == 3
+    assert proxy.peak_concurrent(path_contains="/manifests/") == 1
+
+    together = [threading.Thread(target=give_up) for _ in range(3)]
+    for t in together:
+        t.start()
+    for t in together:
+        t.join(timeout=5)
+    assert proxy.peak_concurrent(path_contains="/manifests/") == 3
+    assert proxy.peak_concurrent(path_contains="/blobs/") == 0
+    time.sleep(0.2)
+    proxy.clear()  # keeps only requests still in flight: none, their clients are gone
+    assert proxy.peak_concurrent() == 0

@@ -24,7 +24,7 @@ from tests.harness import (
     push,
 )
 from tests.harness.cri_runtime import Container, RuntimeClient
-from tests.harness.kubelet import Kubelet
+from tests.harness.kubelet import Kubelet, KubeletRelease, selected_kubelets
 from tests.harness.nodekeeper import Nodekeeper
 from tests.harness.pods import AppPod, app_image, pause_image
 
@@ -103,7 +103,18 @@ class Node:
 
 
 MakeNode = Callable[..., Node]
+
+# NODEKEEPER_KUBELET="1.36" narrows the matrix; every version by default.
+KUBELET_RELEASES = selected_kubelets()
+
+
+@pytest.fixture(params=KUBELET_RELEASES, ids=lambda release: f"kubelet-{release.name}")
+def kubelet_release(request: pytest.FixtureRequest) -> KubeletRelease:
+    """The kubelet version under test: every kubelet scenario runs once per version."""
+    release: KubeletRelease = request.param
+    return release
 Record = Callable[[str, "float | None"], None]
+Tally = Callable[[str, int], None]
 
 
 @pytest.fixture(scope="session")
@@ -157,6 +168,7 @@ def upstream(make_upstream: Callable[..., Upstream]) -> Upstream:
 def make_node(
     tmp_path: Path, infra: Registry, upstreams: Upstreams, make_upstream: Callable[..., Upstream],
     make_containerd: MakeContainerd, make_nodekeeper: MakeNodekeeper,
+    kubelet_release: KubeletRelease,
 ) -> Iterator[MakeNode]:
     """Start a node: its own containerd (or the one given), nodekeeper in ``mode``
     "nodekeeper", and a kubelet. Starting one closes the previous node's kubelet."""
@@ -166,7 +178,8 @@ def make_node(
     def make(mode: str, *, containerd: Containerd | None = None,
              nodekeeper: Nodekeeper | None = None, backing_url: str | None = None,
              credentials: dict[str, tuple[str, str]] | None = None,
-             kubernetes: dict[str, str] | None = None) -> Node:
+             kubernetes: dict[str, str] | None = None,
+             feature_gates: dict[str, bool] | None = None) -> Node:
         assert mode in MODES
         for previous in kubelets:
             previous.close()
@@ -187,7 +200,8 @@ def make_node(
             nodekeeper = make_nodekeeper(containerd.address, policy=POLICY, settings=settings)
         endpoint = nodekeeper.socket if nodekeeper is not None else containerd.address
         kubelet = Kubelet(tmp_path / f"node{number}-kubelet", runtime_endpoint=containerd.address,
-                          image_endpoint=endpoint, credentials=credentials)
+                          image_endpoint=endpoint, release=kubelet_release,
+                          credentials=credentials, feature_gates=feature_gates)
         kubelets.append(kubelet)
         kubelet.start()
         return Node(mode, containerd, nodekeeper if mode == "nodekeeper" else None, kubelet,
@@ -210,6 +224,16 @@ def record(request: pytest.FixtureRequest) -> Record:
     return note
 
 
+@pytest.fixture
+def tally(request: pytest.FixtureRequest) -> Tally:
+    """Note a count (requests, say) for the summary, beside the measured times."""
+
+    def note(label: str, count: int) -> None:
+        request.node.user_properties.append(("kubelet count", (label, count)))
+
+    return note
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     lines = []
     for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
@@ -219,7 +243,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             if key == "kubelet timing":
                 label, seconds = value
                 shown = "not within its bound" if seconds is None else f"{seconds:.2f} s"
-                lines.append(f"  {report.nodeid.split('::')[-1]}: {label}: {shown}")
+            elif key == "kubelet count":
+                label, shown = value
+            else:
+                continue
+            lines.append(f"  {report.nodeid.split('::')[-1]}: {label}: {shown}")
     if lines:
         terminalreporter.write_sep("-", "kubelet tier: measured times")
         for line in lines:

@@ -1,5 +1,6 @@
-"""A real kubelet 1.32 (standalone, static hostNetwork pods) in front of nodekeeper, each
-scenario compared with the same kubelet pointed straight at containerd in the same test.
+"""A real kubelet (1.32 and 1.36; standalone, static hostNetwork pods) in front of
+nodekeeper, each scenario compared with the same kubelet pointed straight at containerd in
+the same test.
 
 Times are measured from the moment a container is told to exit to the moment its
 successor has started (it writes its build to a hostPath file), and listed at the end of
@@ -18,6 +19,7 @@ import pytest
 from tests.conftest import MakeRegistry
 from tests.harness import resolve
 from tests.harness.apiserver import NODE_NAME, ApiServer
+from tests.harness.kubelet import KubeletRelease
 from tests.harness.pods import AppPod
 from tests.kubelet.conftest import (
     MODES,
@@ -234,3 +236,28 @@ def test_a_fallback_shows_on_the_pod_as_an_event(
     assert event["source"] == {"component": "nodekeeper", "host": NODE_NAME}
     assert event["involvedObject"]["uid"]  # the static pod's own uid, from the sandbox
     assert f"the node's copy of {upstream.ref('app', 'v1')}, {image.digest}" in event["message"]
+
+
+def test_a_kubelet_asking_for_images_as_a_stream_gets_containerds_answer(
+    make_node: MakeNode, upstream: Upstream, kubelet_release: KubeletRelease, record: Record
+) -> None:
+    # CRI 1.36's StreamImages, asked only behind the kubelet's alpha gate CRIListStreaming
+    # (1.32 knows neither). containerd before 2.4 refuses it as UNIMPLEMENTED: through
+    # nodekeeper the kubelet must get just that, and list images the old way.
+    streams = kubelet_release.name != "1.32"
+    node = make_node("nodekeeper", feature_gates={"CRIListStreaming": True} if streams else None)
+    assert node.nodekeeper is not None
+    upstream.push("app", "v1", seed="streamed")
+    started(node, "app", upstream.ref("app", "v1"), record)
+
+    def asked(rpc: str) -> list[dict[str, Any]]:
+        assert node.nodekeeper is not None
+        return [e for e in node.nodekeeper.events() if e.get("rpc") == rpc]
+
+    assert wait_until(lambda: bool(asked("ListImages")), POD_START_TIMEOUT)
+    if streams:
+        assert wait_until(lambda: bool(asked("StreamImages")), POD_START_TIMEOUT)
+        assert {e["code"] for e in asked("StreamImages")} == {"UNIMPLEMENTED"}
+    else:
+        assert asked("StreamImages") == []
+    assert all(e["code"] == "OK" for e in asked("ListImages"))

@@ -15,7 +15,9 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+from structlog.testing import capture_logs
 
+from nodekeeper import metrics
 from nodekeeper._proto import cri_image_pb2 as cri
 from nodekeeper.containerd.client import CHANNEL_OPTIONS, Containerd
 from nodekeeper.cri import ImageService
@@ -31,10 +33,12 @@ DIGEST_REF = "docker.io/library/nginx@sha256:" + "b" * 64
 
 @dataclass
 class Upstream:
-    """Records each call; answers with `answer`, or fails with `fail`, after `delay`."""
+    """Records each call; answers with `answer`, or fails with `fail`, after `delay`.
+    StreamImages, a server-streaming call, answers each of `stream` in turn, then `fail`."""
 
     received: list[tuple[str, bytes, float | None]] = field(default_factory=list)
     answer: bytes = b""
+    stream: list[bytes] = field(default_factory=list)
     fail: tuple[grpc.StatusCode, str] | None = None
     delay: float = 0.0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -63,6 +67,17 @@ class Upstream:
                         await context.abort(*upstream.fail)
                     return upstream.answer
 
+                async def handle_stream(request: bytes,
+                                        context: grpc.aio.ServicerContext[bytes, bytes]
+                                        ) -> AsyncIterator[bytes]:
+                    upstream.received.append((method, request, context.time_remaining()))
+                    for answer in upstream.stream:
+                        yield answer
+                    if upstream.fail:
+                        await context.abort(*upstream.fail)
+
+                if method.endswith("/StreamImages"):
+                    return grpc.unary_stream_rpc_method_handler(handle_stream)
                 return grpc.unary_unary_rpc_method_handler(handle)
 
         return Generic()
@@ -213,10 +228,84 @@ async def test_containerd_missing_is_unavailable_naming_its_socket(tmp_path: Pat
     assert f"containerd is unavailable at {tmp_path}/absent.sock" in (caught.value.details() or "")
 
 
-async def test_stream_images_is_unimplemented(pair: Pair) -> None:
+class RpcCounter:
+    """Stands in for the RPC counter (labels rpc and code): what was counted."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], float] = {}
+        self._labels = ("", "")
+
+    def labels(self, rpc: str, code: str) -> RpcCounter:
+        self._labels = (rpc, code)
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        self.counts[self._labels] = self.counts.get(self._labels, 0) + amount
+
+
+def images_answer(*ids: str) -> bytes:
+    answer = cri.StreamImagesResponse(images=[cri.Image(id=i, size=1) for i in ids])
+    return with_unknown_field(answer.SerializeToString())
+
+
+async def test_stream_images_streams_containerds_answers_unchanged(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter = RpcCounter()
+    monkeypatch.setattr(metrics, "RPCS", counter)
+    request = with_unknown_field(cri.StreamImagesRequest(filter=cri.ImageFilter(
+        image=cri.ImageSpec(image="registry.example/app:1"))).SerializeToString())
+    pair.upstream.stream = [images_answer("sha256:a", "sha256:b"), images_answer("sha256:c"),
+                            images_answer("sha256:d", "sha256:e", "sha256:f")]
+    with capture_logs() as logged:
+        call = pair.channel.unary_stream("/runtime.v1.ImageService/StreamImages")(
+            request, timeout=7.0)
+        answers = [answer async for answer in call]
+    assert answers == pair.upstream.stream  # each answer, in order, byte for byte
+    [(_, received, remaining)] = pair.upstream.calls("StreamImages")
+    assert received == request
+    assert remaining is not None
+    assert 5.0 < remaining <= 7.05  # the kubelet's deadline for the whole stream
+    [line] = [e for e in logged if e.get("rpc") == "StreamImages"]
+    assert (line["event"], line["outcome"], line["code"]) == ("rpc", "ok", "OK")
+    assert line["image"] == "registry.example/app:1"
+    assert counter.counts == {("StreamImages", "OK"): 1}
+    assert pair.service.inflight == 0
+
+
+@pytest.mark.parametrize("before", [0, 2])
+async def test_stream_images_status_comes_back_unchanged(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch, before: int
+) -> None:
+    # containerd before 2.4 answers UNIMPLEMENTED, and the kubelet then uses ListImages:
+    # the code must reach it as containerd gave it, after any answers sent before it.
+    counter = RpcCounter()
+    monkeypatch.setattr(metrics, "RPCS", counter)
+    pair.upstream.stream = [images_answer(f"sha256:{n}") for n in range(before)]
+    pair.upstream.fail = (grpc.StatusCode.UNIMPLEMENTED,
+                          "unknown method StreamImages for service runtime.v1.ImageService")
+    call = pair.channel.unary_stream("/runtime.v1.ImageService/StreamImages")(b"")
+    answers: list[bytes] = []
+
+    async def drain() -> None:
+        async for answer in call:
+            answers.append(answer)
+
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await pair.channel.unary_stream("/runtime.v1.ImageService/StreamImages")(b"").read()
+        await drain()
+    assert answers == pair.upstream.stream
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert caught.value.details() == pair.upstream.fail[1]
+    assert counter.counts == {("StreamImages", "UNIMPLEMENTED"): 1}
+
+
+async def test_stream_images_bad_request_is_invalid_argument(pair: Pair) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pair.channel.unary_stream("/runtime.v1.ImageService/StreamImages")(
+            b"\x0a\x05\xff").read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed StreamImagesRequest" in (caught.value.details() or "")
+    assert pair.upstream.received == []
 
 
 async def test_a_pull_under_another_name_keeps_every_other_field(pair: Pair) -> None:
