@@ -24,6 +24,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from nodekeeper import logs
 from nodekeeper.errors import ContainerdError, ContainerdRefusedPull, PullFailed, RequestError
@@ -94,11 +95,11 @@ class _Job:
         return Pull(self.ref, self.rule.label, self.rule.settings, node, self.access, now,
                     self.last_ok, self.last_digest, backing)
 
-    @property
-    def answer(self) -> Answer:
-        """What every answer to this job says, whatever the decision."""
+    def answer(self, **decided: Any) -> Answer:
+        """What every answer to this job says, with what was `decided`."""
         return Answer(image=self.request.image, reference=self.reference,
-                      pod=self.request.pod, rule=self.rule.label, last_confirmed=self.last_ok)
+                      pod=self.request.pod, rule=self.rule.label, last_confirmed=self.last_ok,
+                      **decided)
 
 
 class Puller:
@@ -147,8 +148,9 @@ class Puller:
         who = fingerprint(self._state.key, ref.repository, credentials)
         public = self._state.seen_working(ref.repository, ANONYMOUS)
         these = who != ANONYMOUS and self._state.seen_working(ref.repository, who)
-        check = self._state.check(str(ref))
-        return _Job(request, ref, str(ref), self._policy().rule_for(ref), credentials, who,
+        reference = str(ref)
+        check = self._state.check(reference)
+        return _Job(request, ref, reference, self._policy().rule_for(ref), credentials, who,
                     Access(public, these, anonymous=who == ANONYMOUS),
                     check.ok_at if check else None, check.digest if check else "",
                     self._upstream.default_host(ref))
@@ -172,7 +174,7 @@ class Puller:
         try:
             answer = await self._steps(job, seal)
         except ContainerdError as exc:  # containerd itself failed outside a pull
-            raise PullFailed(dataclasses.replace(job.answer, reason=exc.message), exc) from None
+            raise PullFailed(job.answer(reason=exc.message), exc) from None
         self._recorder.settled(answer)
         return answer
 
@@ -290,8 +292,8 @@ class Puller:
             upstream_digest = step.digest
         if step.copy_to_backing and probe is not None:
             self._write_through(job, step.digest, probe)
-        return dataclasses.replace(
-            job.answer, decision=step.decision, reason=step.reason,
+        return job.answer(
+            decision=step.decision, reason=step.reason,
             kind=failure.kind if failure else None, detail=failure.detail if failure else "",
             upstream=probe.host if probe else job.registry_host, image_id=step.image_id,
             node_digest=pull.node.digest if pull.node else "",
@@ -300,8 +302,8 @@ class Puller:
 
     def _refused(self, job: _Job, pull: Pull, step: Refuse, probe_ms: float | None) -> Answer:
         probed = pull.probed
-        return dataclasses.replace(
-            job.answer, reason=step.message, kind=step.kind,
+        return job.answer(
+            reason=step.message, kind=step.kind,
             node_digest=pull.node.digest if pull.node else "",
             upstream_digest=probed.digest if isinstance(probed, Probed) else "",
             probe_ms=probe_ms, outage=probed.outage if isinstance(probed, Failed) else "")

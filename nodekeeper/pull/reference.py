@@ -11,6 +11,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -67,6 +68,10 @@ def is_image_id(text: str) -> bool:
     return bool(_SHA256.match(text))
 
 
+# A node's pods name a few hundred references, and every PullImage parses one: remembered,
+# the parse is a dictionary lookup. Only valid references are kept (an exception is not),
+# and a valid one is at most a few hundred characters, so the cache stays under 2 MB.
+@functools.lru_cache(maxsize=4096)
 def parse(text: str) -> Reference:
     """Parse and normalize like containerd (distribution's ParseDockerRef)."""
     if not text:

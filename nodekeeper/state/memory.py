@@ -119,6 +119,7 @@ class State:
         self._opened = threading.Event()
         self._closing = False
         self._hurry = False
+        self._idle = False  # the writer sleeps until there is something to write
         self._attempts = 0
         self._reported: Health | None = None
         self._writer = threading.Thread(target=self._run, name="state writer", daemon=True)
@@ -197,6 +198,13 @@ class State:
 
     # -- writes (memory now, disk soon) ----------------------------------------------------
 
+    def _changed(self) -> None:
+        """Called with the lock held after a write to memory. The writer is woken only
+        from its idle sleep: while it gathers a batch (FLUSH_DELAY) it takes what arrives
+        anyway, and waking it for each record made every PullImage pay a thread switch."""
+        if self._idle:
+            self._wake.notify_all()
+
     def record_check(self, reference: str, failure: Kind | None, digest: str = "",
                      now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -208,7 +216,7 @@ class State:
                 check = Check(now, failure.value, previous.ok_at if previous else None,
                               previous.digest if previous else "")
             self._checks[reference] = self._pending.checks[reference] = check
-            self._wake.notify_all()
+            self._changed()
 
     def record_access(self, repository: str, fingerprint: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -216,13 +224,13 @@ class State:
         with self._wake:
             first = self._access.get(key, (now, now))[0]
             self._access[key] = self._pending.access[key] = (min(first, now), now)
-            self._wake.notify_all()
+            self._changed()
 
     def record_decision(self, answer: Answer) -> None:
         with self._wake:
             self._recent.append(answer)
             self._pending.decisions.append(answer)
-            self._wake.notify_all()
+            self._changed()
 
     def mark_stale(self, reference: str, digest: str, kind: Kind,
                    now: float | None = None) -> None:
@@ -234,7 +242,7 @@ class State:
             self._stale[reference] = self._pending.stale[reference] = Stale(
                 digest, kind.value, since, now)
             count = len(self._stale)
-            self._wake.notify_all()
+            self._changed()
         metrics.IMAGES_STALE.set(count)
 
     def clear_stale(self, reference: str) -> None:
@@ -243,13 +251,13 @@ class State:
                 return
             self._pending.stale[reference] = None
             count = len(self._stale)
-            self._wake.notify_all()
+            self._changed()
         metrics.IMAGES_STALE.set(count)
 
     def set_meta(self, key: str, value: str) -> None:
         with self._wake:
             self._meta[key] = self._pending.meta[key] = (value, time.time())
-            self._wake.notify_all()
+            self._changed()
 
     # -- the writer thread -----------------------------------------------------------------
 
@@ -284,8 +292,10 @@ class State:
         delay = self._retry_first
         while True:
             with self._wake:
+                self._idle = True
                 while not (self._closing or self._hurry or self._dirty() or self._problem):
                     self._wake.wait()
+                self._idle = False
                 # Gather a burst into one batch; after a failure, back off.
                 self._wake.wait_for(lambda: self._closing or self._hurry,
                                     delay if self._problem else FLUSH_DELAY)
