@@ -413,7 +413,7 @@ def test_backtracking_patterns_match_in_linear_time(pattern: str) -> None:
     # With Python's re, (a+)+$ takes seconds on 28 a's and a '-', doubling per character.
     tags = ["a" * 28 + "-", "a" * 127 + "-", "a" * 128,
             *("".join(random.Random(n).choice("a.-_x0") for _ in range(128))
-              for n in range(40))]
+              for n in range(20))]
     first, typical = slowest_match_us(pattern, tags)
     assert first < SLOW_MATCH_S * 1e6
     assert typical < SLOW_MATCH_S * 1e6 / 10
