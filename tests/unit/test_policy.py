@@ -25,7 +25,7 @@ from nodekeeper.pull.policy import (
     compile_pattern,
 )
 from nodekeeper.pull.reference import parse
-from tests.harness.policies import HOSTILE_TAGS, largest_policy
+from tests.harness.policies import HOSTILE_TAGS, most_rules
 
 REPO = Path(__file__).resolve().parents[2]
 DIGEST = "sha256:" + hashlib.sha256(b"m").hexdigest()
@@ -524,10 +524,11 @@ def test_the_patterns_of_a_policy_have_a_budget(tmp_path: Path) -> None:
     assert len(load_text(tmp_path, "rules:\n" + rules[:rules.rindex("  - ")]).rules) == fit
 
 
-def test_a_fresh_hostile_tag_through_the_largest_policy_stays_cheap(
+def test_a_fresh_hostile_tag_through_the_most_rules_allowed_stays_cheap(
         tmp_path: Path) -> None:
-    """Every rule tried, every automaton built anew: the most one PullImage can cost."""
-    loaded = load_text(tmp_path, largest_policy(match="**"))
+    """Every rule tried, every automaton built anew: the most one PullImage can cost.
+    (The largest policy's rules without its filler: the same matching, a quicker load.)"""
+    loaded = load_text(tmp_path, most_rules(match="**"))
     slowest = 0.0
     # At 128 characters, longer than any of its counted patterns can match: no rule does.
     for tag in [*(t for t in HOSTILE_TAGS if len(t) == 128),
