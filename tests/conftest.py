@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tests.harness import Containerd, CriClient, Registry
 from tests.harness.apiserver import ApiServer
@@ -21,6 +22,12 @@ MakeContainerd = Callable[..., Containerd]
 
 # NODEKEEPER_CONTAINERD="1.6,2.3" narrows the matrix; every version by default.
 RELEASES = selected_releases()
+
+# Property tests: 30 examples each on every run ("quick"), with no per-example deadline
+# (a time limit a busy machine fails). `--hypothesis-profile=thorough` tries many more.
+hypothesis_settings.register_profile("quick", max_examples=30, deadline=None)
+hypothesis_settings.register_profile("thorough", max_examples=1000, deadline=None)
+hypothesis_settings.load_profile("quick")
 
 
 @pytest.fixture

@@ -79,12 +79,17 @@ CREATE TABLE IF NOT EXISTS decisions (
     upstream_digest TEXT NOT NULL,
     duration_ms     REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS identity (
+    id TEXT NOT NULL
+);
 """
 
 _log = logs.get("state")
 
-# Which file a session wrote to: (device, inode).
-Identity = tuple[int, int]
+# Which database a session wrote to: a random id kept inside it. Not the file's device and
+# inode: a file system hands a deleted file's inode to the next file, so a database
+# deleted and made anew could pass for the one this run has written to.
+Identity = str
 AccessKey = tuple[str, str]  # (repository, fingerprint)
 
 
@@ -191,8 +196,7 @@ def session(directory: Path, check: bool = False) -> Iterator[tuple[sqlite3.Conn
         db = _connect(path)
     try:
         os.chmod(path, 0o600)
-        opened = os.stat(path)
-        yield db, (opened.st_dev, opened.st_ino)
+        yield db, _identity(db)
     finally:
         db.close()
 
@@ -220,10 +224,23 @@ def read(directory: Path) -> Found:
         view = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro&immutable=1", uri=True)
         try:
             view.execute("PRAGMA mmap_size=0")
-            info = os.stat(path)
-            return Found(_rows(view), (info.st_dev, info.st_ino), describe(exc))
+            return Found(_rows(view), _identity(view, writable=False), describe(exc))
         finally:
             view.close()
+
+
+def _identity(db: sqlite3.Connection, writable: bool = True) -> Identity:
+    """The database's id; a new one is stored in a database that has none yet."""
+    try:
+        row = db.execute("SELECT id FROM identity LIMIT 1").fetchone()
+    except sqlite3.OperationalError:  # an older database, read as it is
+        row = None
+    if row is not None:
+        return str(row[0])
+    made = secrets.token_hex(16)
+    if writable:
+        db.execute("INSERT INTO identity (id) VALUES (?)", (made,))
+    return made
 
 
 def describe(exc: BaseException) -> str:

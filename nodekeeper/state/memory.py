@@ -120,6 +120,7 @@ class State:
         self._closing = False
         self._hurry = False
         self._idle = False  # the writer sleeps until there is something to write
+        self._writing = False  # a batch taken from memory, not yet on disk
         self._attempts = 0
         self._reported: Health | None = None
         self._writer = threading.Thread(target=self._run, name="state writer", daemon=True)
@@ -265,17 +266,17 @@ class State:
         """Write what is pending now, waiting up to `timeout`; True once it is on disk."""
         deadline = time.monotonic() + timeout
         with self._wake:
-            if not self._dirty() and not self._problem:
+            if self._written():
                 return True
             # A batch in progress may have been taken before the latest writes.
             target = self._attempts + 2
             self._hurry = True
             self._wake.notify_all()
             while self._attempts < target and (left := deadline - time.monotonic()) > 0:
-                if not self._dirty() and not self._problem:
+                if self._written():
                     break
                 self._wake.wait(left)
-            return not self._dirty() and not self._problem
+            return self._written()
 
     def close(self) -> None:
         """Write what is pending (waiting at most CLOSE_WAIT) and stop the writer."""
@@ -286,6 +287,9 @@ class State:
 
     def _dirty(self) -> bool:
         return bool(len(self._pending) or self._everything)
+
+    def _written(self) -> bool:
+        return not self._dirty() and not self._writing and not self._problem
 
     def _run(self) -> None:
         self._open()
@@ -305,6 +309,7 @@ class State:
             delay = self._retry_first if written else min(delay * 2, self._retry_max)
             with self._wake:
                 self._attempts += 1
+                self._writing = False
                 self._wake.notify_all()
             self._report()
             if closing:
@@ -399,6 +404,7 @@ class State:
                             dict(source.stale))
             self._pending = _pending()
             self._everything = False
+            self._writing = True
             return batch
 
     def _restore(self, batch: Records) -> None:

@@ -276,8 +276,9 @@ def test_429_is_retried_by_containerd_at_once(
 
     started = time.monotonic()
     err = pull_error(cri_client, ref)
-    # Retry-After is ignored: HEADs back to back (six; five on 2.3), then the error.
-    assert time.monotonic() - started < 5
+    # Retry-After is ignored: HEADs back to back (six; five on 2.3), then the error, well
+    # before the 30 s that honouring it once would take.
+    assert time.monotonic() - started < 25
     assert "429 Too Many Requests" in details(err)
     heads = 5 if containerd.release.name == "2.3" else 6
     assert proxy.requests() == [ProxyRequest("HEAD", "/v2/app/manifests/v1", 429)] * heads
@@ -318,7 +319,7 @@ def test_hang_until_the_client_gives_up_then_released(
     started = time.monotonic()
     err = pull_error(cri_client, ref, timeout=1.5)
     assert code(err) == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert 1.4 < time.monotonic() - started < 5
+    assert 1.4 < time.monotonic() - started < 20  # the client's deadline ended it
     assert proxy.requests() == [ProxyRequest("HEAD", "/v2/app/manifests/v1", NO_RESPONSE)]
     assert registry.requests() == []
 
@@ -328,14 +329,15 @@ def test_hang_until_the_client_gives_up_then_released(
 
 def test_delay_answers_late(registry: Registry, proxy: FaultProxy) -> None:
     push_new(registry.url, "app", "v1", seed="delay")
-    proxy.delay(0.5, path_contains="/manifests/", times=1)
+    proxy.delay(1.0, path_contains="/manifests/", times=1)
     url = f"{proxy.url}/v2/app/manifests/v1"
     started = time.monotonic()
     assert httpx.head(url, headers={"Accept": MANIFEST_ACCEPT}).status_code == 200
-    assert time.monotonic() - started >= 0.5
+    delayed = time.monotonic() - started
+    assert delayed >= 1.0
     started = time.monotonic()
     assert httpx.head(url, headers={"Accept": MANIFEST_ACCEPT}).status_code == 200
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < delayed  # once only: the second is not delayed
 
 
 def test_refuse_then_start_on_the_same_port(
@@ -413,8 +415,9 @@ def test_frozen_target_answers_504_after_upstream_timeout(
     registry.freeze()
     try:
         started = time.monotonic()
-        assert httpx.get(f"{proxy.url}/v2/", timeout=5).status_code == 504
-        assert 0.4 < time.monotonic() - started < 3
+        # A 504 from the proxy, not the client's own timeout (30 s).
+        assert httpx.get(f"{proxy.url}/v2/", timeout=30).status_code == 504
+        assert time.monotonic() - started > 0.4  # after the upstream timeout, not at once
     finally:
         registry.thaw()
     assert httpx.get(f"{proxy.url}/v2/", timeout=5).status_code == 200

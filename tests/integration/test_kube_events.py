@@ -49,8 +49,10 @@ pytestmark = pytest.mark.integration
 
 DIGEST = "sha256:" + "c" * 64
 OLD = "sha256:" + "d" * 64
-# A bound for one observe() call that no network round trip could meet.
-INSTANT_S = 0.002
+# A bound for one observe() call: far above what it costs (microseconds: it only
+# queues), so that a busy machine does not reach it, and half the 0.5 s request timeout
+# that an observe() waiting for a silent API server would take.
+INSTANT_S = 0.25
 CONFIRMED = time.time() - 3 * 86400 - 60
 
 
@@ -332,11 +334,12 @@ def test_the_daemon_starts_with_events_on_and_stops_promptly(
         "kubernetes": {"kubeconfig": str(kubeconfig), "node_name": NODE}})
     try:
         daemon.start()
-        assert daemon.wait_ready() < 5
+        assert daemon.wait_ready() < 30  # generous: a hang, not a speed
         time.sleep(0.5)  # the Events worker builds its client
         started = time.monotonic()
         assert daemon.stop() == 0
-        assert time.monotonic() - started < 5
+        # Far below systemd's stop timeout (90 s), where a stop that hangs would end.
+        assert time.monotonic() - started < 15
     finally:
         daemon.stop()
     said = {line["event"]: line for line in daemon.events()}

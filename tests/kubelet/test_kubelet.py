@@ -62,6 +62,16 @@ def started(node: Node, name: str, image: str, record: Record, label: str = "") 
     return pod
 
 
+def restart_window(restart: dict[str, float | None], mode: str) -> float:
+    """How long to wait for a restart. Through nodekeeper it must come: generously (a busy
+    machine is slow, not wrong). With containerd alone it must not: as long as
+    nodekeeper's took, twice over, and at least RESTART_BOUND ("not in the same wait")."""
+    if mode == "nodekeeper":
+        return POD_START_TIMEOUT
+    took = restart.get("nodekeeper")
+    return RESTART_BOUND if took is None else max(RESTART_BOUND, 2 * took)
+
+
 def test_always_runs_the_build_the_tag_names_and_a_new_build_after_a_restart(
     make_node: MakeNode, upstream: Upstream, record: Record
 ) -> None:
@@ -97,7 +107,7 @@ def test_a_restarted_container_runs_while_the_registry_fails(
             upstream.black_hole()
         try:
             pod.crash()
-            restart[mode] = pod.wait_starts(2, RESTART_BOUND)
+            restart[mode] = pod.wait_starts(2, restart_window(restart, mode))
             record(f"{mode}: restart, registry {fault}", restart[mode])
         finally:
             upstream.restore()
@@ -108,7 +118,7 @@ def test_a_restarted_container_runs_while_the_registry_fails(
             assert fallback[0]["kind"] == {"stopped": "unreachable",
                                              "black-holed": "timeout"}[fault]
     seconds = restart["nodekeeper"]
-    assert seconds is not None, f"not running within {RESTART_BOUND:g}s through nodekeeper"
+    assert seconds is not None, f"not running within {POD_START_TIMEOUT:g}s through nodekeeper"
     if fault == "black-holed":
         assert seconds >= PROBE_TIMEOUT  # it did wait for the registry first
     assert restart["containerd"] is None  # containerd alone: not running in the same wait
@@ -174,7 +184,7 @@ def test_node_wide_credentials_get_the_nodes_copy_and_wrong_ones_are_refused(
         private.stop()
         try:
             pod.crash()
-            restart[mode] = pod.wait_starts(2, RESTART_BOUND)
+            restart[mode] = pod.wait_starts(2, restart_window(restart, mode))
             record(f"{mode}: restart with node-wide credentials, registry stopped",
                    restart[mode])
         finally:
@@ -220,7 +230,7 @@ def test_a_fallback_shows_on_the_pod_as_an_event(
     upstream.stop()
     try:
         pod.crash()
-        assert pod.wait_starts(2, RESTART_BOUND) is not None
+        assert pod.wait_starts(2, POD_START_TIMEOUT) is not None
     finally:
         upstream.restore()
     name = f"{pod.name}-{node.kubelet.node_name}"

@@ -21,6 +21,7 @@ from nodekeeper.errors import ContainerdError
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.pull.credentials import Credentials
 from nodekeeper.registry import Copier, CopyReport, Endpoint, Location, Session
+from nodekeeper.registry import copy as registry_copy
 from nodekeeper.registry.sources import NodeSource, RegistrySource
 from tests.harness.oci import DOCKER_MANIFEST, Image, Index, build_image, build_index
 
@@ -192,6 +193,13 @@ class World:
 
 
 MakeWorld = Callable[..., World]
+
+
+@pytest.fixture(autouse=True)
+def short_race_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pause before retrying a write race is a setting of distribution's timing, not
+    of what is tested here."""
+    monkeypatch.setattr(registry_copy, "RACE_PAUSE", (0.001, 0.002))
 
 
 @pytest.fixture

@@ -95,6 +95,12 @@ class Pair:
 
 
 @pytest.fixture
+def tmp_path(ram_path: Path) -> Path:
+    """In memory: nothing here is about the disk (see tests/unit/conftest.py)."""
+    return ram_path
+
+
+@pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     upstream = Upstream()
     fake = grpc.aio.server()

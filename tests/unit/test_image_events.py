@@ -74,14 +74,14 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not check():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.002)
 
 
 @pytest.fixture
 async def events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                  ) -> AsyncIterator[tuple[Events, Containerd, io.StringIO]]:
-    monkeypatch.setattr(containerd_module, "SUBSCRIBE_SETTLE_SECONDS", 0.05)
-    monkeypatch.setattr(containerd_module, "RESUBSCRIBE_SECONDS", 0.05)
+    monkeypatch.setattr(containerd_module, "SUBSCRIBE_SETTLE_SECONDS", 0.01)
+    monkeypatch.setattr(containerd_module, "RESUBSCRIBE_SECONDS", 0.01)
     log = io.StringIO()
     logs.setup("info", "json", log)
     service = Events()
@@ -102,6 +102,8 @@ async def test_events_forget_their_names_and_the_stream_end_forgets_all(
     service, containerd, _ = events
     presence = containerd.presence
     async with following(containerd):
+        # Settled is a guess that containerd has the subscription: here, it is known.
+        await eventually(lambda: len(service.subscriptions) == 1)
         assert [list(s.filters) for s in service.subscriptions] == [
             ['namespace=="k8s.io",topic~="^/images/"']]
         for name in ("r/a:1", "r/b:1"):
@@ -114,7 +116,7 @@ async def test_events_forget_their_names_and_the_stream_end_forgets_all(
         await eventually(lambda: not presence.live)
         assert presence.image_id("r/b:1") == ""
         await eventually(lambda: presence.live)  # subscribed again by itself
-        assert len(service.subscriptions) == 2
+        await eventually(lambda: len(service.subscriptions) == 2)
 
 
 async def test_an_undecodable_event_forgets_everything(

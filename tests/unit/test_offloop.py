@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import sys
@@ -20,16 +21,17 @@ from nodekeeper.pull import policy
 from tests.harness.policies import largest_policy
 
 
-async def worst_gap_while(work: asyncio.Future[object] | asyncio.Task[object]) -> float:
-    """The longest the loop went without running a 1 ms timer while `work` ran."""
+async def gaps_while(work: asyncio.Future[object] | asyncio.Task[object]) -> tuple[float, float]:
+    """(the longest the loop went without running a 1 ms timer while `work` ran, how long
+    `work` ran)."""
     worst = 0.0
-    last = time.perf_counter()
+    began = last = time.perf_counter()
     while not work.done():
         await asyncio.sleep(0.001)
         now = time.perf_counter()
         worst = max(worst, now - last)
         last = now
-    return worst
+    return worst, last - began
 
 
 async def test_the_result_comes_back_from_another_thread() -> None:
@@ -47,16 +49,21 @@ async def test_errors_come_back_as_they_were_raised() -> None:
 
 async def test_a_load_past_its_deadline_is_refused_and_blocks_the_next_until_done() -> None:
     release = threading.Event()
-    loader = Loader(deadline=0.2)
+    loader = Loader(deadline=0.05)
     started = time.monotonic()
-    with pytest.raises(SettingsError, match=r"p\.yaml: loading took longer than 0\.2s"):
-        await loader.load("p.yaml", lambda: release.wait(10))
-    assert time.monotonic() - started < 1
+    with pytest.raises(SettingsError, match=r"p\.yaml: loading took longer than 0\.05s"):
+        await loader.load("p.yaml", lambda: release.wait(60))
+    assert time.monotonic() - started < 30  # the deadline, not the load's minute
     with pytest.raises(SettingsError, match=r"earlier load .* is still running"):
         await loader.load("p.yaml", lambda: "again")
     release.set()
-    await asyncio.sleep(0.1)
-    assert await loader.load("p.yaml", lambda: "again") == "again"
+    for _ in range(3000):  # until the overrunning load has ended: at most 30 s
+        with contextlib.suppress(SettingsError):
+            assert await loader.load("p.yaml", lambda: "again") == "again"
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("refused still after the earlier load ended")
 
 
 async def test_loads_run_one_at_a_time() -> None:
@@ -68,7 +75,7 @@ async def test_loads_run_one_at_a_time() -> None:
         nonlocal inside, most
         inside += 1
         most = max(most, inside)
-        time.sleep(0.05)
+        time.sleep(0.01)
         inside -= 1
 
     await asyncio.gather(*(loader.load("x", work) for _ in range(4)))
@@ -79,11 +86,12 @@ async def test_the_loop_keeps_running_while_the_largest_policy_loads(tmp_path: P
     path = tmp_path / "policy.yaml"
     path.write_text(largest_policy())
     loader = Loader()
-    await loader.load("warm-up", lambda: policy.load(path))
     task = asyncio.ensure_future(loader.load(str(path), lambda: policy.load(path)))
-    worst = await worst_gap_while(task)
+    worst, lasted = await gaps_while(task)
     assert len((await task).rules) > 100
-    assert worst < 0.05
+    # Held by the load, the loop would stop for all of it; a busy machine lengthens the
+    # gaps and the load alike. (The gap in milliseconds: bench/responsiveness.py.)
+    assert worst < lasted / 5, (worst, lasted)
 
 
 async def test_policy_file_keeps_the_last_good_policy(tmp_path: Path) -> None:

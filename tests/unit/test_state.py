@@ -28,6 +28,12 @@ REPO = "docker.io/library/postgres"
 
 
 @pytest.fixture
+def tmp_path(ram_path: Path) -> Path:
+    """In memory: nothing here is about the disk (see tests/unit/conftest.py)."""
+    return ram_path
+
+
+@pytest.fixture
 def state(tmp_path: Path) -> Iterator[State]:
     opened = State(tmp_path / "state")
     try:

@@ -19,12 +19,13 @@ from structlog.testing import capture_logs
 from nodekeeper.pull.credentials import ANONYMOUS
 from nodekeeper.pull.edges import Answer, Check, Decision
 from nodekeeper.state import disk as statedisk
+from nodekeeper.state import memory as statememory
 from nodekeeper.state.memory import DB_NAME, SECRET_NAME, Health, State
 from tests.harness.mounts import Tmpfs
 
 REF = "docker.io/library/postgres:15"
 REPO = "docker.io/library/postgres"
-FAST = {"retry_first": 0.05, "retry_max": 0.2}
+FAST = {"retry_first": 0.005, "retry_max": 0.02}
 
 
 def decision(n: int) -> Answer:
@@ -76,6 +77,14 @@ class Healths:
         return self.seen[-1]
 
 
+@pytest.fixture(autouse=True)
+def quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short waits where nothing here depends on their length: for a lock held elsewhere,
+    and for more writes to join a batch."""
+    monkeypatch.setattr(statedisk, "BUSY_TIMEOUT_MS", 20)
+    monkeypatch.setattr(statememory, "FLUSH_DELAY", 0.005)
+
+
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Tmpfs]:
     with Tmpfs(tmp_path / "disk", size=4 << 20) as mounted:
@@ -96,30 +105,79 @@ def states() -> Iterator[Callable[..., State]]:
         state.close()
 
 
-def fast(call: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started
+class Sessions:
+    """Counts the writer's sessions with the disk (its attempts to write), and tells when
+    one has begun and when one has ended."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.ended = 0
+        self.entered, self.left = threading.Event(), threading.Event()
+        real = statedisk.session
+
+        @contextlib.contextmanager
+        def counted(directory: Path, check: bool = False) -> Iterator[object]:
+            self.entered.set()
+            try:
+                with real(directory, check) as opened:
+                    yield opened
+            finally:
+                self.ended += 1
+                self.left.set()
+
+        monkeypatch.setattr(statedisk, "session", counted)
+
+    def wait_for(self, more: int) -> None:
+        """Until `more` sessions beyond those ended so far have ended."""
+        target = self.ended + more
+        eventually(lambda: self.ended >= target)
 
 
 # -- while running ---------------------------------------------------------------------------
 
-def test_a_locked_database_never_makes_a_caller_wait(tmp_path: Path,
-                                                     states: Callable[..., State]) -> None:
+def test_a_locked_database_never_makes_a_caller_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        states: Callable[..., State]) -> None:
+    # The writer waits up to a minute for the lock: a caller waiting for it would too.
+    monkeypatch.setattr(statedisk, "BUSY_TIMEOUT_MS", 60_000)
     healths = Healths()
     state = states(tmp_path / "s", on_health=healths)
     record_some(state, 0)
     assert state.flush()
+    sessions = Sessions(monkeypatch)
     holder = sqlite3.connect(tmp_path / "s" / DB_NAME, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
-        slowest = max(fast(lambda n=n: record_some(state, n)) for n in range(1, 50))
-        # Waiting for the lock would take the writer's busy timeout, a second.
-        assert slowest < 0.05
+        record_some(state, 1)
+        assert sessions.entered.wait(30)  # the writer is at the lock now
+        for n in range(2, 50):
+            record_some(state, n)
         assert state.check(f"{REF}49") == Check(149.0, "ok", 149.0, "sha256:49")
-        assert not state.flush(timeout=3)
+        assert not sessions.left.is_set()  # every record above was made while it waited
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert state.flush()
+    assert_all_on_disk(tmp_path / "s", range(50))
+    assert [h.persistent for h in healths.seen] == [True]
+
+
+def test_a_locked_database_is_reported_once_and_written_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        states: Callable[..., State]) -> None:
+    healths = Healths()
+    state = states(tmp_path / "s", on_health=healths)
+    record_some(state, 0)
+    assert state.flush()
+    sessions = Sessions(monkeypatch)
+    holder = sqlite3.connect(tmp_path / "s" / DB_NAME, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        for n in range(1, 50):
+            record_some(state, n)
+        assert not state.flush(timeout=30)
         eventually(lambda: not state.health.persistent)
         assert "locked" in state.health.problem
+        sessions.wait_for(3)  # retried, failing each time
     finally:
         holder.execute("ROLLBACK")
         holder.close()
@@ -129,20 +187,22 @@ def test_a_locked_database_never_makes_a_caller_wait(tmp_path: Path,
     assert [h.persistent for h in healths.seen] == [True, False, True]
 
 
-def test_a_file_system_going_read_only_and_back(disk: Tmpfs,
+def test_a_file_system_going_read_only_and_back(disk: Tmpfs, monkeypatch: pytest.MonkeyPatch,
                                                 states: Callable[..., State]) -> None:
     state = states(disk.path / "s")
     record_some(state, 0)
     assert state.flush()
+    sessions = Sessions(monkeypatch)
     disk.read_only()
     with capture_logs() as logs:
         for n in range(1, 30):
             record_some(state, n)
-            time.sleep(0.01)
+            if n % 5 == 0:  # writes between failing attempts, not only before them
+                sessions.wait_for(1)
         eventually(lambda: not state.health.persistent)
         assert "Read-only file system" in state.health.problem
         assert state.health.pending > 0
-        time.sleep(0.5)  # several retries, all failing
+        sessions.wait_for(5)  # several retries, all failing
         disk.writable()
         eventually(lambda: state.health.persistent)
     errors = [e for e in logs if e["log_level"] == "error"]
@@ -303,10 +363,10 @@ def test_a_directory_that_does_not_answer_delays_start_only_briefly(
     directory.mkdir()
     os.mkfifo(directory / SECRET_NAME)  # reading it waits for a writer: a hung disk
     started = time.monotonic()
-    state = State(directory, open_wait=0.3, **FAST)  # type: ignore[arg-type]
+    state = State(directory, open_wait=0.05, **FAST)  # type: ignore[arg-type]
     try:
-        assert time.monotonic() - started < 1
-        assert "did not answer within 0.3s" in state.health.key_problem
+        assert time.monotonic() - started < 30  # not for as long as the disk hangs
+        assert "did not answer within 0.05s" in state.health.key_problem
         assert not state.health.persistent
         key = state.key
         with (directory / SECRET_NAME).open("wb") as writer:  # the disk answers at last

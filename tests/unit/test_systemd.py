@@ -32,23 +32,33 @@ def received(sock: socket.socket) -> list[tuple[float, str]]:
             return out
 
 
+async def pings(sock: socket.socket, count: int) -> int:
+    """Wait (on the loop) until `count` more watchdog pings have come; how many came."""
+    seen = 0
+    deadline = time.monotonic() + 30
+    while seen < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+        seen += sum(m == "WATCHDOG=1" for _, m in received(sock))
+    return seen
+
+
 async def test_watchdog_stops_when_the_loop_is_wedged(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     sock = notify_socket(tmp_path, monkeypatch)
-    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # 0.1 s: pings every 0.05 s
+    monkeypatch.setenv("WATCHDOG_USEC", "20000")  # 20 ms: pings every 10 ms
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     task = asyncio.create_task(Notifier().watchdog())
-    await asyncio.sleep(0.3)
-    healthy = [m for _, m in received(sock) if m == "WATCHDOG=1"]
-    time.sleep(0.5)  # noqa: ASYNC251 - wedging the loop on purpose: nothing may ping
-    wedged = [m for _, m in received(sock) if m == "WATCHDOG=1"]
-    await asyncio.sleep(0.2)
-    recovered = [m for _, m in received(sock) if m == "WATCHDOG=1"]
-    task.cancel()
-    sock.close()
-    assert len(healthy) >= 4
+    try:
+        assert await pings(sock, 3) >= 3
+        received(sock)
+        # Wedging the loop on purpose, for ten ping intervals: nothing may ping.
+        time.sleep(0.1)  # noqa: ASYNC251
+        wedged = [m for _, m in received(sock) if m == "WATCHDOG=1"]
+        assert await pings(sock, 2) >= 2  # and once the loop runs again, it pings again
+    finally:
+        task.cancel()
+        sock.close()
     assert wedged == []
-    assert len(recovered) >= 2
 
 
 async def test_no_watchdog_for_another_pid(tmp_path: Path,
