@@ -80,7 +80,7 @@ class HistogramSlot:
         self.metric.observe(amount)
 
 
-C = TypeVar("C", Counter, Histogram)
+C = TypeVar("C", Counter, Gauge, Histogram)
 
 
 class FamilySlot(Generic[C]):
@@ -111,6 +111,9 @@ KUBE_EVENTS = FamilySlot[Counter]()
 KUBE_EVENTS_DROPPED = FamilySlot[Counter]()
 LOOP_LAG = HistogramSlot()
 STATE_PERSISTENT = GaugeSlot()
+OUTAGE_EPISODES = FamilySlot[Gauge]()
+OUTAGE_PULLS = FamilySlot[Counter]()
+CONTAINERS_BEHIND = GaugeSlot()
 
 
 def enable() -> None:
@@ -199,6 +202,19 @@ def enable() -> None:
     STATE_PERSISTENT.metric = prometheus.Gauge(
         "nodekeeper_state_persistent", "1 while state writes reach the state directory; 0 "
         "while it fails and state is kept in memory only",
+    )
+    OUTAGE_EPISODES.metric = prometheus.Gauge(
+        "nodekeeper_outage_episodes_open", "registry endpoints in an outage episode",
+        ["endpoint"],
+    )
+    OUTAGE_PULLS.metric = prometheus.Counter(
+        "nodekeeper_outage_pulls",
+        "pulls answered during an outage episode of the endpoint", ["endpoint"],
+    )
+    CONTAINERS_BEHIND.metric = prometheus.Gauge(
+        "nodekeeper_containers_behind_tag",
+        "Running containers whose image is not the latest digest nodekeeper knows for the "
+        "tag they were started from",
     )
 
 
