@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nodekeeper.behind import Latest
 from nodekeeper.errors import StateUnreadable
 from nodekeeper.pull.credentials import ANONYMOUS
 from nodekeeper.state.disk import DB_NAME, Check, PullRecord, Stale
@@ -93,6 +94,20 @@ def status(directory: str | Path, *, decisions: int) -> StatusView | None:
         stale={row[0]: Stale(*row[1:]) for row in stale},
         decisions=[PullRecord(*row) for row in recent],
         checks={row[0]: Check(*row[1:]) for row in checks})
+
+
+def latest(directory: str | Path) -> dict[str, Latest] | None:
+    """By reference, the last digest a check upstream confirmed, and since when nodekeeper
+    knows it: the first decision that saw it upstream (the last check that confirmed it
+    when no decision recorded it). None when there is no database."""
+    with _open(directory) as db:
+        if db is None:
+            return None
+        checks = _rows(db, "SELECT reference, ok_at, digest FROM checks WHERE digest != ''")
+        first = dict(_rows(db, "SELECT upstream_digest, MIN(at) FROM decisions "
+                               "WHERE upstream_digest != '' GROUP BY upstream_digest"))
+    return {reference: Latest(digest=digest, since=first.get(digest, ok_at or 0.0))
+            for reference, ok_at, digest in checks}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,76 @@
+"""Which running containers are behind their tag: pure, no I/O.
+
+A container is behind when the tag it was started from (the image as the pod names it)
+has a newer digest than the one it runs, as far as nodekeeper's own checks upstream know:
+nothing here asks a registry. The kubelet pulls only when a container starts, so a pod
+keeps its build until it restarts, whatever the tag has become since.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from nodekeeper.pull.reference import InvalidReference, parse
+
+
+@dataclass(frozen=True, kw_only=True)
+class Running:
+    """A running container as the runtime describes it."""
+
+    container_id: str
+    container: str  # its name in the pod
+    pod: str
+    namespace: str
+    image: str  # as the pod names it ('' when the runtime does not say)
+    image_id: str  # the image it runs (config digest)
+    digests: tuple[str, ...]  # manifest or index digests the node knows that image by
+    started_at: float  # Unix seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class Latest:
+    """The latest digest nodekeeper's checks learned for a tag, and since when."""
+
+    digest: str
+    since: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Behind:
+    running: Running
+    reference: str  # the tag, normalized
+    runs: str  # the digest it runs (its image ID when the node no longer knows a digest)
+    latest: Latest
+
+    def message(self) -> str:
+        """What an Event on the pod says."""
+        return (f"container {self.running.container} runs {self.runs}; the tag "
+                f"{self.reference} is {self.latest.digest} since "
+                f"{_utc(self.latest.since)}; restart the pod to run it")
+
+
+def find(running: Iterable[Running], latest: Mapping[str, Latest]) -> list[Behind]:
+    """The containers whose image is not the latest digest known for their tag, in the
+    order given. Containers started by digest, or from a tag never checked, are not."""
+    found = []
+    for container in running:
+        if not container.image:
+            continue
+        try:
+            ref = parse(container.image)
+        except InvalidReference:
+            continue
+        if ref.digest:
+            continue
+        known = latest.get(str(ref))
+        if known is None or not known.digest or known.digest in container.digests:
+            continue
+        runs = container.digests[0] if container.digests else container.image_id
+        found.append(Behind(running=container, reference=str(ref), runs=runs, latest=known))
+    return found
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))

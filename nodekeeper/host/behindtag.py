@@ -1,0 +1,68 @@
+"""Running containers behind their tag, as the daemon counts them and `status` lists
+them: what the runtime says runs (containerd's CRI runtime service), compared with what
+nodekeeper's own checks learned of each tag (the state database). Nothing is asked of a
+registry; a tag nobody pulled through this node since it moved is not known to have moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor, ThreadPoolExecutor
+
+from nodekeeper import logs, metrics
+from nodekeeper.behind import Behind, find
+from nodekeeper.containerd import containers
+from nodekeeper.containerd.client import Containerd
+from nodekeeper.errors import NodekeeperError
+from nodekeeper.state import view
+
+# The count changes when a pod starts or a tag's check learns a new digest; a minute is
+# soon enough for a gauge whose alert waits a day. One ListContainers and one ImageStatus
+# per distinct image on the node, on containerd's socket.
+SURVEY_SECONDS = 60.0
+
+_log = logs.get("behind")
+
+
+async def survey(containerd: Containerd, state_dir: str,
+                 reader: Executor | None = None) -> list[Behind]:
+    """NodekeeperError when containerd or the state database cannot be read. The database
+    is read on `reader` (the loop's default executor when None), never on the loop."""
+    latest = await asyncio.get_running_loop().run_in_executor(reader, view.latest, state_dir)
+    if not latest:
+        return []
+    return find(await containers.running(containerd), latest)
+
+
+async def watch(containerd: Containerd, state_dir: str,
+                every: float = SURVEY_SECONDS) -> None:
+    """Keep nodekeeper_containers_behind_tag current; log each container once per digest
+    its tag moved to."""
+    # A thread of its own, joined when the daemon stops (a read waits at most the state
+    # view's busy timeout), rather than the loop's default executor, which outlives it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="behind-tag") as reader:
+        await _watch(containerd, state_dir, every, reader)
+
+
+async def _watch(containerd: Containerd, state_dir: str, every: float,
+                 reader: Executor) -> None:
+    told: set[tuple[str, str]] = set()
+    while True:
+        try:
+            found = await survey(containerd, state_dir, reader)
+        except NodekeeperError as exc:
+            _log.debug("containers behind their tag not surveyed", error=str(exc))
+        else:
+            metrics.CONTAINERS_BEHIND.set(len(found))
+            now = set()
+            for behind in found:
+                key = (behind.running.container_id, behind.latest.digest)
+                now.add(key)
+                if key not in told:
+                    _log.info("container behind its tag", pod=behind.running.pod,
+                              namespace=behind.running.namespace,
+                              container=behind.running.container,
+                              reference=behind.reference, runs=behind.runs,
+                              tag_digest=behind.latest.digest)
+            told = now
+        await asyncio.sleep(every)
