@@ -38,6 +38,16 @@ class Latest:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Known:
+    """What nodekeeper's state knows of tags: by normalized reference, the latest digest;
+    by digest, the image a pull it answered with that digest named (for runtimes that do
+    not say which image a container was started from: containerd before 2.0)."""
+
+    latest: Mapping[str, Latest]
+    pulled_as: Mapping[str, str]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Behind:
     running: Running
     reference: str  # the tag, normalized
@@ -51,24 +61,26 @@ class Behind:
                 f"{_utc(self.latest.since)}; restart the pod to run it")
 
 
-def find(running: Iterable[Running], latest: Mapping[str, Latest]) -> list[Behind]:
+def find(running: Iterable[Running], known: Known) -> list[Behind]:
     """The containers whose image is not the latest digest known for their tag, in the
     order given. Containers started by digest, or from a tag never checked, are not."""
     found = []
     for container in running:
-        if not container.image:
+        image = container.image or next(
+            (known.pulled_as[d] for d in container.digests if d in known.pulled_as), "")
+        if not image:
             continue
         try:
-            ref = parse(container.image)
+            ref = parse(image)
         except InvalidReference:
             continue
         if ref.digest:
             continue
-        known = latest.get(str(ref))
-        if known is None or not known.digest or known.digest in container.digests:
+        latest = known.latest.get(str(ref))
+        if latest is None or not latest.digest or latest.digest in container.digests:
             continue
         runs = container.digests[0] if container.digests else container.image_id
-        found.append(Behind(running=container, reference=str(ref), runs=runs, latest=known))
+        found.append(Behind(running=container, reference=str(ref), runs=runs, latest=latest))
     return found
 
 

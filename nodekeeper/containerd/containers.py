@@ -2,9 +2,9 @@
 socket (ListContainers), with the digests the node knows their images by.
 
 The pod's name and namespace come from the labels the kubelet sets on every container;
-the image as the pod names it from ImageSpec.user_specified_image, which kubelets since
-1.30 send (older ones leave it empty, and such containers are not compared). Read-only:
-nothing here changes a container.
+the image as the pod names it from ImageSpec.user_specified_image, which the kubelet sends
+and containerd 2.x keeps (1.6 and 1.7 drop it: behind.py then goes by the pulls nodekeeper
+answered with the container's digest). Read-only: nothing here changes a container.
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ async def survey(containerd: Containerd, state_dir: str,
                  reader: Executor | None = None) -> list[Behind]:
     """NodekeeperError when containerd or the state database cannot be read. The database
     is read on `reader` (the loop's default executor when None), never on the loop."""
-    latest = await asyncio.get_running_loop().run_in_executor(reader, view.latest, state_dir)
-    if not latest:
+    known = await asyncio.get_running_loop().run_in_executor(reader, view.known, state_dir)
+    if known is None or not known.latest:
         return []
-    return find(await containers.running(containerd), latest)
+    return find(await containers.running(containerd), known)
 
 
 async def watch(containerd: Containerd, state_dir: str,

@@ -1,0 +1,77 @@
+"""Containers behind their tag under a real kubelet: a pod keeps running an old build
+after a newer one was pulled for another pod, and `nodekeeper status` lists it, with the
+digest it runs and the one the tag has; once it restarts on the tag's build, it is not
+listed any more. Nothing but the pulls the kubelet asked for reaches the registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.kubelet.conftest import POD_START_TIMEOUT, MakeNode, Node, Upstream, wait_until
+
+pytestmark = pytest.mark.kubelet
+
+# State reaches the database in batches, and a restart takes the kubelet some seconds:
+# generous on a shared machine.
+LISTED_WITHIN = 60.0
+
+
+def status(node: Node) -> dict[str, Any]:
+    assert node.nodekeeper is not None
+    done = subprocess.run(
+        [sys.executable, "-m", "nodekeeper", "status", "-o", "json", "--config",
+         str(node.nodekeeper.config_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    shown: dict[str, Any] = json.loads(done.stdout)
+    return shown
+
+
+def behind(node: Node) -> list[dict[str, Any]]:
+    listed: list[dict[str, Any]] | None = status(node)["behind_tag"]
+    assert listed is not None, status(node)["behind_tag_error"]
+    return listed
+
+
+def test_a_pod_on_an_old_build_is_listed_until_it_restarts_on_the_tags_build(
+    make_node: MakeNode, upstream: Upstream
+) -> None:
+    old = upstream.push("app", "stable", seed="behind-old")
+    node = make_node("nodekeeper")
+    ref = upstream.ref("app", "stable")
+    first = node.run("first", ref)
+    assert first.wait_starts(1, POD_START_TIMEOUT) is not None, node.kubelet.log_text()[-4000:]
+    assert wait_until(lambda: status(node)["checks"] != [], LISTED_WITHIN)
+    assert behind(node) == []  # the one running container runs the tag's build
+
+    new = upstream.push("app", "stable", seed="behind-new")
+    second = node.run("second", ref)
+    assert second.wait_starts(1, POD_START_TIMEOUT) is not None
+    assert second.builds() == ["behind-new"]
+    assert node.decisions() == ["pulled", "updated"]
+
+    assert wait_until(lambda: behind(node) != [], LISTED_WITHIN), status(node)
+    [listed] = behind(node)
+    assert listed["pod"] == f"first-{node.kubelet.node_name}"
+    assert listed["namespace"] == "default"
+    assert listed["container"] == "app"
+    assert listed["reference"] == ref
+    assert listed["runs"] == old.digest
+    assert listed["image_id"] == old.config_digest
+    assert listed["tag_digest"] == new.digest
+    assert listed["since"] >= listed["started_at"]
+    assert node.nodekeeper is not None
+    text = subprocess.run(
+        [sys.executable, "-m", "nodekeeper", "status", "--config",
+         str(node.nodekeeper.config_path)], capture_output=True, text=True, timeout=60).stdout
+    assert f"default/first-{node.kubelet.node_name} app: {ref}" in text
+    assert f"runs {old.digest}; the tag is {new.digest}" in text
+
+    first.crash()
+    assert first.wait_starts(2, POD_START_TIMEOUT) is not None
+    assert first.builds() == ["behind-old", "behind-new"]
+    assert wait_until(lambda: behind(node) == [], LISTED_WITHIN), status(node)
