@@ -16,10 +16,10 @@ from nodekeeper.containerd.client import Containerd
 from nodekeeper.errors import NodekeeperError
 from nodekeeper.state import view
 
-# The count changes when a pod starts or a tag's check learns a new digest; a minute is
-# soon enough for a gauge whose alert waits a day. One ListContainers and one ImageStatus
-# per distinct image on the node, on containerd's socket.
-SURVEY_SECONDS = 60.0
+# The count changes when a pod starts or a tag's check learns a new digest. Each survey
+# costs one read of the state database, one ListContainers and one ImageStatus per
+# distinct image on the node, all local; the kubelet itself lists containers every second.
+SURVEY_SECONDS = 15.0
 
 _log = logs.get("behind")
 
@@ -37,7 +37,7 @@ async def survey(containerd: Containerd, state_dir: str,
 async def watch(containerd: Containerd, state_dir: str,
                 every: float = SURVEY_SECONDS) -> None:
     """Keep nodekeeper_containers_behind_tag current; log each container once per digest
-    its tag moved to."""
+    its tag moved to (the Event on the pod the log line could become is not posted yet)."""
     # A thread of its own, joined when the daemon stops (a read waits at most the state
     # view's busy timeout), rather than the loop's default executor, which outlives it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="behind-tag") as reader:
