@@ -12,12 +12,22 @@ from typing import Any
 
 import pytest
 
-from tests.kubelet.conftest import POD_START_TIMEOUT, MakeNode, Node, Upstream, wait_until
+from tests.conftest import MakeContainerd, MakeNodekeeper
+from tests.harness import CriClient, Registry, free_port, image_ref
+from tests.harness.nodekeeper import scrape
+from tests.kubelet.conftest import (
+    POD_START_TIMEOUT,
+    POLICY,
+    MakeNode,
+    Node,
+    Upstream,
+    wait_until,
+)
 
 pytestmark = pytest.mark.kubelet
 
-# State reaches the database in batches, and a restart takes the kubelet some seconds:
-# generous on a shared machine.
+# State reaches the database in batches, a restart takes the kubelet some seconds, and the
+# daemon counts every SURVEY_SECONDS (15): generous on a shared machine.
 LISTED_WITHIN = 60.0
 
 
@@ -37,11 +47,24 @@ def behind(node: Node) -> list[dict[str, Any]]:
     return listed
 
 
+def counted(address: str) -> float:
+    return scrape(address)["nodekeeper_containers_behind_tag"]
+
+
 def test_a_pod_on_an_old_build_is_listed_until_it_restarts_on_the_tags_build(
-    make_node: MakeNode, upstream: Upstream
+    make_node: MakeNode, upstream: Upstream, infra: Registry,
+    make_containerd: MakeContainerd, make_nodekeeper: MakeNodekeeper
 ) -> None:
     old = upstream.push("app", "stable", seed="behind-old")
-    node = make_node("nodekeeper")
+    # The node as make_node builds it, with metrics served.
+    sandbox = image_ref(infra.host, "pause", "1")
+    containerd = make_containerd("behind-containerd", sandbox_image=sandbox)
+    with CriClient(containerd.address) as cri:
+        cri.pull(sandbox, timeout=60)
+    address = f"127.0.0.1:{free_port()}"
+    daemon = make_nodekeeper(containerd.address, policy=POLICY,
+                             settings={"metrics_address": address})
+    node = make_node("nodekeeper", containerd=containerd, nodekeeper=daemon)
     ref = upstream.ref("app", "stable")
     first = node.run("first", ref)
     assert first.wait_starts(1, POD_START_TIMEOUT) is not None, node.kubelet.log_text()[-4000:]
@@ -70,8 +93,10 @@ def test_a_pod_on_an_old_build_is_listed_until_it_restarts_on_the_tags_build(
          str(node.nodekeeper.config_path)], capture_output=True, text=True, timeout=60).stdout
     assert f"default/first-{node.kubelet.node_name} app: {ref}" in text
     assert f"runs {old.digest}; the tag is {new.digest}" in text
+    assert wait_until(lambda: counted(address) == 1, LISTED_WITHIN)
 
     first.crash()
     assert first.wait_starts(2, POD_START_TIMEOUT) is not None
     assert first.builds() == ["behind-old", "behind-new"]
     assert wait_until(lambda: behind(node) == [], LISTED_WITHIN), status(node)
+    assert wait_until(lambda: counted(address) == 0, LISTED_WITHIN)
