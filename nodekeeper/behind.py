@@ -8,7 +8,6 @@ keeps its build until it restarts, whatever the tag has become since.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ class Running:
     container: str  # its name in the pod
     pod: str
     namespace: str
+    pod_uid: str
     image: str  # as the pod names it ('' when the runtime does not say)
     image_id: str  # the image it runs (config digest)
     digests: tuple[str, ...]  # manifest or index digests the node knows that image by
@@ -54,12 +54,6 @@ class Behind:
     runs: str  # the digest it runs (its image ID when the node no longer knows a digest)
     latest: Latest
 
-    def message(self) -> str:
-        """What an Event on the pod says."""
-        return (f"container {self.running.container} runs {self.runs}; the tag "
-                f"{self.reference} is {self.latest.digest} since "
-                f"{_utc(self.latest.since)}; restart the pod to run it")
-
 
 def find(running: Iterable[Running], known: Known) -> list[Behind]:
     """The containers whose image is not the latest digest known for their tag, in the
@@ -82,7 +76,3 @@ def find(running: Iterable[Running], known: Known) -> list[Behind]:
         runs = container.digests[0] if container.digests else container.image_id
         found.append(Behind(running=container, reference=str(ref), runs=runs, latest=latest))
     return found
-
-
-def _utc(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))

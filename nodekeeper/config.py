@@ -26,8 +26,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 _PREFIX = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-# PullImage decisions that can be told on the pod as a Kubernetes Event.
-EVENT_DECISIONS = ("fallback", "backing-fallback", "updated")
+# PullImage decisions that can be told on the pod as a Kubernetes Event, and "behind": a
+# running container whose tag has a newer digest (host/behindtag.py).
+EVENT_DECISIONS = ("fallback", "backing-fallback", "updated", "behind")
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,7 @@ class Daemon:
                            (containerd.watch(self._on_containerd), "containerd-watch"),
                            (containerd.follow_images(), "containerd-images"),
                            (self._policy.watch(), "policy-watch"),
-                           (behindtag.watch(containerd, config.state_dir), "behind-tag")):
+                           (behindtag.watch(containerd, config.state_dir, events), "behind-tag")):
             parts.push_async_callback(_cancel, asyncio.create_task(work, name=name))
         parts.push_async_callback(self._cancel_reload)
         await events.start()

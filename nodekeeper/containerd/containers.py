@@ -17,6 +17,7 @@ from nodekeeper.containerd.client import Containerd
 RUNTIME_SERVICE = "runtime.v1.RuntimeService"
 POD_NAME = "io.kubernetes.pod.name"
 POD_NAMESPACE = "io.kubernetes.pod.namespace"
+POD_UID = "io.kubernetes.pod.uid"
 
 
 async def running(containerd: Containerd, timeout: float = 10.0) -> list[Running]:
@@ -35,6 +36,7 @@ async def running(containerd: Containerd, timeout: float = 10.0) -> list[Running
             container_id=container.id, container=container.metadata.name,
             pod=container.labels.get(POD_NAME, ""),
             namespace=container.labels.get(POD_NAMESPACE, ""),
+            pod_uid=container.labels.get(POD_UID, ""),
             image=container.image.user_specified_image, image_id=image_id,
             digests=digests[image_id], started_at=container.created_at / 1e9))
     return found

@@ -14,6 +14,7 @@ from nodekeeper.behind import Behind, find
 from nodekeeper.containerd import containers
 from nodekeeper.containerd.client import Containerd
 from nodekeeper.errors import NodekeeperError
+from nodekeeper.kube.events import Events, Served, pod_of
 from nodekeeper.state import view
 
 # The count changes when a pod starts or a tag's check learns a new digest. Each survey
@@ -34,17 +35,18 @@ async def survey(containerd: Containerd, state_dir: str,
     return find(await containers.running(containerd), known)
 
 
-async def watch(containerd: Containerd, state_dir: str,
+async def watch(containerd: Containerd, state_dir: str, events: Events,
                 every: float = SURVEY_SECONDS) -> None:
     """Keep nodekeeper_containers_behind_tag current; log each container once per digest
-    its tag moved to (the Event on the pod the log line could become is not posted yet)."""
+    its tag moved to, and tell its pod with an Event when `behind` is among the Event
+    decisions (Events aggregates a repeat after a restart of the daemon into a count)."""
     # A thread of its own, joined when the daemon stops (a read waits at most the state
     # view's busy timeout), rather than the loop's default executor, which outlives it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="behind-tag") as reader:
-        await _watch(containerd, state_dir, every, reader)
+        await _watch(containerd, state_dir, events, every, reader)
 
 
-async def _watch(containerd: Containerd, state_dir: str, every: float,
+async def _watch(containerd: Containerd, state_dir: str, events: Events, every: float,
                  reader: Executor) -> None:
     told: set[tuple[str, str]] = set()
     while True:
@@ -64,5 +66,19 @@ async def _watch(containerd: Containerd, state_dir: str, every: float,
                               container=behind.running.container,
                               reference=behind.reference, runs=behind.runs,
                               tag_digest=behind.latest.digest)
+                    tell(events, behind)
             told = now
         await asyncio.sleep(every)
+
+
+def tell(events: Events, behind: Behind) -> None:
+    """An Event on the pod of a container behind its tag (Events filters by decision)."""
+    running = behind.running
+    pod = pod_of(running.pod, running.namespace, running.pod_uid)
+    if pod is None:
+        return
+    events.observe(Served(
+        pod=pod, image=running.image or behind.reference, reference=behind.reference,
+        decision="behind", failure_kind="", failure_detail="", upstream="",
+        digest=behind.latest.digest, previous_digest=behind.runs,
+        last_confirmed=behind.latest.since))

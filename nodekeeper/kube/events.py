@@ -46,6 +46,9 @@ from nodekeeper.timetext import ago_in_words
 
 REASON_FALLBACK = "ImageFallback"  # fallback and backing-fallback: one reason to select on
 REASON_UPDATED = "ImageUpdated"
+REASON_BEHIND = "ImageBehindTag"  # a running container, not a pull: host/behindtag.py
+_REASONS = {"updated": REASON_UPDATED, "behind": REASON_BEHIND}
+_NORMAL = (REASON_UPDATED, REASON_BEHIND)
 COMPONENT = "nodekeeper"
 
 QUEUE = 256
@@ -91,13 +94,14 @@ class Served:  # one PullImage answer that deserves an Event
     pod: Pod
     image: str  # as the pod names it
     reference: str  # normalized, e.g. docker.io/library/postgres:15
-    decision: str  # "fallback" | "backing-fallback" | "updated"
+    decision: str  # "fallback" | "backing-fallback" | "updated" | "behind"
     failure_kind: str  # unreachable|timeout|...|invalid; "" for updated
     failure_detail: str  # e.g. "timeout after 2s" (already free of secrets)
     upstream: str  # registry host asked, e.g. registry-1.docker.io
     digest: str  # digest served (for updated: the new one)
-    previous_digest: str  # updated: the old one; else ""
+    previous_digest: str  # updated: the old one; behind: the one running; else ""
     last_confirmed: float | None  # epoch seconds of the last successful upstream check
+    # (behind: since when the tag has `digest`)
 
 
 def pod_of(name: str, namespace: str, uid: str) -> Pod | None:
@@ -110,6 +114,10 @@ def pod_of(name: str, namespace: str, uid: str) -> Pod | None:
 
 def _statement(served: Served) -> str:
     """The message without the age of the last confirmation."""
+    if served.decision == "behind":
+        since = _timestamp(served.last_confirmed or 0.0)
+        return (f"runs {served.previous_digest}; the tag {served.reference} is "
+                f"{served.digest} since {since}; restart the pod to run it")
     if served.decision == "updated":
         source = f" at {served.upstream}" if served.upstream else ""
         change = (f"{served.previous_digest} -> {served.digest}" if served.previous_digest
@@ -128,7 +136,7 @@ def message(served: Served, now: float) -> str:
     2s): started with the node's copy of docker.io/library/postgres:15, sha256:..., last
     confirmed 3 days ago"."""
     text = _statement(served)
-    if served.decision != "updated":
+    if served.decision not in _REASONS:
         text += (f", last confirmed {ago_in_words(now - served.last_confirmed)}"
                  if served.last_confirmed is not None
                  else ", never confirmed upstream from this node")
@@ -254,8 +262,8 @@ class Events:
             if self._closed:
                 self._drop("closing", 1, "observed after close")
                 return
-            reason = REASON_UPDATED if served.decision == "updated" else REASON_FALLBACK
-            confirmed = None if served.decision == "updated" else served.last_confirmed
+            reason = _REASONS.get(served.decision, REASON_FALLBACK)
+            confirmed = None if served.decision in _REASONS else served.last_confirmed
             key: Key = (served.pod, reason, _statement(served), confirmed)
             now, since = self._clock(), self._monotonic()
             item = self._pending.get(key)
@@ -376,7 +384,7 @@ class Events:
             "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": pod.namespace,
                                "name": pod.name, "uid": pod.uid},
             "reason": item.reason, "message": text,
-            "type": "Normal" if item.reason == REASON_UPDATED else "Warning",
+            "type": "Normal" if item.reason in _NORMAL else "Warning",
             "source": {"component": COMPONENT, "host": self.node},
             "reportingComponent": COMPONENT, "reportingInstance": instance,
             "firstTimestamp": _timestamp(item.first), "lastTimestamp": _timestamp(item.last),

@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import MakeContainerd, MakeNodekeeper
 from tests.harness import CriClient, Registry, free_port, image_ref
+from tests.harness.apiserver import NODE_NAME, ApiServer
 from tests.harness.nodekeeper import scrape
 from tests.kubelet.conftest import (
     POD_START_TIMEOUT,
@@ -53,17 +55,23 @@ def counted(address: str) -> float:
 
 def test_a_pod_on_an_old_build_is_listed_until_it_restarts_on_the_tags_build(
     make_node: MakeNode, upstream: Upstream, infra: Registry,
-    make_containerd: MakeContainerd, make_nodekeeper: MakeNodekeeper
+    make_containerd: MakeContainerd, make_nodekeeper: MakeNodekeeper,
+    apiserver: ApiServer, tmp_path: Path
 ) -> None:
     old = upstream.push("app", "stable", seed="behind-old")
-    # The node as make_node builds it, with metrics served.
+    # The API server serves the whole module: Events of earlier runs are not this one's.
+    earlier = {e["metadata"]["name"] for e in apiserver.events("default")}
+    kubernetes = {"kubeconfig": str(apiserver.write_kubeconfig(tmp_path / "kubelet.conf")),
+                  "node_name": NODE_NAME, "event_decisions": ["behind"]}
+    # The node as make_node builds it, with metrics served and Events on.
     sandbox = image_ref(infra.host, "pause", "1")
     containerd = make_containerd("behind-containerd", sandbox_image=sandbox)
     with CriClient(containerd.address) as cri:
         cri.pull(sandbox, timeout=60)
     address = f"127.0.0.1:{free_port()}"
     daemon = make_nodekeeper(containerd.address, policy=POLICY,
-                             settings={"metrics_address": address})
+                             settings={"metrics_address": address,
+                                       "kubernetes": kubernetes})
     node = make_node("nodekeeper", containerd=containerd, nodekeeper=daemon)
     ref = upstream.ref("app", "stable")
     first = node.run("first", ref)
@@ -95,8 +103,22 @@ def test_a_pod_on_an_old_build_is_listed_until_it_restarts_on_the_tags_build(
     assert f"runs {old.digest}; the tag is {new.digest}" in text
     assert wait_until(lambda: counted(address) == 1, LISTED_WITHIN)
 
+    def told() -> list[dict[str, Any]]:
+        return [e for e in apiserver.events("default") if e.get("reason") == "ImageBehindTag"
+                and e["metadata"]["name"] not in earlier]
+
+    assert wait_until(lambda: bool(told()), LISTED_WITHIN), apiserver.events("default")
+    [event] = told()
+    assert event["involvedObject"]["name"] == listed["pod"]
+    assert event["type"] == "Normal"
+    assert event["message"].startswith(
+        f"runs {old.digest}; the tag {ref} is {new.digest} since ")
+    assert event["message"].endswith("; restart the pod to run it")
+
     first.crash()
     assert first.wait_starts(2, POD_START_TIMEOUT) is not None
     assert first.builds() == ["behind-old", "behind-new"]
     assert wait_until(lambda: behind(node) == [], LISTED_WITHIN), status(node)
     assert wait_until(lambda: counted(address) == 0, LISTED_WITHIN)
+    [once] = told()  # one Event, never counted up: the container was told once
+    assert once.get("count", 1) == 1

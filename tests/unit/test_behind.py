@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from nodekeeper.behind import Known, Latest, Running, find
+from nodekeeper.host.behindtag import tell
+from nodekeeper.kube.events import Events
 
 OLD, NEW = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 
 
 def running(image: str, digests: tuple[str, ...] = (OLD,), **fields: str) -> Running:
     values = {"container_id": "c1", "container": "app", "pod": "web-0",
-              "namespace": "shop", "image_id": "sha256:" + "c" * 64, **fields}
+              "namespace": "shop", "pod_uid": "u-1", "image_id": "sha256:" + "c" * 64, **fields}
     return Running(image=image, digests=digests, started_at=100.0, **values)
 
 
@@ -22,8 +27,6 @@ def test_a_container_on_an_older_digest_than_its_tag_is_behind() -> None:
     assert behind.reference == "registry.test/app:v1"
     assert behind.runs == OLD
     assert behind.latest.digest == NEW
-    assert "runs " + OLD in behind.message()
-    assert "restart the pod" in behind.message()
 
 
 def test_the_image_is_normalized_as_the_pod_names_it() -> None:
@@ -53,3 +56,52 @@ def test_without_the_image_from_the_runtime_the_pull_answered_with_its_digest_na
     [behind] = find([running("")], known)
     assert behind.reference == "registry.test/app:v1"
     assert find([running("", digests=("sha256:" + "9" * 64,))], known) == []
+
+
+class Sink:
+    """Records what Events posts."""
+
+    def __init__(self) -> None:
+        self.created: list[dict[str, Any]] = []
+
+    async def prepare(self) -> None:
+        pass
+
+    async def create(self, namespace: str, event: dict[str, Any]) -> None:
+        self.created.append(event)
+
+    async def patch(self, namespace: str, name: str, changes: dict[str, Any]) -> None:
+        raise AssertionError("one container and digest make one Event")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_pod_is_told_once_when_behind_is_an_event_decision() -> None:
+    sink = Sink()
+    events = Events("node-a", ("behind",), sink)
+    await events.start()
+    [behind] = find([running("registry.test/app:v1")], LATEST)
+    tell(events, behind)
+    for _ in range(500):
+        if sink.created and events.pending == 0:
+            break
+        await asyncio.sleep(0.002)
+    await events.close()
+    [event] = sink.created
+    assert (event["reason"], event["type"]) == ("ImageBehindTag", "Normal")
+    assert event["involvedObject"]["name"] == "web-0"
+    assert event["involvedObject"]["uid"] == "u-1"
+    assert event["message"] == (f"runs {OLD}; the tag registry.test/app:v1 is {NEW} since "
+                                "1970-01-01T00:03:20Z; restart the pod to run it")
+
+
+async def test_no_event_unless_behind_is_an_event_decision() -> None:
+    sink = Sink()
+    events = Events("node-a", ("fallback",), sink)
+    await events.start()
+    [behind] = find([running("registry.test/app:v1")], LATEST)
+    tell(events, behind)
+    assert events.pending == 0
+    await events.close()
+    assert sink.created == []
