@@ -39,7 +39,8 @@ async def watch(containerd: Containerd, state_dir: str, events: Events,
                 every: float = SURVEY_SECONDS) -> None:
     """Keep nodekeeper_containers_behind_tag current; log each container once per digest
     its tag moved to, and tell its pod with an Event when `behind` is among the Event
-    decisions (Events aggregates a repeat after a restart of the daemon into a count)."""
+    decisions. What was told is kept in memory: after a restart of the daemon, a pod
+    still behind is told once more."""
     # A thread of its own, joined when the daemon stops (a read waits at most the state
     # view's busy timeout), rather than the loop's default executor, which outlives it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="behind-tag") as reader:
