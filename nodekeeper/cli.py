@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 
 from nodekeeper import __version__, config
 from nodekeeper.commands import report
@@ -41,10 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         "explain", help="which rule matches IMAGE and what a PullImage would do now")
     explain.add_argument("image")
     explain.add_argument("--policy", help="a policy file other than the configured one")
+    _output_flag(explain)
     _config_flag(explain)
 
     status = commands.add_parser("status", help="recent decisions and per-image freshness")
     status.add_argument("--limit", type=int, default=20, help="decisions to show")
+    _output_flag(status)
     _config_flag(status)
 
     doctor = commands.add_parser(
@@ -56,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("version", help="print the version")
     return parser
+
+
+def _output_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text",
+                        help="json: one object, as docs/operations.md describes it")
 
 
 def _config_flag(parser: argparse.ArgumentParser) -> None:
@@ -80,14 +89,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: OK, {len(checked.rules)} rules")
             return 0
         if args.command == "explain":
-            print(report.explain(config.load(args.config), args.image, args.policy))
+            facts: dict[str, object] = {}
+            text = report.explain(config.load(args.config), args.image, args.policy, facts)
+            print(json.dumps(facts, indent=2) if args.output == "json" else text)
             return 0
         if args.command == "doctor":
             from nodekeeper.commands import doctor
 
             return doctor.main(args.config, args.namespace)
         if args.command == "status":
-            print(report.status(config.load(args.config), args.limit))
+            gathered = report.gather(config.load(args.config), args.limit)
+            print(json.dumps(report.render_json(gathered), indent=2)
+                  if args.output == "json" else report.render_text(gathered, time.time()))
             return 0
         overrides = config.Overrides(
             listen=args.listen, containerd=args.containerd, state_dir=args.state_dir,

@@ -30,8 +30,10 @@ _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 # outage_wait: a pull waits this long at most for a registry endpoint in an outage
 # episode; well under any sensible probe_timeout, or the episode would save little.
 MAX_OUTAGE_WAIT = 1.0
-# PullImage decisions that can be told on the pod as a Kubernetes Event.
-EVENT_DECISIONS = Decision.shown_on_pods()
+# What can be told on the pod as a Kubernetes Event: the PullImage decisions shown on
+# pods, and BEHIND, a running container whose tag has a newer digest (host/behindtag.py).
+BEHIND = "behind"
+EVENT_DECISIONS = (*(decision.value for decision in Decision.shown_on_pods()), BEHIND)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class KubernetesConfig:
     kubeconfig: str = ""
     node_name: str = ""  # empty: the host name, lowercased, as the kubelet takes it
     event_decisions: tuple[Decision, ...] = (Decision.FALLBACK, Decision.BACKING_FALLBACK)
+    behind_events: bool = False  # `behind` among event_decisions
     timeout: float = 5.0
 
 
@@ -246,14 +249,15 @@ def _kubernetes(section: Section) -> KubernetesConfig:
     if node_name and not _NODE_NAME.match(node_name):
         raise section.error("node_name", f"expected a node name (a lowercase DNS name), "
                                          f"got {node_name[:80]!r}")
-    decisions = []
-    for index, decision in enumerate(section.strings(
-            "event_decisions", [decision.value for decision in default.event_decisions])):
+    named = section.strings("event_decisions",
+                            [decision.value for decision in default.event_decisions])
+    for index, decision in enumerate(named):
         if decision not in EVENT_DECISIONS:
             raise section.doc.error((*section.key, "event_decisions", index),
                                     f"expected one of {', '.join(EVENT_DECISIONS)}, "
                                     f"got {decision[:80]!r}")
-        decisions.append(Decision(decision))
+    decisions = [Decision(decision) for decision in named if decision != BEHIND]
+    behind = BEHIND in named
     timeout = section.duration("timeout", default.timeout)
     if timeout <= 0:
         raise section.error("timeout", "expected a duration above 0")
@@ -264,7 +268,8 @@ def _kubernetes(section: Section) -> KubernetesConfig:
         except kubeconfig.KubeconfigError as exc:
             raise section.error("kubeconfig", str(exc)) from None
     return KubernetesConfig(events=events, kubeconfig=path, node_name=node_name,
-                            event_decisions=tuple(dict.fromkeys(decisions)), timeout=timeout)
+                            event_decisions=tuple(dict.fromkeys(decisions)), behind_events=behind,
+                            timeout=timeout)
 
 
 def _apply(config: Config, flags: Overrides) -> Config:

@@ -45,7 +45,7 @@ from nodekeeper import logs, metrics
 from nodekeeper.containerd.client import CHANNEL_OPTIONS, Containerd
 from nodekeeper.cri import ImageService
 from nodekeeper.errors import SettingsError, StartupError
-from nodekeeper.host import listener, runstatus
+from nodekeeper.host import behindtag, listener, runstatus
 from nodekeeper.host.looplag import LagMonitor
 from nodekeeper.host.systemd import Notifier
 from nodekeeper.kube.events import Events
@@ -188,13 +188,15 @@ class Daemon:
 
         # Background tasks: the systemd watchdog, the loop's own lag and the status
         # file, containerd's reachability and image events, the policy file (a local
-        # stat; nothing here polls a registry), and a reload under way.
+        # stat; nothing here polls a registry), the containers behind their tag (the
+        # runtime and state only), and a reload under way.
         for work, name in ((self._notifier.watchdog(), "watchdog"),
                            (self._lag.run(), "loop-lag"),
                            (self._publish_every(STATUS_FILE_SECONDS), "status-file"),
                            (containerd.watch(self._on_containerd), "containerd-watch"),
                            (containerd.follow_images(), "containerd-images"),
-                           (self._policy.watch(), "policy-watch")):
+                           (self._policy.watch(), "policy-watch"),
+                           (behindtag.watch(containerd, config.state_dir, events), "behind-tag")):
             parts.push_async_callback(_cancel, asyncio.create_task(work, name=name))
         parts.push_async_callback(self._cancel_reload)
         await events.start()

@@ -113,6 +113,7 @@ KUBE_EVENTS = FamilySlot[Counter]()
 KUBE_EVENTS_DROPPED = FamilySlot[Counter]()
 LOOP_LAG = HistogramSlot()
 STATE_PERSISTENT = GaugeSlot()
+CONTAINERS_BEHIND = GaugeSlot()
 
 
 def enable() -> None:
@@ -210,6 +211,11 @@ def enable() -> None:
     STATE_PERSISTENT.metric = prometheus.Gauge(
         "nodekeeper_state_persistent", "1 while state writes reach the state directory; 0 "
         "while it fails and state is kept in memory only",
+    )
+    CONTAINERS_BEHIND.metric = prometheus.Gauge(
+        "nodekeeper_containers_behind_tag",
+        "Running containers whose image is not the latest digest nodekeeper knows for the "
+        "tag they were started from",
     )
 
 

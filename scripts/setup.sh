@@ -12,10 +12,11 @@ fi
 # static); etcd-server: the store behind the real kube-apiserver of the Events tests;
 # skopeo: the copy benchmark's yardstick; binutils, lintian, rpm, rpmlint: building and
 # checking packages; debootstrap, systemd-container: the system test boots Debian 12
-# under systemd-nspawn.
+# under systemd-nspawn; prometheus: promtool checks the alert rules, and a real Prometheus
+# on loopback runs the dashboard's queries (its own service stays stopped, see below).
 APT_PACKAGES=(containerd docker-registry runc busybox-static gcc libc6-dev etcd-server
               skopeo python3-venv ca-certificates binutils binutils-aarch64-linux-gnu
-              lintian rpm rpmlint debootstrap systemd-container)
+              lintian rpm rpmlint debootstrap systemd-container prometheus)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
+from nodekeeper.behind import Behind
 from nodekeeper.config import Config
 from nodekeeper.containerd.client import Containerd
 from nodekeeper.errors import NodekeeperError, SettingsError, StateUnreadable
 from nodekeeper.failures import Kind
-from nodekeeper.host import runstatus
+from nodekeeper.host import behindtag, runstatus
 from nodekeeper.pull import policy as policies
 from nodekeeper.pull.decision import (
     Access,
@@ -55,20 +57,40 @@ def _local(config: Config, name: str) -> tuple[NodeCopy | None, str]:
         return None, f"unknown (containerd at {config.containerd.address}: {exc or 'timeout'})"
 
 
-def explain(config: Config, image: str, policy_path: str | None) -> str:
+EXPLAIN_SCHEMA = "nodekeeper.explain/v1"
+
+
+def explain(config: Config, image: str, policy_path: str | None,
+            facts: dict[str, Any] | None = None) -> str:
+    """The text `explain` prints; `facts`, when given, receives the same as `explain -o
+    json` prints it (docs/operations.md describes it)."""
     ref = parse(image)
     policy = policies.load(policy_path or config.policy_file)
     rule = policy.rule_for(ref)
     s = rule.settings
+    out: dict[str, Any] = {} if facts is None else facts
+    out.update({
+        "schema": EXPLAIN_SCHEMA, "image": image, "reference": str(ref),
+        "repository": ref.repository, "rule": rule.label, "policy_file": policy.source,
+        "settings": {"update": str(s.update), "interval_seconds": s.interval,
+                     "probe_timeout_seconds": s.probe_timeout,
+                     "auth_fallback": str(s.auth_fallback),
+                     "fallback_on": sorted(k.value for k in s.fallback_on)},
+        "on_node": None, "on_node_error": None, "last_check": None,
+        "access": None, "state_error": None, "backing": None,
+    })
     lines = [
         f"image:       {image}",
-        f"reference:   {ref}  (name {ref.repository})",
+        f"reference:   {ref}  (repository {ref.repository})",
         f"rule:        {rule.label} from {policy.source}",
         f"settings:    update={s.update} interval={s.interval:g}s "
         f"probe_timeout={s.probe_timeout:g}s auth_fallback={s.auth_fallback}",
         f"             fallback_on={','.join(sorted(k.value for k in s.fallback_on))}",
     ]
     local, problem = _local(config, str(ref))
+    out["on_node"] = ({"image_id": local.image_id, "digest": local.digest or None}
+                      if local else None)
+    out["on_node_error"] = problem_or_none(problem)
     lines.append("on node:     " + (problem or (
         f"{local.image_id} (points at {local.digest or 'unknown digest'})" if local
         else "no copy")))
@@ -78,6 +100,7 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
     try:
         recorded = stateview.reference(config.state_dir, str(ref), ref.repository)
     except StateUnreadable as exc:
+        out["state_error"] = str(exc)
         lines.append(f"last check:  unknown (state database unreadable: {exc})")
     else:
         if recorded is None:
@@ -88,27 +111,41 @@ def explain(config: Config, image: str, policy_path: str | None) -> str:
                 lines.append("last check:  never")
             else:
                 last_ok, last_digest = check.ok_at, check.digest
+                out["last_check"] = {"checked_at": check.checked_at, "result": check.result,
+                                     "ok_at": check.ok_at, "digest": check.digest or None}
                 ok = f"; last success {ago(time.time() - check.ok_at)}" if check.ok_at else ""
                 lines.append(f"last check:  {ago(time.time() - check.checked_at)}: "
                              f"{check.result}{ok}"
                              + (f", upstream {check.digest}" if check.digest else ""))
+            out["access"] = {"anonymous": public,
+                             "credentials": recorded.access.credentials}
             lines.append("access:      " + ("anonymous pulls seen to work" if public else
                                             "no anonymous pull recorded")
                          + f"; {recorded.access.credentials} credential fingerprint(s) seen "
                            "to work")
     pull = Pull(ref, rule.label, s, local, Access(public=public), time.time(), last_ok,
                 last_digest, backing=config.backing.enabled and config.backing.read)
-    lines.append(f"would:       {_describe(next_step(pull), s, ref)}  [for a pull without "
-                 "credentials]")
+    out["would"] = _describe(next_step(pull), s, ref)
+    lines.append(f"would:       {out['would']}  [for a pull without credentials]")
     if config.backing.enabled:
-        lines.append("backing:     " + _backing_view(config, ref, last_digest))
+        out["backing"] = _backing_view(config, ref, last_digest)
+        lines.append("backing:     " + out["backing"])
     # The same decision, as it would go if upstream did not answer now.
     down = pull.after(Probe(), Failed(Kind.UNREACHABLE, "no answer"))
-    lines.append(f"if upstream fails: {_describe(next_step(down), s, ref)}")
+    out["if_upstream_fails"] = _describe(next_step(down), s, ref)
+    lines.append(f"if upstream fails: {out['if_upstream_fails']}")
+    out["if_upstream_fails_for_credentials_seen_to_work"] = None
     if not public:
         known = replace(down, access=Access(these=True, anonymous=False))
-        lines.append(f"  for credentials seen to work: {_describe(next_step(known), s, ref)}")
+        out["if_upstream_fails_for_credentials_seen_to_work"] = _describe(
+            next_step(known), s, ref)
+        lines.append("  for credentials seen to work: "
+                     + out["if_upstream_fails_for_credentials_seen_to_work"])
     return "\n".join(lines)
+
+
+def problem_or_none(problem: str) -> str | None:
+    return problem or None
 
 
 def _describe(step: Step, settings: Settings, ref: Reference) -> str:
@@ -155,20 +192,74 @@ def _backing_view(config: Config, ref: Reference, digest: str) -> str:
         return f"unknown ({exc})"
 
 
-def status(config: Config, limit: int = 20) -> str:
-    lines = []
+@dataclass(frozen=True, kw_only=True)
+class StatusReport:
+    """Everything `status` shows, read once; rendered as text or as JSON."""
+
+    policy_file: str
+    policy_rules: int | None  # None when the policy on disk is invalid
+    policy_error: str
+    listen: str
+    running: runstatus.RunStatus | None  # None when no daemon runs
+    state_dir: str
+    stored: stateview.StatusView | None  # None when unread (see state_error) or absent
+    state_error: str
+    backing_url: str  # '' when no backing registry is configured
+    behind: list[Behind] | None  # None when containerd could not say (see behind_error)
+    behind_error: str
+    limit: int
+
+
+def gather(config: Config, limit: int = 20) -> StatusReport:
+    rules, policy_error = None, ""
     try:
-        policy = policies.load(config.policy_file)
-        lines.append(f"policy:  {policy.source}: valid, {len(policy.rules)} rules")
+        rules = len(policies.load(config.policy_file).rules)
     except SettingsError as exc:
+        policy_error = str(exc)
+    stored, state_error = None, ""
+    try:
+        stored = stateview.status(config.state_dir, decisions=limit)
+    except StateUnreadable as exc:
+        state_error = str(exc)
+    behind, behind_error = _behind(config)
+    return StatusReport(
+        policy_file=config.policy_file, policy_rules=rules, policy_error=policy_error,
+        listen=config.listen, running=runstatus.read(runstatus.path_for(config.listen)),
+        state_dir=config.state_dir, stored=stored, state_error=state_error,
+        backing_url=config.backing.url if config.backing.enabled else "",
+        behind=behind, behind_error=behind_error, limit=limit)
+
+
+def _behind(config: Config) -> tuple[list[Behind] | None, str]:
+    async def ask() -> list[Behind]:
+        containerd = Containerd(config.containerd.address, config.containerd.namespace)
+        try:
+            return await behindtag.survey(containerd, config.state_dir)
+        finally:
+            await containerd.close()
+
+    try:
+        return asyncio.run(asyncio.wait_for(ask(), 10)), ""
+    except (NodekeeperError, asyncio.TimeoutError) as exc:
+        return None, f"containerd at {config.containerd.address}: {exc or 'timeout'}"
+
+
+def status(config: Config, limit: int = 20) -> str:
+    return render_text(gather(config, limit), time.time())
+
+
+def render_text(report: StatusReport, now: float) -> str:
+    lines = []
+    if report.policy_rules is not None:
+        lines.append(f"policy:  {report.policy_file}: valid, {report.policy_rules} rules")
+    else:
         lines.append(f"policy:  INVALID on disk (a running daemon keeps its last good "
-                     f"policy): {exc}")
-    now = time.time()
+                     f"policy): {report.policy_error}")
     # What only the running daemon knows: whether its state reaches the disk, how late
     # its event loop has run.
-    running = runstatus.read(runstatus.path_for(config.listen))
+    running = report.running
     if running is None:
-        lines.append(f"daemon:  not running (no status beside {config.listen})")
+        lines.append(f"daemon:  not running (no status beside {report.listen})")
     else:
         lines.append(f"daemon:  pid {running.pid}; state {_stored(running.state, now)}")
         lag = running.loop_lag
@@ -183,24 +274,35 @@ def status(config: Config, limit: int = 20) -> str:
         for outage in running.outages:
             lines.append(f"  {outage.endpoint}: {outage.kind} since {ago(now - outage.since)}, "
                          f"{outage.answered} pulls answered without it ({outage.detail})")
-    try:
-        stored = stateview.status(config.state_dir, decisions=limit)
-    except StateUnreadable as exc:
-        lines.append(f"state:   database unreadable in {config.state_dir} ({exc})")
+    if report.state_error:
+        lines.append(f"state:   database unreadable in {report.state_dir} "
+                     f"({report.state_error})")
         return "\n".join(lines)
+    stored = report.stored
     if stored is None:
-        lines.append(f"state:   no database in {config.state_dir}")
+        lines.append(f"state:   no database in {report.state_dir}")
         return "\n".join(lines)
-    if config.backing.enabled:
+    if report.backing_url:
         health = (f"{stored.backing.value} (since {ago(now - stored.backing.at)})"
                   if stored.backing else "no problem recorded")
-        lines.append(f"backing: {config.backing.url}: {health}")
+        lines.append(f"backing: {report.backing_url}: {health}")
     lines.append(f"\nserved without upstream's confirmation ({len(stored.stale)}; each until "
                  "upstream confirms it again):")
     for reference, stale in stored.stale.items():
         lines.append(f"  {reference}\n      {stale.digest} since {ago(now - stale.since)} "
                      f"(upstream {stale.kind}; last answered {ago(now - stale.last)})")
-    lines.append(f"\nrecent decisions (newest first, at most {limit}):")
+    if report.behind is None:
+        lines.append(f"\ncontainers behind their tag: unknown ({report.behind_error})")
+    else:
+        lines.append(f"\ncontainers behind their tag ({len(report.behind)}; restart the pod "
+                     "to run the tag's build):")
+    for behind in report.behind or []:
+        running_container = behind.running
+        lines.append(f"  {running_container.namespace}/{running_container.pod} "
+                     f"{running_container.container}: {behind.reference}\n"
+                     f"      runs {behind.runs}; the tag is {behind.latest.digest} since "
+                     f"{ago(now - behind.latest.since)}")
+    lines.append(f"\nrecent decisions (newest first, at most {report.limit}):")
     for decided in stored.decisions:
         lines.append(f"  {ago(now - decided.at):>10}  {decided.decision:<14} {decided.image}  "
                      f"{decided.reason[:80]}  ({decided.duration_ms:.0f} ms)")
@@ -210,6 +312,63 @@ def status(config: Config, limit: int = 20) -> str:
         lines.append(f"  {reference}\n      last check {ago(now - check.checked_at)}: "
                      f"{check.result}; last success {ok}; upstream {check.digest or '-'}")
     return "\n".join(lines)
+
+
+# The version of the JSON `status -o json` prints (docs/operations.md describes it): a
+# field may be added within a version, never removed or changed in meaning.
+STATUS_SCHEMA = "nodekeeper.status/v1"
+
+
+def render_json(report: StatusReport) -> dict[str, Any]:
+    """`status -o json`: times are Unix seconds, absent values null."""
+    running = report.running
+    stored = report.stored
+    daemon = None
+    if running is not None:
+        health, lag = running.state, running.loop_lag
+        daemon = {
+            "pid": running.pid,
+            "state": None if health is None else {
+                "persistent": health.persistent, "problem": health.problem or None,
+                "since": health.since if not health.persistent else None,
+                "pending": health.pending, "key_problem": health.key_problem or None},
+            "loop_lag": None if lag is None else {
+                "worst_seconds": lag.worst_s, "worst_at": lag.worst_at,
+                "last_minute_seconds": lag.last_minute_s},
+            "outages": [{"endpoint": outage.endpoint, "since": outage.since,
+                         "kind": outage.kind.value, "detail": outage.detail,
+                         "pulls_answered": outage.answered} for outage in running.outages],
+        }
+    return {
+        "schema": STATUS_SCHEMA,
+        "policy": {"file": report.policy_file, "valid": report.policy_rules is not None,
+                   "rules": report.policy_rules, "error": report.policy_error or None},
+        "daemon": daemon,
+        "state": {"directory": report.state_dir, "database": stored is not None,
+                  "error": report.state_error or None},
+        "backing": None if not report.backing_url else {
+            "url": report.backing_url,
+            "problem": stored.backing.value if stored and stored.backing else None,
+            "since": stored.backing.at if stored and stored.backing else None},
+        "stale": [{"reference": reference, "digest": stale.digest, "kind": stale.kind,
+                   "since": stale.since, "last": stale.last}
+                  for reference, stale in (stored.stale.items() if stored else ())],
+        "behind_tag": None if report.behind is None else [{
+            "namespace": b.running.namespace, "pod": b.running.pod,
+            "container": b.running.container, "container_id": b.running.container_id,
+            "reference": b.reference, "runs": b.runs, "image_id": b.running.image_id,
+            "tag_digest": b.latest.digest, "since": b.latest.since,
+            "started_at": b.running.started_at} for b in report.behind],
+        "behind_tag_error": report.behind_error or None,
+        "decisions": [{"at": d.at, "image": d.image, "rule": d.rule, "decision": d.decision,
+                       "reason": d.reason, "local_digest": d.local_digest or None,
+                       "upstream_digest": d.upstream_digest or None,
+                       "duration_ms": d.duration_ms}
+                      for d in (stored.decisions if stored else ())],
+        "checks": [{"reference": reference, "checked_at": c.checked_at, "result": c.result,
+                    "ok_at": c.ok_at, "digest": c.digest or None}
+                   for reference, c in (stored.checks.items() if stored else ())],
+    }
 
 
 def _stored(health: Health | None, now: float) -> str:

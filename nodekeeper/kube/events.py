@@ -48,6 +48,8 @@ from nodekeeper.timetext import ago_in_words
 
 REASON_FALLBACK = "ImageFallback"  # fallback and backing-fallback: one reason to select on
 REASON_UPDATED = "ImageUpdated"
+REASON_BEHIND = "ImageBehindTag"  # a running container, not a pull: host/behindtag.py
+_NORMAL = (REASON_UPDATED, REASON_BEHIND)
 COMPONENT = "nodekeeper"
 
 QUEUE = 256
@@ -78,8 +80,26 @@ _COPY = {Decision.FALLBACK: "the node's copy",
 _log = logs.get("events")
 
 
-def _statement(answer: Answer) -> str:
+@dataclass(frozen=True)
+class Behind:
+    """A running container whose tag names a newer digest than the one it runs."""
+
+    pod: Pod
+    reference: str  # the tag, normalized
+    runs: str  # the digest the container runs
+    digest: str  # the digest the tag names
+    since: float  # when the tag was first seen naming it (epoch seconds)
+
+
+Notice = Answer | Behind
+
+
+def _statement(notice: Notice) -> str:
     """The message without the age of the last confirmation."""
+    if isinstance(notice, Behind):
+        return (f"runs {notice.runs}; the tag {notice.reference} is {notice.digest} since "
+                f"{_timestamp(notice.since)}; restart the pod to run it")
+    answer = notice
     if answer.decision is Decision.UPDATED:
         source = f" at {answer.upstream}" if answer.upstream else ""
         change = (f"{answer.node_digest} -> {answer.digest}" if answer.node_digest
@@ -94,14 +114,14 @@ def _statement(answer: Answer) -> str:
             f"{copy} of {answer.reference}, {answer.digest}")
 
 
-def message(answer: Answer, now: float) -> str:
+def message(notice: Notice, now: float) -> str:
     """The Event's message, e.g. "upstream registry-1.docker.io unreachable (timeout after
     2s): started with the node's copy of docker.io/library/postgres:15, sha256:..., last
     confirmed 3 days ago"."""
-    text = _statement(answer)
-    if answer.decision is not Decision.UPDATED:
-        text += (f", last confirmed {ago_in_words(now - answer.last_confirmed)}"
-                 if answer.last_confirmed is not None
+    text = _statement(notice)
+    if isinstance(notice, Answer) and notice.decision is not Decision.UPDATED:
+        text += (f", last confirmed {ago_in_words(now - notice.last_confirmed)}"
+                 if notice.last_confirmed is not None
                  else ", never confirmed upstream from this node")
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
 
@@ -121,7 +141,7 @@ Key = tuple[Pod, str, str, float | None]
 
 @dataclass
 class _Pending:
-    answer: Answer
+    notice: Notice
     reason: str
     first: float
     last: float
@@ -142,9 +162,11 @@ class Events:
                  timeout: float = 5.0, queue: int = QUEUE, retry_for: float = RETRY_FOR,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 behind: bool = False) -> None:
         self.node = node
         self._decisions = frozenset(decisions)
+        self._behind = behind
         self._sink = sink
         self._timeout = timeout
         self._queue = queue
@@ -172,7 +194,7 @@ class Events:
         node = settings.node_name or socket.gethostname().lower()
         if not settings.events:
             _log.info("kubernetes events off", setting="kubernetes.events: false")
-            return cls(node, settings.event_decisions, None)
+            return cls(node, settings.event_decisions, None, behind=settings.behind_events)
         path = settings.kubeconfig or kubeconfig.DEFAULT_PATH
         try:
             loaded = kubeconfig.load(path)
@@ -182,14 +204,14 @@ class Events:
             _log.warning("kubernetes events off: the kubelet's kubeconfig cannot be used",
                          error=str(exc),
                          fix="set kubernetes.kubeconfig, or kubernetes.events: false")
-            return cls(node, settings.event_decisions, None)
+            return cls(node, settings.event_decisions, None, behind=settings.behind_events)
         # The HTTP client only when events are on (the sink never imports this module).
         from nodekeeper.kube.sink import ApiSink
 
         _log.info("kubernetes events on", kubeconfig=path, server=loaded.server, node=node,
-                  decisions=sorted(settings.event_decisions))
+                  decisions=sorted(settings.event_decisions), behind=settings.behind_events)
         return cls(node, settings.event_decisions, ApiSink(path, settings.timeout, loaded),
-                   timeout=settings.timeout)
+                   timeout=settings.timeout, behind=settings.behind_events)
 
     @property
     def enabled(self) -> bool:
@@ -202,27 +224,37 @@ class Events:
     # -- the caller's side: never waits, never raises ----------------------------------
 
     def observe(self, answer: Answer) -> None:
+        """An answered PullImage: an Event when its decision is one to show on pods."""
+        if answer.pod is None or answer.decision not in self._decisions:
+            return
+        updated = answer.decision is Decision.UPDATED
+        self._queue_up(answer, answer.pod, REASON_UPDATED if updated else REASON_FALLBACK,
+                       None if updated else answer.last_confirmed)
+
+    def observe_behind(self, behind: Behind) -> None:
+        """A running container behind its tag: an Event when `behind` is configured."""
+        if self._behind:
+            self._queue_up(behind, behind.pod, REASON_BEHIND, None)
+
+    def _queue_up(self, notice: Notice, pod: Pod, reason: str,
+                  confirmed: float | None) -> None:
         try:
-            pod = answer.pod
-            if self._sink is None or pod is None or answer.decision not in self._decisions:
+            if self._sink is None:
                 return
             if self._closed:
                 self._drop("closing", 1, "observed after close")
                 return
-            updated = answer.decision is Decision.UPDATED
-            reason = REASON_UPDATED if updated else REASON_FALLBACK
-            confirmed = None if updated else answer.last_confirmed
-            key: Key = (pod, reason, _statement(answer), confirmed)
+            key: Key = (pod, reason, _statement(notice), confirmed)
             now, since = self._clock(), self._monotonic()
             item = self._pending.get(key)
             if item is not None:
                 item.count += 1
-                item.answer, item.last, item.since = answer, now, since
+                item.notice, item.last, item.since = notice, now, since
             elif len(self._pending) >= self._queue:
                 self._drop("queue_full", 1, f"{self._queue} Events already wait")
                 return
             else:
-                self._pending[key] = _Pending(answer, reason, now, now, since)
+                self._pending[key] = _Pending(notice, reason, now, now, since)
             self._idle.clear()
             self._wakeup.set()
         except Exception as exc:  # a bug here must not fail a pull
@@ -286,9 +318,9 @@ class Events:
 
     async def _post(self, sink: Sink, key: Key, item: _Pending) -> str:
         sent = item.count
-        pod = item.answer.pod
+        pod = item.notice.pod
         assert pod is not None  # observe() keeps only answers for a pod
-        text = message(item.answer, self._clock())
+        text = message(item.notice, self._clock())
         posted = self._posted.get(key)
         total = sent
         result = "created"
@@ -325,7 +357,7 @@ class Events:
             raise PostFailed(f"no answer within {self._timeout:g}s", retry=True) from None
 
     def _body(self, item: _Pending, name: str, count: int, text: str) -> dict[str, Any]:
-        pod = item.answer.pod
+        pod = item.notice.pod
         assert pod is not None
         instance = self.node[:_MAX_INSTANCE]
         return {
@@ -334,7 +366,7 @@ class Events:
             "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": pod.namespace,
                                "name": pod.name, "uid": pod.uid},
             "reason": item.reason, "message": text,
-            "type": "Normal" if item.reason == REASON_UPDATED else "Warning",
+            "type": "Normal" if item.reason in _NORMAL else "Warning",
             "source": {"component": COMPONENT, "host": self.node},
             "reportingComponent": COMPONENT, "reportingInstance": instance,
             "firstTimestamp": _timestamp(item.first), "lastTimestamp": _timestamp(item.last),

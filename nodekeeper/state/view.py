@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nodekeeper.behind import Known, Latest
 from nodekeeper.errors import StateUnreadable
 from nodekeeper.pull.credentials import ANONYMOUS
 from nodekeeper.pull.values import Check
@@ -108,6 +109,27 @@ def status(directory: str | Path, *, decisions: int) -> StatusView | None:
         stale={row[0]: Stale(*row[1:]) for row in stale},
         decisions=[Decided(*row) for row in recent],
         checks={row[0]: Check(*row[1:]) for row in checks})
+
+
+def known(directory: str | Path) -> Known | None:
+    """By reference, the last digest a check upstream confirmed, and since when nodekeeper
+    knows it: the first decision that saw it upstream (the last check that confirmed it
+    when no decision recorded it); by digest, the image of the newest decision that named
+    it (the last KEEP_DECISIONS decisions). None when there is no database."""
+    with _open(directory) as db:
+        if db is None:
+            return None
+        checks = _rows(db, "SELECT reference, ok_at, digest FROM checks WHERE digest != ''")
+        first = dict(_rows(db, "SELECT upstream_digest, MIN(at) FROM decisions "
+                               "WHERE upstream_digest != '' GROUP BY upstream_digest"))
+        named = _rows(db, "SELECT image, local_digest, upstream_digest FROM decisions "
+                          "ORDER BY id")
+    pulled_as = {}
+    for image, *digests in named:  # oldest first: the newest decision wins
+        pulled_as.update({digest: image for digest in digests if digest})
+    return Known(latest={reference: Latest(digest=digest, since=first.get(digest, ok_at or 0.0))
+                         for reference, ok_at, digest in checks},
+                 pulled_as=pulled_as)
 
 
 @contextlib.contextmanager

@@ -51,7 +51,9 @@ def test_deb_contents_and_conffiles(packages: tuple[Path, Path], tmp_path: Path)
                  "./usr/share/doc/nodekeeper/README.md", "./usr/share/doc/nodekeeper/copyright",
                  "./usr/share/doc/nodekeeper/changelog.Debian.gz",
                  "./usr/share/doc/nodekeeper/examples/kubelet-config.yaml",
-                 "./usr/share/man/man1/nodekeeper.1.gz"):
+                 "./usr/share/man/man1/nodekeeper.1.gz",
+                 "./usr/share/nodekeeper/nodekeeper-alerts.yaml",
+                 "./usr/share/nodekeeper/nodekeeper-dashboard.json"):
         assert path in listing, path
     # The extensions named for each CPython the launcher may pick.
     for version in ("310", "311", "312"):
@@ -70,6 +72,8 @@ def test_rpm_files_and_scripts(packages: tuple[Path, Path]) -> None:
     files = run("rpm", "-qlp", str(packages[1])).split()
     assert "/usr/bin/nodekeeper" in files
     assert "/usr/lib/systemd/system/nodekeeper.service" in files
+    assert "/usr/share/nodekeeper/nodekeeper-alerts.yaml" in files
+    assert "/usr/share/nodekeeper/nodekeeper-dashboard.json" in files
     config = run("rpm", "-qcp", str(packages[1])).split()
     assert config == ["/etc/nodekeeper/config.yaml", "/etc/nodekeeper/policy.yaml"]
     scripts = run("rpm", "-qp", "--scripts", str(packages[1]))

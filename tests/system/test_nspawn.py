@@ -18,8 +18,8 @@ MACHINE_FILES = Path(__file__).resolve().parent / "machine"
 CACHE = Path(os.environ.get("NODEKEEPER_SYSTEST_CACHE", "/var/cache/nodekeeper-systest"))
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = "systemd,systemd-sysv,dbus,containerd,docker-registry,python3,ca-certificates"
-CHECKS = ("install", "containerd_active", "nodekeeper_active", "ready_status", "pull",
-          "fallback_pull", "journal_fallback", "reload", "reload_applied",
+CHECKS = ("install", "monitoring_files", "containerd_active", "nodekeeper_active",
+          "ready_status", "pull", "fallback_pull", "journal_fallback", "reload", "reload_applied",
           "upgrade_with_broken_config", "without_containerd", "missing_policy",
           "restart_after_sigkill",
           "remove_keeps_state", "purge_removes_state")

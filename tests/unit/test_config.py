@@ -79,7 +79,7 @@ log: {level: debug, format: console}
          " /nonexistent/kubelet.conf: cannot read"),
         ("kubernetes:\n  node_name: Node_A\n", ":2: kubernetes.node_name: expected a node name"),
         ("kubernetes:\n  event_decisions: [fallback, pulled]\n", ":2: kubernetes.event_decisions"
-         "[1]: expected one of fallback, backing-fallback, updated, got 'pulled'"),
+         "[1]: expected one of fallback, backing-fallback, updated, behind, got 'pulled'"),
         ("kubernetes:\n  timeout: 0s\n", ":2: kubernetes.timeout: expected a duration above 0"),
         ("kubernetes:\n  node: a\n", ":2: kubernetes.node: unknown key"),
     ],

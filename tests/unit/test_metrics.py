@@ -37,6 +37,9 @@ metrics.KUBE_EVENTS.labels("created").inc()
 metrics.KUBE_EVENTS_DROPPED.labels("queue_full").inc(2)
 metrics.LOOP_LAG.observe(0.002)
 metrics.STATE_PERSISTENT.set(0)
+metrics.OUTAGES.labels("registry.test").set(1)
+metrics.OUTAGE_PULLS.labels("registry.test").inc()
+metrics.CONTAINERS_BEHIND.set(2)
 """
 
 
@@ -63,6 +66,8 @@ print(prometheus_client.generate_latest().decode())
     assert "nodekeeper_backing_copy_bytes_total 1234.0" in out
     assert "nodekeeper_images_served_stale 3.0" in out
     assert "nodekeeper_event_loop_lag_seconds_count 1.0" in out
+    assert 'nodekeeper_registry_outage{endpoint="registry.test"} 1.0' in out
+    assert "nodekeeper_containers_behind_tag 2.0" in out
     assert ('nodekeeper_probe_duration_seconds_count{registry="registry.test",result="ok"} 1.0'
             in out)
 

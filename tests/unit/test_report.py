@@ -80,3 +80,29 @@ def test_open_outages_are_listed(tmp_path: Path) -> None:
     assert "outages: 1 (registry endpoints that did not answer" in shown
     assert ("  registry.test:5000: timeout since 1.5m ago, 9 pulls answered without it "
             "(no answer within probe_timeout 2s)") in shown
+
+
+def test_status_as_json_carries_the_schema_and_what_the_daemon_reported(
+        tmp_path: Path) -> None:
+    publish(tmp_path, Health(persistent=False, problem="disk full", since=1000.0, pending=3))
+    shown = json.loads(json.dumps(report.render_json(report.gather(config(tmp_path)))))
+    assert shown["schema"] == "nodekeeper.status/v1"
+    assert shown["policy"] == {"file": str(tmp_path / "policy.yaml"), "valid": True,
+                               "rules": 0, "error": None}
+    assert shown["daemon"]["pid"] == os.getpid()
+    assert shown["daemon"]["state"] == {"persistent": False, "problem": "disk full",
+                                        "since": 1000.0, "pending": 3, "key_problem": None}
+    assert shown["daemon"]["loop_lag"]["worst_seconds"] == 0.0123
+    assert shown["state"] == {"directory": str(tmp_path / "state"), "database": False,
+                              "error": None}
+    assert shown["stale"] == shown["decisions"] == shown["checks"] == []
+    assert shown["behind_tag"] == []
+
+
+def test_an_invalid_policy_shows_in_json(tmp_path: Path) -> None:
+    settings = config(tmp_path)
+    (tmp_path / "policy.yaml").write_text("rules: [\n")
+    shown = report.render_json(report.gather(settings))
+    assert shown["policy"]["valid"] is False
+    assert shown["policy"]["rules"] is None
+    assert shown["policy"]["error"]

@@ -33,6 +33,12 @@ systemctl restart docker-registry
 
 apt-get install -y /opt/systest/nodekeeper.deb
 check install $? "apt-get install ./nodekeeper.deb"
+# The alert rules and the dashboard an operator loads into Prometheus and Grafana.
+dpkg -S /usr/share/nodekeeper/nodekeeper-alerts.yaml >/dev/null \
+  && grep -q '^groups:' /usr/share/nodekeeper/nodekeeper-alerts.yaml \
+  && python3 -c 'import json, sys; assert json.load(open(sys.argv[1]))["panels"]' \
+       /usr/share/nodekeeper/nodekeeper-dashboard.json
+check monitoring_files $? "$(ls -l /usr/share/nodekeeper/ 2>&1)"
 for _ in $(seq 50); do active nodekeeper && break; sleep 0.1; done
 active containerd; check containerd_active $? "$(systemctl is-active containerd)"
 active nodekeeper; check nodekeeper_active $? "$(systemctl is-active nodekeeper)"
