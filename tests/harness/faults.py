@@ -22,6 +22,7 @@ import contextlib
 import http.client
 import io
 import json
+import select
 import socket
 import ssl
 import threading
@@ -37,6 +38,7 @@ from tests.harness.registry import HARNESS_USER_AGENT
 
 _CHUNK = 64 * 1024
 _JOIN_TIMEOUT = 5.0
+_POLL = 0.02  # how often a held request looks for a switch while watching its client
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -99,6 +101,18 @@ class _HeaderRule:
     set: tuple[tuple[str, str], ...]
 
 
+@dataclass
+class _Span:
+    """One request from when its line was read until its handler was done with it (a
+    held request: until its client hung up, at the latest)."""
+
+    method: str
+    path: str
+    user_agent: str
+    start: float
+    end: float | None = None
+
+
 @dataclass(frozen=True)
 class _Logged:
     method: str
@@ -149,6 +163,7 @@ class FaultProxy(Service):
         self._header_rules: list[_HeaderRule] = []
         self._epoch = 0  # bumped by every switch: hung and delayed requests watch it
         self._log: list[_Logged] = []
+        self._spans: list[_Span] = []
         self._sockets: set[socket.socket] = set()  # client and upstream connections
         self._threads: list[threading.Thread] = []
         self._server: _ProxyServer | None = None
@@ -285,7 +300,8 @@ class FaultProxy(Service):
     ) -> None:
         """Take matching requests and never answer. A hung request is released, by
         dropping its connection without a response, at the next switch (``passthrough()``,
-        ``respond()``, ...), ``refuse()``, ``close()``, or after ``max_seconds``."""
+        ``respond()``, ...), ``refuse()``, ``close()``, after ``max_seconds``, or when its
+        client hangs up."""
         self._set_action(_Action("hang", _Match(path_contains, method), times, seconds=max_seconds))
 
     def delay(
@@ -308,7 +324,8 @@ class FaultProxy(Service):
         times: int | None = None,
     ) -> None:
         """Forward matching requests at once, but hold the answer for ``seconds`` (sooner
-        if switched meanwhile): the registry answered as of when it was asked."""
+        if switched meanwhile, or if the client hangs up): the registry answered as of
+        when it was asked."""
         self._set_action(_Action("late", _Match(path_contains, method), times, seconds=seconds))
 
     def drop_headers(
@@ -352,9 +369,13 @@ class FaultProxy(Service):
                     self._action = None  # not a switch: the epoch stays
             return action, epoch
 
-    def _wait_switch(self, epoch: int, seconds: float) -> bool:
-        """Block until the next switch (True) or for ``seconds`` (False)."""
+    def _wait_switch(self, epoch: int, seconds: float,
+                     client: socket.socket | None = None) -> bool:
+        """Block until the next switch (True) or for ``seconds`` (False); with ``client``,
+        also until that client hangs up (False)."""
         deadline = time.monotonic() + seconds
+        if client is not None:
+            return self._wait_switch_or_hang_up(epoch, deadline, client)
         with self._cond:
             while self._epoch == epoch:
                 remaining = deadline - time.monotonic()
@@ -362,6 +383,26 @@ class FaultProxy(Service):
                     return False
                 self._cond.wait(remaining)
             return True
+
+    def _wait_switch_or_hang_up(self, epoch: int, deadline: float,
+                                client: socket.socket) -> bool:
+        # select() sees the client's FIN at once, so a span ends before the client's next
+        # request can start; a switch is seen within one poll.
+        while True:
+            with self._cond:
+                if self._epoch != epoch:
+                    return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                readable, _, _ = select.select([client], [], [], min(remaining, _POLL))
+                if readable and not client.recv(1, socket.MSG_PEEK):
+                    return False
+            except OSError:
+                return False
+            if readable:  # bytes of a next request: not a hang-up; do not spin on them
+                time.sleep(_POLL)
 
     def _rewrite_headers(
         self, method: str, path: str, headers: list[tuple[str, str]]
@@ -407,6 +448,31 @@ class FaultProxy(Service):
             and (status is None or e.status == status)
         ]
 
+    def in_flight_peak(
+        self,
+        method: str | None = None,
+        path_contains: str | None = None,
+        *,
+        include_harness: bool = False,
+    ) -> int:
+        """The most matching requests ever in progress at once since ``clear()``. A hung or
+        held request counts until it is released or its client hangs up."""
+        with self._cond:
+            spans = [
+                (s.start, s.end) for s in self._spans
+                if (include_harness or not s.user_agent.startswith(HARNESS_USER_AGENT))
+                and (method is None or s.method == method.upper())
+                and (path_contains is None or path_contains in s.path)
+            ]
+        # An end sorts before a start at the same instant: the two did not overlap.
+        edges = sorted([(start, 1) for start, _ in spans]
+                       + [(end, -1) for _, end in spans if end is not None])
+        peak = now = 0
+        for _, step in edges:
+            now += step
+            peak = max(peak, now)
+        return peak
+
     def wait_for_requests(
         self,
         count: int,
@@ -423,8 +489,19 @@ class FaultProxy(Service):
     def clear(self) -> None:
         with self._cond:
             self._log.clear()
+            self._spans = [s for s in self._spans if s.end is None]
 
     # -- bookkeeping for the server ------------------------------------------------------
+
+    def _open_span(self, method: str, path: str, user_agent: str) -> _Span:
+        span = _Span(method, path, user_agent, time.monotonic())
+        with self._cond:
+            self._spans.append(span)
+        return span
+
+    def _close_span(self, span: _Span) -> None:
+        with self._cond:
+            span.end = time.monotonic()
 
     def _track_socket(self, sock: socket.socket) -> None:
         with self._cond:
@@ -524,7 +601,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         super().handle_one_request()
 
     def do_GET(self) -> None:
-        self._handle()
+        proxy = self.server.proxy
+        span = proxy._open_span(self.command, urlsplit(self.path).path,
+                                self.headers.get("User-Agent", ""))
+        try:
+            self._handle()
+        finally:
+            proxy._close_span(span)
 
     do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
@@ -538,7 +621,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         action, epoch = proxy._decide(method, path)
         if action is not None and action.kind == "hang":
             proxy._record(method, path, NO_RESPONSE, user_agent)
-            proxy._wait_switch(epoch, action.seconds)
+            proxy._wait_switch(epoch, action.seconds, self.connection)
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -696,7 +779,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         try:
             if hold is not None:
-                proxy._wait_switch(*hold)
+                proxy._wait_switch(*hold, self.connection)
             self._relay(method, path, user_agent, resp)
         finally:
             proxy._untrack_socket(upstream_sock)

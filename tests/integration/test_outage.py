@@ -196,6 +196,7 @@ def test_a_black_holed_registry_never_slows_pulls_from_another(
             assert len(lit.requests("HEAD", "/manifests/")) == FEW
             assert not lit.requests(status=NO_RESPONSE)
             assert one_probe_at_a_time(hung_heads(dark), spent)
+            assert dark.in_flight_peak("HEAD", "/manifests/") == 1
             # Loose: none of them waited a probe_timeout (each takes milliseconds).
             assert max(lit_costs) < PROBE_TIMEOUT
             samples = scrape(metrics)
@@ -235,6 +236,7 @@ def test_a_black_holed_mirror_hands_over_to_the_server_after_outage_wait(
             assert len(server.requests("HEAD", "/manifests/")) == IMAGES - 1
             assert hung_heads(mirror) >= 1
             assert one_probe_at_a_time(hung_heads(mirror), spent)
+            assert mirror.in_flight_peak("HEAD", "/manifests/") == 1
             assert spent < PROBE_TIMEOUT + IMAGES * (OUTAGE_WAIT + SLACK)
             samples = scrape(metrics)
             label = f'{{endpoint="{mirror.host}"}}'
@@ -347,6 +349,7 @@ def test_a_flapping_registry_never_answers_a_pull_with_an_answer_older_than_it(
             builds[0] = rebuilt
             print(f"\nflap {flap} ({hold}): {sent} probes in {spent:.3f}s")
             assert one_probe_at_a_time(sent, spent)
+            assert proxied.in_flight_peak("HEAD", "/manifests/") == 1
             assert scrape(metrics)[f"nodekeeper_registry_outage{label}"] == 0
 
     answered = decided(daemon, refs)[FEW:]
