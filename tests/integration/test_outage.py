@@ -1,6 +1,7 @@
 """An outage costs one probe_timeout per registry endpoint, not one per pull: nodekeeper in
-front of a real containerd, the registry behind a fault proxy that black-holes it, pulls
-one after another as the kubelet sends them."""
+front of a real containerd, the registry behind a fault proxy that black-holes it, refuses
+connections, answers slowly or flaps, pulls one after another as the kubelet sends them.
+Bounds are on requests counted at the proxies; times only loosely."""
 
 from __future__ import annotations
 
