@@ -9,10 +9,6 @@ broken upstream is broken for its ping too); narrow it with ``path_contains=`` (
 of the path, without the query: ``"/manifests/"``, ``"/blobs/"``, ``"/v2/app/"``) and
 ``method=``.
 
-Concurrency: every request is timed from its arrival to the end of its answer (or until a
-hung one is released or its client hangs up); ``peak_concurrent()`` says how many matching
-requests were ever in flight at once, e.g. manifest requests during a registry outage.
-
 Forwarding: the ``Host`` header is set to the target's host so the registry builds its
 URLs for itself, and a ``Location`` header pointing at the target is rewritten to point at
 the proxy (blob uploads keep going through it). ``WWW-Authenticate`` is passed unchanged:
@@ -42,6 +38,7 @@ from tests.harness.registry import HARNESS_USER_AGENT
 
 _CHUNK = 64 * 1024
 _JOIN_TIMEOUT = 5.0
+_POLL = 0.02  # how often a held request looks for a switch while watching its client
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -106,26 +103,14 @@ class _HeaderRule:
 
 @dataclass
 class _Span:
-    """One request from arrival until it was answered, released or abandoned."""
+    """One request from when its line was read until its handler was done with it (a
+    held request: until its client hung up, at the latest)."""
 
     method: str
     path: str
     user_agent: str
     start: float
     end: float | None = None
-
-
-def _client_gone(sock: socket.socket) -> bool:
-    """Whether the client has hung up (an orderly close reads as b"" without consuming)."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
-            return False
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except (OSError, ValueError):
-        return True
 
 
 @dataclass(frozen=True)
@@ -315,8 +300,8 @@ class FaultProxy(Service):
     ) -> None:
         """Take matching requests and never answer. A hung request is released, by
         dropping its connection without a response, at the next switch (``passthrough()``,
-        ``respond()``, ...), ``refuse()``, ``close()``, after ``max_seconds``, or as soon as
-        its client hangs up."""
+        ``respond()``, ...), ``refuse()``, ``close()``, after ``max_seconds``, or when its
+        client hangs up."""
         self._set_action(_Action("hang", _Match(path_contains, method), times, seconds=max_seconds))
 
     def delay(
@@ -327,8 +312,7 @@ class FaultProxy(Service):
         method: str | None = None,
         times: int | None = None,
     ) -> None:
-        """Forward matching requests after ``seconds`` (sooner if switched meanwhile), unless
-        the client has hung up by then."""
+        """Forward matching requests after ``seconds`` (sooner if switched meanwhile)."""
         self._set_action(_Action("delay", _Match(path_contains, method), times, seconds=seconds))
 
     def answer_late(
@@ -340,7 +324,8 @@ class FaultProxy(Service):
         times: int | None = None,
     ) -> None:
         """Forward matching requests at once, but hold the answer for ``seconds`` (sooner
-        if switched meanwhile): the registry answered as of when it was asked."""
+        if switched meanwhile, or if the client hangs up): the registry answered as of
+        when it was asked."""
         self._set_action(_Action("late", _Match(path_contains, method), times, seconds=seconds))
 
     def drop_headers(
@@ -387,19 +372,37 @@ class FaultProxy(Service):
     def _wait_switch(self, epoch: int, seconds: float,
                      client: socket.socket | None = None) -> bool:
         """Block until the next switch (True) or for ``seconds`` (False); with ``client``,
-        also stop (False) as soon as that client hangs up."""
+        also until that client hangs up (False)."""
         deadline = time.monotonic() + seconds
+        if client is not None:
+            return self._wait_switch_or_hang_up(epoch, deadline, client)
         with self._cond:
             while self._epoch == epoch:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                if client is not None:
-                    if _client_gone(client):
-                        return False
-                    remaining = min(remaining, 0.005)  # a hang-up is seen within 5 ms
                 self._cond.wait(remaining)
             return True
+
+    def _wait_switch_or_hang_up(self, epoch: int, deadline: float,
+                                client: socket.socket) -> bool:
+        # select() sees the client's FIN at once, so a span ends before the client's next
+        # request can start; a switch is seen within one poll.
+        while True:
+            with self._cond:
+                if self._epoch != epoch:
+                    return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                readable, _, _ = select.select([client], [], [], min(remaining, _POLL))
+                if readable and not client.recv(1, socket.MSG_PEEK):
+                    return False
+            except OSError:
+                return False
+            if readable:  # bytes of a next request: not a hang-up; do not spin on them
+                time.sleep(_POLL)
 
     def _rewrite_headers(
         self, method: str, path: str, headers: list[tuple[str, str]]
@@ -445,6 +448,31 @@ class FaultProxy(Service):
             and (status is None or e.status == status)
         ]
 
+    def peak_concurrent(
+        self,
+        method: str | None = None,
+        path_contains: str | None = None,
+        *,
+        include_harness: bool = False,
+    ) -> int:
+        """The most matching requests ever in progress at once since ``clear()``. A hung or
+        held request counts until it is released or its client hangs up."""
+        with self._cond:
+            spans = [
+                (s.start, s.end) for s in self._spans
+                if (include_harness or not s.user_agent.startswith(HARNESS_USER_AGENT))
+                and (method is None or s.method == method.upper())
+                and (path_contains is None or path_contains in s.path)
+            ]
+        # An end sorts before a start at the same instant: the two did not overlap.
+        edges = sorted([(start, 1) for start, _ in spans]
+                       + [(end, -1) for _, end in spans if end is not None])
+        peak = now = 0
+        for _, step in edges:
+            now += step
+            peak = max(peak, now)
+        return peak
+
     def wait_for_requests(
         self,
         count: int,
@@ -458,33 +486,10 @@ class FaultProxy(Service):
         return wait_for_count(
             lambda: self.requests(method, path_contains, status=status), count, timeout)
 
-    def peak_concurrent(
-        self,
-        method: str | None = None,
-        path_contains: str | None = None,
-        *,
-        include_harness: bool = False,
-    ) -> int:
-        """The most matching requests ever in flight at once since ``clear()`` (harness
-        traffic left out unless ``include_harness``)."""
-        with self._cond:
-            spans = [(s.start, s.end) for s in self._spans
-                     if (include_harness or not s.user_agent.startswith(HARNESS_USER_AGENT))
-                     and (method is None or s.method == method.upper())
-                     and (path_contains is None or path_contains in s.path)]
-        # An end sorts before a start at the same instant: back to back is not overlap.
-        edges = sorted([(start, 1) for start, _ in spans]
-                       + [(end, -1) for _, end in spans if end is not None])
-        peak = level = 0
-        for _, step in edges:
-            level += step
-            peak = max(peak, level)
-        return peak
-
     def clear(self) -> None:
         with self._cond:
             self._log.clear()
-            self._spans = [s for s in self._spans if s.end is None]  # still in flight
+            self._spans = [s for s in self._spans if s.end is None]
 
     # -- bookkeeping for the server ------------------------------------------------------
 
@@ -596,7 +601,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         super().handle_one_request()
 
     def do_GET(self) -> None:
-        self._handle()
+        proxy = self.server.proxy
+        span = proxy._open_span(self.command, urlsplit(self.path).path,
+                                self.headers.get("User-Agent", ""))
+        try:
+            self._handle()
+        finally:
+            proxy._close_span(span)
 
     do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
@@ -607,18 +618,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         method = self.command
         path = urlsplit(self.path).path
         user_agent = self.headers.get("User-Agent", "")
-        span = proxy._open_span(method, path, user_agent)
-        try:
-            self._dispatch(method, path, user_agent)
-        finally:
-            proxy._close_span(span)
-
-    def _dispatch(self, method: str, path: str, user_agent: str) -> None:
-        proxy = self.server.proxy
         action, epoch = proxy._decide(method, path)
         if action is not None and action.kind == "hang":
             proxy._record(method, path, NO_RESPONSE, user_agent)
-            # A client that gives up ends its request: it is no longer in flight.
             proxy._wait_switch(epoch, action.seconds, self.connection)
             self.close_connection = True
             with contextlib.suppress(OSError):
@@ -628,10 +630,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self._send_canned(action, path, user_agent)
             return
         if action is not None and action.kind == "delay":
-            proxy._wait_switch(epoch, action.seconds, self.connection)
-            if _client_gone(self.connection):
-                self.close_connection = True  # it gave up waiting: nobody to answer
-                return
+            proxy._wait_switch(epoch, action.seconds)
         late = action is not None and action.kind == "late"
         self._forward(method, path, user_agent,
                       (epoch, action.seconds) if late and action else None)
@@ -780,7 +779,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         try:
             if hold is not None:
-                proxy._wait_switch(*hold)
+                proxy._wait_switch(*hold, self.connection)
             self._relay(method, path, user_agent, resp)
         finally:
             proxy._untrack_socket(upstream_sock)
