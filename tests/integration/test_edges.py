@@ -15,6 +15,7 @@ from nodekeeper.containerd.client import Containerd as ContainerdClient
 from nodekeeper.pull.reference import parse
 from nodekeeper.registry import Copier, Endpoint, Hosts, Location, Prober, Session
 from nodekeeper.registry.backing import Backing
+from nodekeeper.registry.cluster import Cluster
 from nodekeeper.state.memory import State
 from tests import conformance
 from tests.conftest import MakeRegistry
@@ -112,6 +113,43 @@ class TestBacking(conformance.BackingSuite):
                           Copier(session))
         yield backing
         await backing.close()
+        await session.close()
+
+
+class ClusterRegistries(BackingRegistries):
+    """Nodes of one cluster: each its own Backing and Cluster on the one backing
+    registry."""
+
+    def __init__(self, source: Registry, backing: Registry, session: Session) -> None:
+        super().__init__(source, backing)
+        self.session = session
+        self.backings: list[Backing] = []
+        self.nodes: list[Cluster] = []
+
+    def _backing(self) -> Backing:
+        backing = Backing(BackingConfig(url=self.backing.url, timeout=2.0), self.session,
+                          Copier(self.session))
+        self.backings.append(backing)
+        return backing
+
+    def node(self, name: str, fetch_wait: float) -> Cluster:
+        node = Cluster(self._backing(), self.session, Copier(self.session), name, fetch_wait)
+        self.nodes.append(node)
+        return node
+
+    def writer(self) -> Backing:
+        return self._backing()
+
+
+class TestCluster(conformance.ClusterSuite):
+    @pytest.fixture
+    async def cluster_world(self, make_registry: MakeRegistry
+                            ) -> AsyncIterator[ClusterRegistries]:
+        session = Session()
+        world = ClusterRegistries(make_registry(), make_registry(), session)
+        yield world
+        for part in (*world.nodes, *world.backings):
+            await part.close()
         await session.close()
 
 
