@@ -101,8 +101,11 @@ async def test_a_holder_that_never_feeds_backing_holds_the_others_only_fetch_wai
     stuck, other = cluster.nodes
     stuck.images.pull_seconds = 3600   # the holder hangs (or died) mid-fetch
     holding = asyncio.ensure_future(stuck.pull())
-    while not stuck.cluster.claims:
+    for _ in range(1000):
+        if stuck.cluster.claims:
+            break
         await asyncio.sleep(0.01)
+    assert stuck.cluster.claims == [V1.digest]
     answer = await other.pull()
     assert (answer.decision, answer.image_id) == (Decision.PULLED, V1.image_id)
     assert other.cluster.claims == [V1.digest]
