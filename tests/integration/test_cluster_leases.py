@@ -167,20 +167,26 @@ def test_a_holder_killed_mid_fetch_holds_the_others_only_fetch_wait(
     print(f"\nwaited for a dead holder: {duration:.0f} ms (fetch_wait {FETCH_WAIT:g}s)")
 
 
-def test_a_dead_backing_sends_every_node_upstream(
-        upstream: tuple[Registry, FaultProxy], backing: Registry, make_nodes: MakeNodes
-) -> None:
+@pytest.mark.parametrize("how", ["stopped", "silent"])
+def test_a_dead_backing_sends_every_node_upstream_within_its_timeout(
+        upstream: tuple[Registry, FaultProxy], backing: Registry, make_nodes: MakeNodes,
+        how: str) -> None:
     registry, proxy = upstream
-    nodes = make_nodes(2, backing.url, proxy.host)
-    image = push_new(registry.url, "team/app", "3", seed="dead backing",
-                     auth=("alice", "alice-pw"))
-    backing.stop()
-    assert at_once(nodes, image_ref(proxy.host, "team/app", "3"), alice()) == [
-        image.config_digest] * 2
+    with FaultProxy(backing.url) as dead:
+        nodes = make_nodes(2, dead.url, proxy.host)
+        image = push_new(registry.url, "team/app", "3", seed="dead backing",
+                         auth=("alice", "alice-pw"))
+        if how == "stopped":
+            dead.refuse()
+        else:
+            dead.hang()
+        assert at_once(nodes, image_ref(proxy.host, "team/app", "3"), alice()) == [
+            image.config_digest] * 2
     assert sorted(d for node in nodes for d in node.decisions()) == ["pulled", "pulled"]
     for node in nodes:
+        assert not node.nodekeeper.log_text().count("could not read a lease")
         durations = [e["duration_ms"] for e in node.answers()]
-        print(f"\n{node.name} with backing down: {durations} ms")
+        print(f"\n{node.name} with backing {how}: {durations} ms")
 
 
 def test_one_check_upstream_per_interval_serves_the_cluster_with_credentials_seen_here(
