@@ -154,7 +154,7 @@ class Daemon:
                               on_health=lambda health: state.set_meta("backing", health))
             parts.push_async_callback(backing.close)
             if config.backing.cluster:
-                cluster = Cluster(backing=backing, session=session, copier=Copier(session=session),
+                cluster = Cluster(backing=backing, session=session,
                                   node=config.kubernetes.node_name or socket.gethostname().lower(),
                                   fetch_wait=config.backing.fetch_wait)
                 parts.push_async_callback(cluster.close)

@@ -14,8 +14,8 @@ no database, only tags in the image's backing repository (docs/operations.md).
   Written in the background after each successful probe (at most every SHARE_EVERY per
   tag and digest); read with one request bounded by backing's timeout.
 
-Both are tiny OCI manifests like backing's public marker: an empty config, no layers, the
-facts in annotations. Every call is bounded and never raises: a failure answers as if
+Both are tiny OCI indexes naming no manifest, the facts in their annotations: writing one
+takes one PUT and no blob. Every call is bounded and never raises: a failure answers as if
 nothing were shared, so the pull goes upstream as it would without backing.
 """
 
@@ -35,7 +35,6 @@ from nodekeeper.failures import Failure, Kind
 from nodekeeper.pull.reference import Reference
 from nodekeeper.pull.values import Location, SharedCheck
 from nodekeeper.registry.backing import Backing
-from nodekeeper.registry.copy import Copier
 from nodekeeper.registry.probe import ACCEPT
 from nodekeeper.registry.session import Session
 from nodekeeper.registry.wire import valid_digest
@@ -46,9 +45,7 @@ LEASE_SETTLE = 0.15          # between writing a lease and reading it back
 POLL_SECONDS = 0.25          # how often a waiting node asks whether backing holds a digest
 SHARE_EVERY = 5.0            # one shared check per tag and digest at most this often
 _MAX_TAG = 128
-_EMPTY = b"{}"
-_EMPTY_DIGEST = "sha256:" + hashlib.sha256(_EMPTY).hexdigest()
-_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+_INDEX = "application/vnd.oci.image.index.v1+json"
 _NODE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _LEASE_NODE, _LEASE_UNTIL = "dev.nodekeeper.lease.node", "dev.nodekeeper.lease.until"
 _CHECK_NODE, _CHECK_AT = "dev.nodekeeper.check.node", "dev.nodekeeper.check.at"
@@ -71,27 +68,22 @@ def check_tag(tag: str) -> str:
 
 
 def marker(annotations: dict[str, str]) -> bytes:
-    return json.dumps({
-        "schemaVersion": 2, "mediaType": _MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": _EMPTY_DIGEST, "size": len(_EMPTY)},
-        "layers": [], "annotations": annotations,
-    }, separators=(",", ":"), sort_keys=True).encode()
+    return json.dumps({"schemaVersion": 2, "mediaType": _INDEX, "manifests": [],
+                       "annotations": annotations},
+                      separators=(",", ":"), sort_keys=True).encode()
 
 
 class Cluster:
-    def __init__(self, backing: Backing, session: Session, copier: Copier, node: str,
+    def __init__(self, backing: Backing, session: Session, node: str,
                  fetch_wait: float, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._backing = backing
         self._session = session
-        self._copier = copier
         self.node = node
         self.fetch_wait = fetch_wait
         self._clock = clock
         self._monotonic = monotonic
         self._timeout = backing.config.timeout
-        self._with_config: set[str] = set()       # repositories known to hold `{}`
         self._shared: dict[tuple[str, str, str], float] = {}  # (repo, tag, digest) -> when
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -203,13 +195,10 @@ class Cluster:
 
     async def _put(self, ref: Reference, tag: str, manifest: bytes) -> bool:
         where = self._location(ref)
-        if where.repository not in self._with_config:
-            await self._copier.push_blob(where, _EMPTY)
-            self._with_config.add(where.repository)
         await self._session.request(
             "PUT", where.endpoint, f"{where.base}/manifests/{tag}", creds=where.credentials,
             scope=f"repository:{where.repository}:pull,push", content=manifest,
-            headers={"Content-Type": _MANIFEST})
+            headers={"Content-Type": _INDEX})
         return True
 
     async def _bounded(self, call: Awaitable[T], what: str) -> T | None:

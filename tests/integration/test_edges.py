@@ -133,7 +133,7 @@ class ClusterRegistries(BackingRegistries):
         return backing
 
     def node(self, name: str, fetch_wait: float) -> Cluster:
-        node = Cluster(self._backing(), self.session, Copier(self.session), name, fetch_wait)
+        node = Cluster(self._backing(), self.session, name, fetch_wait)
         self.nodes.append(node)
         return node
 
