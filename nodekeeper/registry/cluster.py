@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from nodekeeper import logs
+from nodekeeper import logs, metrics
 from nodekeeper.failures import Failure, Kind
 from nodekeeper.pull.reference import Reference
 from nodekeeper.pull.values import Location, SharedCheck
@@ -90,6 +90,12 @@ class Cluster:
     # -- leases --------------------------------------------------------------------------
 
     async def claim(self, ref: Reference, digest: str) -> str:
+        holder = await self._claim(ref, digest)
+        metrics.LEASES.labels("failed" if not holder else "won" if holder == self.node
+                              else "elsewhere").inc()
+        return holder
+
+    async def _claim(self, ref: Reference, digest: str) -> str:
         if self._backing.down_reason:
             return ""
         tag = lease_tag(digest)
@@ -130,9 +136,11 @@ class Cluster:
                 await asyncio.sleep(min(POLL_SECONDS, left))
 
         try:
-            return await asyncio.wait_for(poll(), max(bound, 0.0))
+            arrived = await asyncio.wait_for(poll(), max(bound, 0.0))
         except asyncio.TimeoutError:
-            return False
+            arrived = False
+        metrics.LEASES.labels("arrived" if arrived else "gave_up").inc()
+        return arrived
 
     # -- checks --------------------------------------------------------------------------
 
