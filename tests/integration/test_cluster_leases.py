@@ -34,7 +34,7 @@ pytestmark = pytest.mark.integration
 ALWAYS = "defaults:\n  update: always\n"
 INTERVAL_SECONDS = 10
 INTERVAL = f"defaults:\n  update: interval\n  interval: {INTERVAL_SECONDS}s\n"
-FETCH_WAIT = 3.0
+FETCH_WAIT = 5.0
 
 
 @dataclass
