@@ -5,10 +5,10 @@ no database, only tags in the image's backing repository (docs/operations.md).
   digest upstream to feed backing, and until when (its clock). A node that needs a digest
   backing lacks reads the lease; when another node holds a live one it waits (bounded by
   `fetch_wait`) for backing to hold the digest's manifest, which a copy writes last.
-  Otherwise it writes a lease of its own and, LEASE_SETTLE later, reads it back: the
-  registry has no compare-and-set, the last writer wins, and two nodes that both read
-  themselves back both fetch (one fetch more, never a wrong image: containerd checks
-  every digest).
+  Otherwise it writes a lease of its own and, twice the write's round trip later (50 to
+  150 ms), reads it back: the registry has no compare-and-set, the last writer wins, and
+  two nodes that both read themselves back both fetch (one fetch more, never a wrong
+  image: containerd checks every digest).
 - Checks: `nodekeeper.check-<tag>` (`nodekeeper.check--<sha256 of the tag>` when too
   long for a tag) carries the digest upstream named for the tag, when and by which node.
   Written in the background after each successful probe (at most every SHARE_EVERY per
@@ -41,7 +41,8 @@ from nodekeeper.registry.wire import valid_digest
 
 LEASE_PREFIX = "nodekeeper.lease-"
 CHECK_PREFIX = "nodekeeper.check-"
-LEASE_SETTLE = 0.15          # between writing a lease and reading it back
+# Between writing a lease and reading it back: twice the write's round trip, within these.
+SETTLE_MIN, SETTLE_MAX = 0.05, 0.15
 POLL_SECONDS = 0.25          # how often a waiting node asks whether backing holds a digest
 SHARE_EVERY = 5.0            # one shared check per tag and digest at most this often
 _MAX_TAG = 128
@@ -107,12 +108,14 @@ class Cluster:
             return holder
         until = self._clock() + self.fetch_wait
         lease = marker({_LEASE_NODE: self.node, _LEASE_UNTIL: f"{until:.3f}"})
+        started = self._monotonic()
         if not await self._bounded(self._put(ref, tag, lease), "write a lease"):
             return ""
-        # No compare-and-set: whoever wrote last holds the lease. Nodes that claim at the
-        # same moment all write within a few milliseconds; reading back after the others'
-        # writes have landed gives them all the same last writer.
-        await asyncio.sleep(LEASE_SETTLE)
+        # No compare-and-set: whoever wrote last holds the lease. Nodes that found no lease
+        # at about the same moment write within about one round trip of each other;
+        # reading back once their writes have landed gives them all the same last writer.
+        await asyncio.sleep(min(max(2 * (self._monotonic() - started), SETTLE_MIN),
+                                SETTLE_MAX))
         held = await self._bounded(self._annotations(ref, tag), "read a lease back")
         return (self._live_holder(held) or self.node) if held is not None else ""
 
