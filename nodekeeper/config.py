@@ -29,6 +29,7 @@ _PREFIX = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 # outage_wait: a pull waits this long at most for a registry endpoint in an outage
 # episode; well under any sensible probe_timeout, or the episode would save little.
+MAX_FETCH_WAIT = 60.0  # a pull waits for another node's fetch no longer than this
 MAX_OUTAGE_WAIT = 1.0
 # What can be told on the pod as a Kubernetes Event: the PullImage decisions shown on
 # pods, and BEHIND, a running container whose tag has a newer digest (host/behindtag.py).
@@ -60,10 +61,18 @@ class BackingConfig:
     max_concurrent_copies: int = 2
     timeout: float = 2.0
     copy_timeout: float = 1800.0
+    # The longest a pull waits for another node's fetch of a digest backing lacks, before
+    # fetching it upstream itself (0: every node fetches for itself).
+    fetch_wait: float = 5.0
 
     @property
     def enabled(self) -> bool:
         return bool(self.url)
+
+    @property
+    def cluster(self) -> bool:
+        """The nodes share leases on fetches and checks of tags through backing."""
+        return self.enabled and self.read and self.write
 
 
 @dataclass(frozen=True)
@@ -216,9 +225,13 @@ def _backing(section: Section) -> BackingConfig:
                                               default.max_concurrent_copies, minimum=1),
         timeout=section.duration("timeout", default.timeout),
         copy_timeout=section.duration("copy_timeout", default.copy_timeout),
+        fetch_wait=section.duration("fetch_wait", default.fetch_wait),
     )
     if backing.timeout <= 0:
         raise section.error("timeout", "expected a duration above 0")
+    if backing.fetch_wait > MAX_FETCH_WAIT:
+        raise section.error("fetch_wait", f"expected a duration of at most "
+                                          f"{MAX_FETCH_WAIT:g}s, got {backing.fetch_wait:g}s")
     section.finish()
     return backing
 

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from nodekeeper.policyfile import PolicyFile
 from nodekeeper.pull.puller import Puller
 from nodekeeper.registry import Hosts, Prober, Session
 from nodekeeper.registry.backing import Backing
+from nodekeeper.registry.cluster import Cluster
 from nodekeeper.registry.copy import Copier
 from nodekeeper.registry.outage import Outage
 from nodekeeper.state.memory import Health, State
@@ -145,13 +147,18 @@ class Daemon:
         parts.push_async_callback(containerd.close)
 
         # The cluster-wide backing registry, when configured.
-        backing = None
+        backing, cluster = None, None
         if config.backing.enabled:
             backing = Backing(config=config.backing, session=session,
                               copier=Copier(session=session),
                               on_health=lambda health: state.set_meta("backing", health),
                               node=containerd)
             parts.push_async_callback(backing.close)
+            if config.backing.cluster:
+                cluster = Cluster(backing=backing, session=session,
+                                  node=config.kubernetes.node_name or socket.gethostname().lower(),
+                                  fetch_wait=config.backing.fetch_wait)
+                parts.push_async_callback(cluster.close)
 
         # Events on the pod for answers upstream did not confirm, when the kubeconfig
         # allows; posting starts with the background tasks.
@@ -160,7 +167,8 @@ class Daemon:
 
         # PullImage: the puller decides with state, the prober and the policy in force.
         puller = Puller(images=containerd, upstream=prober, state=state,
-                        policy=self._policy.get, backing=backing, events=events)
+                        policy=self._policy.get, backing=backing, events=events,
+                        cluster=cluster)
 
         # The CRI image service the kubelet talks to, on our unix socket.
         service = ImageService(containerd=containerd, puller=puller)

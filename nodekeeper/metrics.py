@@ -109,6 +109,7 @@ COPIES = FamilySlot[Counter]()
 COPY_BYTES = CounterSlot()
 IMAGES_STALE = GaugeSlot()
 BACKING_CORRUPT = CounterSlot()
+LEASES = FamilySlot[Counter]()
 KUBE_EVENTS = FamilySlot[Counter]()
 KUBE_EVENTS_DROPPED = FamilySlot[Counter]()
 LOOP_LAG = HistogramSlot()
@@ -182,6 +183,12 @@ def enable() -> None:
     )
     COPY_BYTES.metric = prometheus.Counter(
         "nodekeeper_backing_copy_bytes", "Blob bytes copied to the backing registry",
+    )
+    LEASES.metric = prometheus.Counter(
+        "nodekeeper_backing_leases",
+        "Digests backing lacked: leases won, held by another node, not to be had (backing "
+        "failed); waits for another node's fetch that ended with the image in backing "
+        "(arrived) or without (gave_up)", ["result"],
     )
     BACKING_CORRUPT.metric = prometheus.Counter(
         "nodekeeper_backing_corrupt",

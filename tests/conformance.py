@@ -22,6 +22,7 @@ from nodekeeper.pull.credentials import Credentials
 from nodekeeper.pull.edges import (
     Answer,
     BackingStore,
+    Cluster,
     Decision,
     Images,
     Location,
@@ -30,7 +31,7 @@ from nodekeeper.pull.edges import (
     StateStore,
     Upstream,
 )
-from nodekeeper.pull.reference import parse
+from nodekeeper.pull.reference import Reference, parse
 from tests.fakes import Published
 
 USER, PASSWORD = "alice", "alice-pw"
@@ -262,6 +263,96 @@ class BackingSuite:
         assert backing.down_reason
         assert await backing.resolve_tag(ref) == ""
         assert not await backing.is_public(ref)
+
+
+# -- what the nodes share through backing ---------------------------------------------------
+
+class ClusterWorld(BackingWorld, Protocol):
+    def node(self, name: str, fetch_wait: float) -> Cluster:
+        """A node of the cluster, sharing the one backing registry with the others."""
+
+    def writer(self) -> BackingStore:
+        """A node's backing registry, for write-through copies."""
+
+
+class ClusterSuite:
+    async def test_the_first_claim_holds_the_lease(self, cluster_world: ClusterWorld) -> None:
+        reference, _, image = cluster_world.publish_source("app", "l1", "lease-1")
+        ref = parse(reference)
+        a, b = cluster_world.node("node-a", 30), cluster_world.node("node-b", 30)
+        assert await a.claim(ref, image.digest) == "node-a"
+        assert await b.claim(ref, image.digest) == "node-a"
+        assert await a.claim(ref, image.digest) == "node-a"  # its own lease, renewed
+
+    async def test_leases_are_per_digest(self, cluster_world: ClusterWorld) -> None:
+        reference, _, one = cluster_world.publish_source("app", "l2", "lease-2")
+        _, _, two = cluster_world.publish_source("app", "l3", "lease-3")
+        ref = parse(reference)
+        a, b = cluster_world.node("node-a", 30), cluster_world.node("node-b", 30)
+        assert await a.claim(ref, one.digest) == "node-a"
+        assert await b.claim(ref, two.digest) == "node-b"
+
+    async def test_an_expired_lease_goes_to_the_next_claimant(
+            self, cluster_world: ClusterWorld) -> None:
+        reference, _, image = cluster_world.publish_source("app", "l4", "lease-4")
+        ref = parse(reference)
+        a, b = cluster_world.node("node-a", 0.2), cluster_world.node("node-b", 0.2)
+        assert await a.claim(ref, image.digest) == "node-a"
+        await asyncio.sleep(0.3)
+        assert await b.claim(ref, image.digest) == "node-b"
+        assert await a.claim(ref, image.digest) == "node-b"
+
+    async def test_awaiting_a_digest_that_never_lands_ends_at_the_bound(
+            self, cluster_world: ClusterWorld) -> None:
+        reference, _, image = cluster_world.publish_source("app", "w1", "never")
+        node = cluster_world.node("node-b", 30)
+        started = time.monotonic()
+        assert not await node.await_held(parse(reference), image.digest, 0.3)
+        assert time.monotonic() - started >= 0.3
+
+    async def test_a_digest_that_lands_while_awaited_ends_the_wait(
+            self, cluster_world: ClusterWorld) -> None:
+        reference, source, image = cluster_world.publish_source("app", "w2", "lands")
+        ref = parse(reference)
+        waiting = asyncio.ensure_future(
+            cluster_world.node("node-b", 30).await_held(ref, image.digest, 60))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        cluster_world.writer().write_through(ref, image.digest, source, public=True)
+        assert await waiting
+
+    async def test_no_check_before_one_is_shared(self, cluster_world: ClusterWorld) -> None:
+        reference, _, _ = cluster_world.publish_source("app", "c0", "unchecked")
+        assert await cluster_world.node("node-b", 30).last_check(parse(reference)) is None
+
+    @pytest.mark.parametrize("tag", ["c1", "t" * 128])
+    async def test_a_check_is_shared_with_the_other_nodes(self, cluster_world: ClusterWorld,
+                                                          tag: str) -> None:
+        reference, _, image = cluster_world.publish_source("app", tag, f"checked {tag}")
+        ref = parse(reference)
+        a, b = cluster_world.node("node-a", 30), cluster_world.node("node-b", 30)
+        before = time.time()
+        a.share_check(ref, image.digest)
+        await eventually(lambda: _has_check(b, ref))
+        check = await b.last_check(ref)
+        assert check is not None
+        assert (check.digest, check.node) == (image.digest, "node-a")
+        assert before - 1 <= check.at <= time.time() + 1
+
+    async def test_a_dead_backing_shares_nothing_and_holds_nobody(
+            self, cluster_world: ClusterWorld) -> None:
+        reference, _, image = cluster_world.publish_source("app", "d1", "dead")
+        ref = parse(reference)
+        node = cluster_world.node("node-a", 30)
+        cluster_world.stop_backing()
+        assert await node.claim(ref, image.digest) == ""
+        assert not await node.await_held(ref, image.digest, 5)
+        assert await node.last_check(ref) is None
+        node.share_check(ref, image.digest)  # never raises
+
+
+async def _has_check(node: Cluster, ref: Reference) -> bool:
+    return await node.last_check(ref) is not None
 
 
 # -- state ---------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +20,13 @@ from nodekeeper.pull.edges import (
     Answer,
     BackingStore,
     Check,
+    Cluster,
     Endpoint,
     Images,
     Location,
     Pod,
     ProbeResult,
+    SharedCheck,
     Sink,
     StateStore,
     Upstream,
@@ -216,6 +219,10 @@ class FakeBacking:
         self.credentials: Credentials | None = Credentials("node", "backing-secret")
         self.down_reason = ""
         self.bad: set[tuple[str, str]] = set()
+        # What the nodes share through this registry (FakeCluster): by repository and digest,
+        # the lease (holder, until); by repository and tag, the last check.
+        self.leases: dict[tuple[str, str], tuple[str, float]] = {}
+        self.checks: dict[tuple[str, str], SharedCheck] = {}
 
     def repository(self, ref: Reference) -> str:
         return f"{self.prefix}/{ref.domain.replace(':', '_')}/{ref.path}"
@@ -255,6 +262,49 @@ class FakeBacking:
                               image)
         if public:
             self.public.add(self.repository(ref))
+
+
+class FakeCluster:
+    """One node's view of what the nodes share through a FakeBacking: the same backing
+    for every node of a cluster, each with its own name."""
+
+    def __init__(self, backing: FakeBacking, node: str, fetch_wait: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.backing = backing
+        self.node = node
+        self.fetch_wait = fetch_wait
+        self._clock = clock
+        self.claims: list[str] = []        # the digests this node claimed
+
+    async def claim(self, ref: Reference, digest: str) -> str:
+        if self.backing.down_reason:
+            return ""
+        self.claims.append(digest)
+        key = (self.backing.repository(ref), digest)
+        holder, until = self.backing.leases.get(key, ("", 0.0))
+        if holder and holder != self.node and until > self._clock():
+            return holder
+        self.backing.leases[key] = (self.node, self._clock() + self.fetch_wait)
+        return self.node
+
+    async def await_held(self, ref: Reference, digest: str, bound: float) -> bool:
+        deadline = time.monotonic() + bound
+        while not await self.backing.holds(ref, digest):
+            if self.backing.down_reason or time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(min(0.01, bound))
+        return True
+
+    async def last_check(self, ref: Reference) -> SharedCheck | None:
+        if self.backing.down_reason or not ref.tag:
+            return None
+        return self.backing.checks.get((self.backing.repository(ref), ref.tag))
+
+    def share_check(self, ref: Reference, digest: str) -> None:
+        if self.backing.down_reason or not ref.tag:
+            return
+        self.backing.checks[(self.backing.repository(ref), ref.tag)] = SharedCheck(
+            digest, self._clock(), self.node)
 
 
 class FakeState:
@@ -361,7 +411,8 @@ class RecordingMetric:
         self.counts[self._label] = self.counts.get(self._label, 0) + amount
 
 
-def _edges(registries: Registries) -> tuple[Images, Upstream, BackingStore, StateStore, Sink]:
+def _edges(registries: Registries
+           ) -> tuple[Images, Upstream, BackingStore, Cluster, StateStore, Sink]:
     """Never called: mypy checks here that each fake is what its edge asks for."""
     return (FakeImages(registries), FakeUpstream(registries), FakeBacking(registries),
-            FakeState(), FakeSink())
+            FakeCluster(FakeBacking(registries), "node-a"), FakeState(), FakeSink())

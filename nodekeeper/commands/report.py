@@ -22,6 +22,9 @@ from nodekeeper.pull import policy as policies
 from nodekeeper.pull.decision import (
     Access,
     AskBacking,
+    AskCluster,
+    AwaitBacking,
+    Claim,
     Decision,
     Failed,
     NodeCopy,
@@ -124,7 +127,8 @@ def explain(config: Config, image: str, policy_path: str | None,
                          + f"; {recorded.access.credentials} credential fingerprint(s) seen "
                            "to work")
     pull = Pull(ref, rule.label, s, local, Access(public=public), time.time(), last_ok,
-                last_digest, backing=config.backing.enabled and config.backing.read)
+                last_digest, backing=config.backing.enabled and config.backing.read,
+                shared_checks=config.backing.cluster)
     out["would"] = _describe(next_step(pull), s, ref)
     lines.append(f"would:       {out['would']}  [for a pull without credentials]")
     if config.backing.enabled:
@@ -162,6 +166,11 @@ def _describe(step: Step, settings: Settings, ref: Reference) -> str:
         refusal = backing_copy_refusal(settings, ref, public=False)
         return ("take the backing registry's copy if it holds one"
                 + (", only for repositories marked public there" if refusal else ""))
+    if isinstance(step, AskCluster):
+        return ("answer the node's copy if another node's check, kept in the backing "
+                "registry, is younger than the interval and names it; else ask upstream")
+    if isinstance(step, Claim | AwaitBacking):
+        return "fetch the image once for the cluster, through the backing registry"
     return f"refuse: {step.message.split('; ', 1)[-1]}"
 
 

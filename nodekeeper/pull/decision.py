@@ -12,9 +12,14 @@ during this pull (the check succeeded; the reference is no longer stale), and wh
 image is to be copied to the backing registry.
 
     the node has a copy and needs no network     Serve local-pinned | local-interval
+    update: interval, this node's check is old   AskCluster: another node's recent check of
+                                                 the node's digest -> Serve cluster-interval
     otherwise                                    Probe
       digest equals the node's copy              Serve fresh
       moved, or no copy    [backing holds it]    PullFrom backing  -> Serve backing
+                           [backing lacks it]    Claim: another node holds the lease ->
+                                                   AwaitBacking (fetch_wait at most) ->
+                                                   PullFrom backing -> Serve backing
                                                  PullFrom upstream -> Serve updated | pulled
       probe or pull failed                       fall back:
         the node's copy, if the rule allows       Serve fallback
@@ -25,7 +30,9 @@ image is to be copied to the backing registry.
 The security rule is `node_copy_refusal` and `backing_copy_refusal`: the node's copy
 is handed out without a successful upstream check only to a repository seen public, or
 to credentials seen to work for it; backing's copy only for a repository a node found
-public, unless the rule opts in.
+public, unless the rule opts in; `shared_check_refusal`: another node's check stands in
+for this node's only for a repository seen public, or for credentials seen to work for it
+on this node.
 """
 
 from __future__ import annotations
@@ -40,9 +47,10 @@ from nodekeeper.pull.reference import Reference
 from nodekeeper.pull.values import Decision, NodeCopy
 
 __all__ = [
-    "Access", "AskBacking", "BackingView", "Decision", "Failed", "NodeCopy", "Probe", "Probed",
-    "Pull", "PullFrom", "Pulled", "Refuse", "Result", "Serve", "Source", "Step",
-    "backing_copy_refusal", "next_step", "node_copy_refusal",
+    "Access", "AskBacking", "AskCluster", "AwaitBacking", "BackingView", "Claim", "Claimed",
+    "ClusterCheck", "Decision", "Failed", "NodeCopy", "Probe", "Probed", "Pull", "PullFrom",
+    "Pulled", "Refuse", "Result", "Serve", "Source", "Step", "backing_copy_refusal",
+    "next_step", "node_copy_refusal", "shared_check_refusal",
 ]
 
 
@@ -101,7 +109,25 @@ class BackingView:
     down: str = ""            # why backing could not be asked ('' when it answered)
 
 
-Result = Probed | Pulled | Failed | BackingView
+@dataclass(frozen=True)
+class Claimed:
+    """Who holds the lease on fetching a digest upstream, after this node claimed it."""
+
+    mine: bool                # this node fetches (it won, or backing could not be asked)
+    holder: str = ""          # the node that holds the lease ('' when backing failed)
+
+
+@dataclass(frozen=True)
+class ClusterCheck:
+    """The cluster's last successful check of the reference, as backing keeps it."""
+
+    digest: str = ""          # '' when there is none, or backing could not be asked
+    at: float = 0.0           # when (the checking node's clock)
+    node: str = ""            # which node checked
+    public: bool = False      # the repository carries backing's anonymous marker
+
+
+Result = Probed | Pulled | Failed | BackingView | Claimed | ClusterCheck
 
 
 # -- steps ---------------------------------------------------------------------------------
@@ -119,6 +145,29 @@ class AskBacking:
 
     digest: str
     fallback: bool = False    # asked because upstream failed: is the repository public?
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Claim the cluster's lease on fetching `digest` upstream (backing lacks it)."""
+
+    digest: str
+
+
+@dataclass(frozen=True)
+class AwaitBacking:
+    """Another node fetches `digest`: wait at most `bound` seconds for backing to hold it."""
+
+    digest: str
+    bound: float
+
+
+@dataclass(frozen=True)
+class AskCluster:
+    """Read the cluster's last check of the reference from backing (`marker`: and whether
+    the repository carries backing's anonymous marker)."""
+
+    marker: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,7 +199,7 @@ class Refuse:
     containerd: ContainerdError | None = None  # containerd's own answer, passed on unchanged
 
 
-Step = Probe | AskBacking | PullFrom | Serve | Refuse
+Step = Probe | AskBacking | Claim | AwaitBacking | AskCluster | PullFrom | Serve | Refuse
 
 
 @dataclass(frozen=True)
@@ -164,6 +213,10 @@ class Pull:
     last_ok: float | None = None   # when upstream last confirmed the reference
     last_digest: str = ""     # the digest upstream confirmed then
     backing: bool = False     # a backing registry is configured for reads
+    # Backing is read and written: the longest a pull waits for another node's fetch of a
+    # digest (0: every node fetches for itself).
+    fetch_wait: float = 0.0
+    shared_checks: bool = False  # backing is read for the cluster's checks of references
     history: tuple[tuple[Step, Result], ...] = ()
 
     def after(self, step: Step, result: Result) -> Pull:
@@ -213,8 +266,9 @@ def _before_network(pull: Pull) -> Step:
             return PullFrom(Source.UPSTREAM, ref.digest)
         return Probe()
     if not pull.access.verified:
-        # Nobody saw these credentials work: ask upstream first, as containerd would.
-        return Probe("credentials not yet verified")
+        # Nobody saw these credentials work: ask upstream first, as containerd would,
+        # unless the cluster checked a repository backing saw public.
+        return _cluster_check(pull, node) or Probe("credentials not yet verified")
     if ref.pinned:
         return Serve(Decision.LOCAL_PINNED, "digest reference", node.image_id, node.digest)
     if settings.update is Update.NEVER:
@@ -223,7 +277,32 @@ def _before_network(pull: Pull) -> Step:
             and pull.now - pull.last_ok < settings.interval):
         return Serve(Decision.LOCAL_INTERVAL, f"checked {pull.now - pull.last_ok:.0f}s ago",
                      node.image_id, node.digest)
-    return Probe()
+    return _cluster_check(pull, node) or Probe()
+
+
+def _cluster_check(pull: Pull, node: NodeCopy) -> Step | None:
+    """Under `update: interval`, another node's check younger than the interval stands in
+    for this node's, when it named the digest of the node's copy and the security rule
+    allows; None: ask upstream."""
+    settings = pull.settings
+    if not pull.shared_checks or settings.update is not Update.INTERVAL or pull.ref.pinned:
+        return None
+    ask = AskCluster(marker=not pull.access.verified)
+    check = pull.result(ask)
+    if check is None:
+        return ask
+    assert isinstance(check, ClusterCheck)
+    age = pull.now - check.at
+    # A check from a node whose clock runs ahead counts as just made, within the interval.
+    if not check.digest or not -settings.interval < age < settings.interval:
+        return None
+    if check.digest != node.digest:
+        return Probe("the cluster's check names another digest")
+    refusal = shared_check_refusal(pull.ref, pull.access, check.public)
+    if refusal:
+        return Probe(f"the cluster's check is not used: {refusal}")
+    return Serve(Decision.CLUSTER_INTERVAL, f"checked by {check.node} {max(age, 0):.0f}s ago",
+                 node.image_id, node.digest)
 
 
 def _after_pinned_pull(pull: Pull, result: Result) -> Step:
@@ -250,12 +329,21 @@ def _after_probe(pull: Pull, probed: Probed) -> Step:
         view = pull.result(AskBacking(digest))
         if view is None:
             return AskBacking(digest)
+        assert isinstance(view, BackingView)
         from_backing = pull.result(PullFrom(Source.BACKING, digest))
-        if isinstance(view, BackingView) and view.holds and from_backing is None:
-            return PullFrom(Source.BACKING, digest)
+        if from_backing is None:
+            if view.holds:
+                return PullFrom(Source.BACKING, digest)
+            waited = _wait_for_another_node(pull, digest, view)
+            if waited is not None:
+                return waited
         if isinstance(from_backing, Pulled):
-            return Serve(Decision.BACKING, "digest held by backing", from_backing.image_id,
-                         digest, confirmed=True)
+            claimed = pull.result(Claim(digest))
+            reason = (f"fetched upstream by {claimed.holder}"
+                      if isinstance(claimed, Claimed) and claimed.holder
+                      else "digest held by backing")
+            return Serve(Decision.BACKING, reason, from_backing.image_id, digest,
+                         confirmed=True)
     upstream = pull.result(PullFrom(Source.UPSTREAM, digest))
     if upstream is None:
         return PullFrom(Source.UPSTREAM, digest)
@@ -271,6 +359,26 @@ def _after_probe(pull: Pull, probed: Probed) -> Step:
     return _fall_back(pull, Failed(upstream.kind,
                                    f"pull after a good probe failed: {upstream.detail}",
                                    upstream.containerd))
+
+
+def _wait_for_another_node(pull: Pull, digest: str, view: BackingView) -> Step | None:
+    """Backing lacks `digest`: one node of the cluster fetches it upstream and feeds
+    backing, the others wait for backing to hold it, `fetch_wait` at most. None: this node
+    fetches it itself."""
+    if pull.fetch_wait <= 0 or view.down:
+        return None
+    claimed = pull.result(Claim(digest))
+    if claimed is None:
+        return Claim(digest)
+    assert isinstance(claimed, Claimed)
+    if claimed.mine:
+        return None
+    wait = AwaitBacking(digest, pull.fetch_wait)
+    awaited = pull.result(wait)
+    if awaited is None:
+        return wait
+    assert isinstance(awaited, BackingView)
+    return PullFrom(Source.BACKING, digest) if awaited.holds else None
 
 
 def _fall_back(pull: Pull, failure: Failed) -> Step:
@@ -328,6 +436,18 @@ def node_copy_refusal(settings: Settings, rule: str, ref: Reference, access: Acc
     if access.anonymous:
         return f"{ref.repository} was never seen to be pullable without credentials"
     return f"these credentials were never seen to work for {ref.repository}"
+
+
+def shared_check_refusal(ref: Reference, access: Access, public_marker: bool) -> str:
+    """Why another node's check may not stand in for this node's ('' when it may): only a
+    repository anyone can pull, or credentials this node saw work for it; nothing private
+    is answered on another node's word."""
+    if access.public or access.these:
+        return ""
+    if access.anonymous:
+        return "" if public_marker else (f"{ref.repository} was never seen to be pullable "
+                                         "without credentials")
+    return f"these credentials were never seen to work for {ref.repository} on this node"
 
 
 def backing_copy_refusal(settings: Settings, ref: Reference, public: bool) -> str:

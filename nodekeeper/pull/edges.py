@@ -4,6 +4,8 @@ and every value that crosses them (defined in `values`, re-exported here).
     Images        containerd's images (containerd.Containerd)
     Upstream      the registry a reference names (registry.Prober)
     BackingStore  the cluster-wide backing registry (registry.Backing)
+    Cluster       what the nodes share through it: leases on fetches, checks of tags
+                  (registry.Cluster)
     StateStore    what this node remembers (state.State)
     Observer      who hears of answers the pod's owner should see (kube.Events)
     Sink          where kube.Events posts them (kube.ApiSink)
@@ -30,11 +32,26 @@ from nodekeeper.pull.values import (
     NodeCopy,
     Pod,
     ProbeResult,
+    SharedCheck,
 )
 
 __all__ = [
-    "Answer", "BackingStore", "Check", "Decision", "Endpoint", "Images", "Location",
-    "NodeCopy", "Observer", "Pod", "ProbeResult", "Sink", "StateStore", "Upstream",
+    "Answer",
+    "BackingStore",
+    "Check",
+    "Cluster",
+    "Decision",
+    "Endpoint",
+    "Images",
+    "Location",
+    "NodeCopy",
+    "Observer",
+    "Pod",
+    "ProbeResult",
+    "SharedCheck",
+    "Sink",
+    "StateStore",
+    "Upstream",
 ]
 
 
@@ -105,6 +122,34 @@ class BackingStore(Protocol):
     def mark_bad(self, ref: Reference, digest: str, detail: str) -> None:
         """Backing served content for `digest` that does not match it: do not pull it from
         backing for a while, and check it at the next write-through."""
+
+
+class Cluster(Protocol):
+    """What the nodes of a cluster share through the backing registry. Every call is
+    bounded (by backing's timeout, or the bound given) and never raises."""
+
+    @property
+    def node(self) -> str:
+        """This node's name, as its leases and checks carry it."""
+
+    @property
+    def fetch_wait(self) -> float:
+        """The longest a pull waits for another node's fetch (0: no leases)."""
+
+    async def claim(self, ref: Reference, digest: str) -> str:
+        """Claim the lease on fetching `digest` upstream, unless another node holds a live
+        one; return the holder afterwards: `node` when this node won, another node's name,
+        or '' when backing could not be asked."""
+
+    async def await_held(self, ref: Reference, digest: str, bound: float) -> bool:
+        """Wait until backing holds `digest` (its manifest: the last thing a copy
+        writes), at most `bound` seconds; whether it does."""
+
+    async def last_check(self, ref: Reference) -> SharedCheck | None:
+        """The cluster's last successful check of `ref`'s tag (None: none, or unknown)."""
+
+    def share_check(self, ref: Reference, digest: str) -> None:
+        """Record in the background that upstream named `digest` for `ref`'s tag now."""
 
 
 class StateStore(Protocol):

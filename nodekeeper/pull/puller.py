@@ -8,6 +8,9 @@
               Probe       upstream digest, bounded by probe_timeout (the round is sealed
                           first: later callers start a round of their own)
               AskBacking  does the backing registry hold the digest? is it public?
+              AskCluster  the cluster's last check of the tag, from backing
+              Claim       the cluster's lease on fetching a digest upstream
+              AwaitBacking  another node fetches: wait (bounded) until backing holds it
               PullFrom    containerd pulls, from upstream or from backing
               Serve       the answer (copied to backing when the decision says so)
               Refuse      a clear error: PullFailed, carrying the answer
@@ -15,7 +18,7 @@
       each caller's answer recorded (record.py): metrics, the Event, the decision
 
 What a step records itself: the check when a probe fails, and who was seen to pull
-(state).
+(state); a successful probe is shared with the cluster, in the background.
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ from nodekeeper.pull.credentials import ANONYMOUS, Credentials, fingerprint
 from nodekeeper.pull.decision import (
     Access,
     AskBacking,
+    AskCluster,
+    AwaitBacking,
     BackingView,
+    Claim,
+    Claimed,
+    ClusterCheck,
     Failed,
     NodeCopy,
     Probe,
@@ -50,6 +58,7 @@ from nodekeeper.pull.decision import (
 from nodekeeper.pull.edges import (
     Answer,
     BackingStore,
+    Cluster,
     Decision,
     Images,
     Observer,
@@ -91,9 +100,12 @@ class _Job:
     last_digest: str
     registry_host: str                # the host asked unless a hosts.toml says otherwise
 
-    def facts(self, node: NodeCopy | None, now: float, backing: bool) -> Pull:
+    def facts(self, node: NodeCopy | None, now: float, backing: bool,
+              cluster: Cluster | None) -> Pull:
         return Pull(self.ref, self.rule.label, self.rule.settings, node, self.access, now,
-                    self.last_ok, self.last_digest, backing)
+                    self.last_ok, self.last_digest, backing,
+                    fetch_wait=cluster.fetch_wait if cluster else 0.0,
+                    shared_checks=cluster is not None)
 
     def answer(self, **decided: Any) -> Answer:
         """What every answer to this job says, with what was `decided`."""
@@ -105,13 +117,15 @@ class _Job:
 class Puller:
     def __init__(self, images: Images, upstream: Upstream, state: StateStore,
                  policy: Callable[[], Policy], backing: BackingStore | None = None,
-                 events: Observer | None = None,
+                 events: Observer | None = None, cluster: Cluster | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._images = images
         self._upstream = upstream
         self._state = state
         self._policy = policy
         self._backing = backing
+        # Shared with the other nodes only through backing.
+        self._cluster = cluster if backing is not None else None
         self._clock = clock
         self._recorder = Recorder(state, events, clock)
         self._rounds: SingleFlight[tuple[str, str], Answer] = SingleFlight()
@@ -162,7 +176,7 @@ class Puller:
         if not image_id:
             return None
         node = NodeCopy(image_id, job.ref.digest or job.last_digest)
-        pull = job.facts(node, self._clock(), self._backing is not None)
+        pull = job.facts(node, self._clock(), self._backing is not None, self._cluster)
         step = next_step(pull)
         if not isinstance(step, Serve):
             return None
@@ -183,7 +197,7 @@ class Puller:
         # copy; what the reference points at is asked only when the network will be used.
         image_id = await self._images.held_image_id(job.reference)
         node = NodeCopy(image_id, job.ref.digest or job.last_digest) if image_id else None
-        pull = job.facts(node, self._clock(), self._backing is not None)
+        pull = job.facts(node, self._clock(), self._backing is not None, self._cluster)
         step = next_step(pull)
         if node is not None and not isinstance(step, Serve | Refuse):
             node = NodeCopy(image_id, await self._images.target_digest(job.reference))
@@ -204,6 +218,8 @@ class Puller:
                 probe_ms = round((self._clock() - probe_started) * 1000, 1)
             elif isinstance(step, AskBacking):
                 result = await self._ask_backing(job, step)
+            elif isinstance(step, Claim | AwaitBacking | AskCluster):
+                result = await self._ask_cluster(job, step)
             else:
                 result = await self._pull_from(job, step, pull.probed)
             pull = pull.after(step, result)
@@ -220,6 +236,8 @@ class Puller:
             return None, Failed(failure.kind, failure.detail, outage=failure.outage)
         self._state.record_access(job.ref.repository,
                                   job.who if found.authenticated else ANONYMOUS)
+        if self._cluster is not None and job.ref.tag:
+            self._cluster.share_check(job.ref, found.digest)
         return found, Probed(found.digest, found.authenticated, found.pull_quota_spent)
 
     async def _ask_backing(self, job: _Job, step: AskBacking) -> BackingView:
@@ -231,6 +249,23 @@ class Puller:
         holds = bool(digest) and await backing.holds(job.ref, digest)
         public = step.fallback and holds and await backing.is_public(job.ref)
         return BackingView(digest, holds, public, backing.down_reason)
+
+    async def _ask_cluster(self, job: _Job, step: Claim | AwaitBacking | AskCluster
+                           ) -> Claimed | BackingView | ClusterCheck:
+        cluster, backing = self._cluster, self._backing
+        assert cluster is not None
+        assert backing is not None
+        if isinstance(step, Claim):
+            holder = await cluster.claim(job.ref, step.digest)
+            return Claimed(mine=holder in ("", cluster.node), holder=holder)
+        if isinstance(step, AwaitBacking):
+            held = await cluster.await_held(job.ref, step.digest, step.bound)
+            return BackingView(step.digest, held, down=backing.down_reason)
+        check = await cluster.last_check(job.ref)
+        if check is None:
+            return ClusterCheck()
+        public = step.marker and await backing.is_public(job.ref)
+        return ClusterCheck(check.digest, check.at, check.node, public)
 
     async def _pull_from(self, job: _Job, step: PullFrom,
                          probed: Probed | Failed | None) -> Pulled | Failed:

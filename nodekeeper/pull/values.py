@@ -11,6 +11,7 @@ and credentials.
     Pod          whose pull it is
     NodeCopy     the image the node holds under a reference
     Check        the last check of a reference upstream
+    SharedCheck  another node's last check of a reference, as backing keeps it
     Endpoint, Location, ProbeResult   where a registry answered, and what
 """
 
@@ -29,6 +30,7 @@ class Decision(str, enum.Enum):
 
     LOCAL_PINNED = "local-pinned"
     LOCAL_INTERVAL = "local-interval"
+    CLUSTER_INTERVAL = "cluster-interval"
     FRESH = "fresh"
     UPDATED = "updated"
     PULLED = "pulled"
@@ -133,6 +135,17 @@ class Check:
     result: str                       # "ok", or the failure kind
     ok_at: float | None
     digest: str                       # what upstream named at the last success
+
+
+@dataclass(frozen=True)
+class SharedCheck:
+    """The last successful check of a reference upstream by any node of the cluster, as
+    the backing registry keeps it: which node, when (its clock, in seconds since the
+    epoch), and the digest upstream named."""
+
+    digest: str
+    at: float
+    node: str
 
 
 @dataclass(frozen=True)

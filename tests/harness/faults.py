@@ -312,7 +312,8 @@ class FaultProxy(Service):
         method: str | None = None,
         times: int | None = None,
     ) -> None:
-        """Forward matching requests after ``seconds`` (sooner if switched meanwhile)."""
+        """Forward matching requests after ``seconds`` (sooner if switched meanwhile); a
+        request whose client hangs up meanwhile ends there, not forwarded."""
         self._set_action(_Action("delay", _Match(path_contains, method), times, seconds=seconds))
 
     def answer_late(
@@ -556,6 +557,17 @@ class _UpstreamError(Exception):
         self.status = status
 
 
+def _hung_up(client: socket.socket) -> bool:
+    """Whether the client has closed its side (an orderly close reads as b"")."""
+    try:
+        readable, _, _ = select.select([client], [], [], 0)
+        return bool(readable) and not client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
 class _ProxyHandler(BaseHTTPRequestHandler):
     """One client connection (keep-alive: several requests, one after another)."""
 
@@ -630,7 +642,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self._send_canned(action, path, user_agent)
             return
         if action is not None and action.kind == "delay":
-            proxy._wait_switch(epoch, action.seconds)
+            proxy._wait_switch(epoch, action.seconds, self.connection)
+            if _hung_up(self.connection):  # nobody waits for it: not forwarded
+                proxy._record(method, path, NO_RESPONSE, user_agent)
+                self.close_connection = True
+                return
         late = action is not None and action.kind == "late"
         self._forward(method, path, user_agent,
                       (epoch, action.seconds) if late and action else None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from nodekeeper._proto import cri_image_pb2 as cri
@@ -15,6 +16,7 @@ from nodekeeper.containerd.client import Containerd as ContainerdClient
 from nodekeeper.pull.reference import parse
 from nodekeeper.registry import Copier, Endpoint, Hosts, Location, Prober, Session
 from nodekeeper.registry.backing import Backing
+from nodekeeper.registry.cluster import Cluster, check_tag, lease_tag, marker
 from nodekeeper.state.memory import State
 from tests import conformance
 from tests.conftest import MakeRegistry
@@ -113,6 +115,78 @@ class TestBacking(conformance.BackingSuite):
         yield backing
         await backing.close()
         await session.close()
+
+
+class ClusterRegistries(BackingRegistries):
+    """Nodes of one cluster: each its own Backing and Cluster on the one backing
+    registry."""
+
+    def __init__(self, source: Registry, backing: Registry, session: Session) -> None:
+        super().__init__(source, backing)
+        self.session = session
+        self.backings: list[Backing] = []
+        self.nodes: list[Cluster] = []
+
+    def _backing(self) -> Backing:
+        backing = Backing(BackingConfig(url=self.backing.url, timeout=2.0), self.session,
+                          Copier(self.session))
+        self.backings.append(backing)
+        return backing
+
+    def node(self, name: str, fetch_wait: float) -> Cluster:
+        node = Cluster(self._backing(), self.session, name, fetch_wait)
+        self.nodes.append(node)
+        return node
+
+    def writer(self) -> Backing:
+        return self._backing()
+
+
+class TestCluster(conformance.ClusterSuite):
+    @pytest.fixture
+    async def cluster_world(self, make_registry: MakeRegistry
+                            ) -> AsyncIterator[ClusterRegistries]:
+        session = Session()
+        world = ClusterRegistries(make_registry(), make_registry(), session)
+        yield world
+        for part in (*world.nodes, *world.backings):
+            await part.close()
+        await session.close()
+
+
+@pytest.mark.parametrize("annotations", [
+    {"dev.nodekeeper.check.digest": "sha256:short", "dev.nodekeeper.check.at": "1",
+     "dev.nodekeeper.check.node": "node-a"},
+    {"dev.nodekeeper.check.digest": "sha256:" + "a" * 64, "dev.nodekeeper.check.at": "nan",
+     "dev.nodekeeper.check.node": "node-a"},
+    {"dev.nodekeeper.check.digest": "sha256:" + "a" * 64, "dev.nodekeeper.check.at": "1",
+     "dev.nodekeeper.check.node": "Not A Node\n"},
+    {},
+])
+async def test_a_malformed_shared_check_is_no_check(make_registry: MakeRegistry,
+                                                    annotations: dict[str, str]) -> None:
+    world = ClusterRegistries(make_registry(), make_registry(), Session())
+    reference, _, _ = world.publish_source("app", "m1", "malformed")
+    node = world.node("node-b", 5)
+    ref = parse(reference)
+    repository = world.backings[0].repository(ref)
+    digest = "sha256:" + "b" * 64
+    lease = {"dev.nodekeeper.lease.node": "node-a", "dev.nodekeeper.lease.until": "later"}
+    async with httpx.AsyncClient() as client:
+        for tag, document in ((check_tag("m1"), annotations), (lease_tag(digest), lease)):
+            response = await client.put(
+                f"{world.backing.url}/v2/{repository}/manifests/{tag}",
+                content=marker(document),
+                headers={"Content-Type": "application/vnd.oci.image.index.v1+json"})
+            assert response.status_code == 201, response.text
+    try:
+        assert await node.last_check(ref) is None
+        # A lease nobody can read as live is no lease: this node takes it.
+        assert await node.claim(ref, digest) == "node-b"
+    finally:
+        await node.close()
+        await world.backings[0].close()
+        await world.session.close()
 
 
 class TestState(conformance.StateSuite):

@@ -70,6 +70,9 @@ log: {level: debug, format: console}
         ("backing:\n  prefix: Cache\n", ":2: backing.prefix: expected lowercase"),
         ("backing:\n  timeout: 0s\n", ":2: backing.timeout: expected a duration above 0"),
         ("backing:\n  max_concurrent_copies: 0\n", ":2: backing.max_concurrent_copies"),
+        ("backing:\n  fetch_wait: 2m\n", ":2: backing.fetch_wait: expected a duration of at "
+         "most 60s"),
+        ("backing:\n  fetch_wait: -1\n", ":2: backing.fetch_wait: expected a duration of 0"),
         ("backing:\n  credentials_file: creds.yaml\n", ":2: backing.credentials_file: expected"
          " an absolute path"),
         ("kubernetes:\n  events: auto\n", ":2: kubernetes.events: expected true or false"),
@@ -105,6 +108,20 @@ backing:
     assert loaded.backing.copy_timeout == 300
     assert load_text(tmp_path, "backing:\n  url: http://127.0.0.1:5000\n").backing.enabled
     assert not config.Config().backing.enabled
+
+
+@pytest.mark.parametrize(("text", "fetch_wait", "cluster"), [
+    ("", 5.0, True),
+    ("  fetch_wait: 0s\n", 0.0, True),
+    ("  fetch_wait: 1500ms\n", 1.5, True),
+    ("  write: false\n", 5.0, False),     # leases and shared checks need both
+    ("  read: false\n", 5.0, False),
+])
+def test_the_cluster_shares_through_a_backing_read_and_written(
+        tmp_path: Path, text: str, fetch_wait: float, cluster: bool) -> None:
+    loaded = load_text(tmp_path, "backing:\n  url: http://127.0.0.1:5000\n" + text).backing
+    assert (loaded.fetch_wait, loaded.cluster) == (pytest.approx(fetch_wait), cluster)
+    assert not config.Config().backing.cluster
 
 
 def test_backing_credentials_are_read_with_the_config(tmp_path: Path) -> None:

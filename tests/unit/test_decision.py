@@ -15,7 +15,12 @@ from nodekeeper.failures import Kind
 from nodekeeper.pull.decision import (
     Access,
     AskBacking,
+    AskCluster,
+    AwaitBacking,
     BackingView,
+    Claim,
+    Claimed,
+    ClusterCheck,
     Decision,
     Failed,
     NodeCopy,
@@ -30,6 +35,7 @@ from nodekeeper.pull.decision import (
     Source,
     Step,
     next_step,
+    shared_check_refusal,
 )
 from nodekeeper.pull.policy import (
     FALLBACK_REASONS,
@@ -479,3 +485,163 @@ def test_an_answer_says_whether_upstream_confirmed_it_and_whether_backing_gets_a
         pull: Pull, world: Answers, confirmed: bool, copied: bool) -> None:
     answer = served(decide(pull, world)[0])
     assert (answer.confirmed, answer.copy_to_backing) == (confirmed, copied), answer
+
+
+# -- one fetch per digest for the cluster ----------------------------------------------------
+
+WAIT = 5.0
+
+
+def cluster(world: Answers, claimed: Claimed | None = None, awaited: BackingView | None = None,
+            check: ClusterCheck | None = None) -> Answers:
+    """`world`, and what backing answers about the cluster."""
+
+    def answer(step: Step) -> Result:
+        found: Result | None = world(step) if isinstance(step, Probe | AskBacking | PullFrom) \
+            else {Claim: claimed, AwaitBacking: awaited, AskCluster: check}[type(step)]
+        assert found is not None, f"unexpected {step}"
+        return found
+
+    return answer
+
+
+def test_another_nodes_fetch_is_pulled_from_backing_once_it_holds_the_digest() -> None:
+    answer, steps = decide(
+        replace(facts(node=None, backing=True), fetch_wait=WAIT),
+        cluster(upstream(NEW, backing=BackingView(NEW, False),
+                         backing_pull=Pulled(CONFIG_NEW, NEW)),
+                claimed=Claimed(mine=False, holder="node-b"),
+                awaited=BackingView(NEW, holds=True)))
+    assert steps == [Probe(), AskBacking(NEW), Claim(NEW), AwaitBacking(NEW, WAIT),
+                     PullFrom(Source.BACKING, NEW)]
+    assert served(answer) == Serve(Decision.BACKING, "fetched upstream by node-b", CONFIG_NEW,
+                                   NEW, confirmed=True)
+
+
+def test_the_lease_holder_fetches_upstream_and_feeds_backing() -> None:
+    answer, steps = decide(replace(facts(backing=True), fetch_wait=WAIT),
+                           cluster(upstream(NEW, backing=BackingView(NEW, False)),
+                                   claimed=Claimed(mine=True, holder="node-a")))
+    assert steps == [Probe(), AskBacking(NEW), Claim(NEW), PullFrom(Source.UPSTREAM, NEW)]
+    assert served(answer) == Serve(Decision.UPDATED, "digest changed", CONFIG_NEW, NEW,
+                                   confirmed=True, copy_to_backing=True)
+
+
+@pytest.mark.parametrize("awaited", [BackingView(NEW, holds=False),
+                                     BackingView(NEW, holds=False, down="no answer within 2s")])
+def test_a_fetch_that_does_not_land_in_time_is_made_upstream(awaited: BackingView) -> None:
+    answer, steps = decide(replace(facts(node=None, backing=True), fetch_wait=WAIT),
+                           cluster(upstream(NEW, backing=BackingView(NEW, False)),
+                                   claimed=Claimed(mine=False, holder="node-b"),
+                                   awaited=awaited))
+    assert steps[-2:] == [AwaitBacking(NEW, WAIT), PullFrom(Source.UPSTREAM, NEW)]
+    assert served(answer) == Serve(Decision.PULLED, "not on the node", CONFIG_NEW, NEW,
+                                   confirmed=True, copy_to_backing=True)
+
+
+def test_a_failed_pull_of_another_nodes_fetch_is_made_upstream() -> None:
+    answer, steps = decide(replace(facts(node=None, backing=True), fetch_wait=WAIT),
+                           cluster(upstream(NEW, backing=BackingView(NEW, False),
+                                            backing_pull=Failed(Kind.INVALID, "bad blob")),
+                                   claimed=Claimed(mine=False, holder="node-b"),
+                                   awaited=BackingView(NEW, holds=True)))
+    assert steps[-2:] == [PullFrom(Source.BACKING, NEW), PullFrom(Source.UPSTREAM, NEW)]
+    assert served(answer).decision is Decision.PULLED
+
+
+@pytest.mark.parametrize(("fetch_wait", "view"), [
+    (0.0, BackingView(NEW, False)),                              # leases switched off
+    (WAIT, BackingView(NEW, False, down="connection refused")),  # backing is down
+])
+def test_no_lease_is_claimed_without_a_wait_or_a_backing(fetch_wait: float,
+                                                         view: BackingView) -> None:
+    _, steps = decide(replace(facts(backing=True), fetch_wait=fetch_wait),
+                      cluster(upstream(NEW, backing=view)))
+    assert steps == [Probe(), AskBacking(NEW), PullFrom(Source.UPSTREAM, NEW)]
+
+
+def test_no_lease_is_claimed_for_a_digest_backing_holds() -> None:
+    _, steps = decide(replace(facts(backing=True), fetch_wait=WAIT), cluster(upstream(
+        NEW, backing=BackingView(NEW, True), backing_pull=Pulled(CONFIG_NEW, NEW))))
+    assert Claim(NEW) not in steps
+
+
+# -- checks shared through backing -----------------------------------------------------------
+
+INTERVAL = Settings(Update.INTERVAL, interval=60)
+
+
+def shared(settings: Settings = INTERVAL, access: Access = PUBLIC,
+           last_ok: float | None = NOW - 600) -> Pull:
+    return replace(facts(settings, access=access, last_ok=last_ok, backing=True),
+                   shared_checks=True)
+
+
+@pytest.mark.parametrize("access", [PUBLIC, KNOWN])
+def test_a_recent_cluster_check_of_the_nodes_digest_stands_in(access: Access) -> None:
+    answer, steps = decide(shared(access=access),
+                           cluster(no_network, check=ClusterCheck(OLD, NOW - 20, "node-b")))
+    assert steps == [AskCluster()]
+    assert served(answer) == Serve(Decision.CLUSTER_INTERVAL, "checked by node-b 20s ago",
+                                   CONFIG_OLD, OLD)
+
+
+def test_the_nodes_own_recent_check_needs_no_cluster() -> None:
+    answer, steps = decide(shared(last_ok=NOW - 10), no_network)
+    assert steps == []
+    assert served(answer).decision is Decision.LOCAL_INTERVAL
+
+
+def test_a_clock_a_little_ahead_counts_as_just_checked() -> None:
+    answer, _ = decide(shared(), cluster(no_network, check=ClusterCheck(OLD, NOW + 5, "b")))
+    assert served(answer).reason == "checked by b 0s ago"
+
+
+@pytest.mark.parametrize(("check", "reason"), [
+    (ClusterCheck(), ""),                                     # none, or backing failed
+    (ClusterCheck(OLD, NOW - 60, "node-b"), ""),              # as old as the interval
+    (ClusterCheck(OLD, NOW + 60, "node-b"), ""),              # from a clock far ahead
+    (ClusterCheck(NEW, NOW - 5, "node-b"), "the cluster's check names another digest"),
+])
+def test_a_cluster_check_that_does_not_vouch_leaves_the_check_upstream(
+        check: ClusterCheck, reason: str) -> None:
+    answer, steps = decide(shared(), cluster(upstream(OLD), check=check))
+    assert steps == [AskCluster(), Probe()]
+    assert served(answer) == Serve(Decision.FRESH, reason or "digest unchanged", CONFIG_OLD,
+                                   OLD, confirmed=True, copy_to_backing=True)
+
+
+@pytest.mark.parametrize("settings", [Settings(Update.ALWAYS), Settings(Update.NEVER)])
+def test_only_update_interval_reads_the_cluster(settings: Settings) -> None:
+    step = next_step(shared(settings))
+    assert not isinstance(step, AskCluster)
+
+
+def test_an_anonymous_pull_uses_a_check_of_a_repository_backing_marks_public() -> None:
+    answer, steps = decide(shared(access=NOBODY), cluster(
+        no_network, check=ClusterCheck(OLD, NOW - 20, "node-b", public=True)))
+    assert steps == [AskCluster(marker=True)]
+    assert served(answer).decision is Decision.CLUSTER_INTERVAL
+
+
+@pytest.mark.parametrize(("access", "public"), [(NOBODY, False), (STRANGER, False),
+                                                (STRANGER, True)])
+def test_nothing_private_is_answered_on_another_nodes_word(access: Access,
+                                                           public: bool) -> None:
+    answer, steps = decide(shared(access=access), cluster(
+        upstream(OLD, authenticated=access is STRANGER),
+        check=ClusterCheck(OLD, NOW - 20, "node-b", public=public)))
+    assert steps == [AskCluster(marker=True), Probe()]
+    assert served(answer).decision is Decision.FRESH
+
+
+@pytest.mark.parametrize(("access", "public", "why"), [
+    (PUBLIC, False, ""),
+    (KNOWN, False, ""),
+    (NOBODY, True, ""),
+    (NOBODY, False, "registry.example/team/app was never seen to be pullable without credentials"),
+    (STRANGER, True,
+     "these credentials were never seen to work for registry.example/team/app on this node"),
+])
+def test_the_shared_check_rule(access: Access, public: bool, why: str) -> None:
+    assert shared_check_refusal(TAGGED, access, public) == why

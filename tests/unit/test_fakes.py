@@ -12,6 +12,7 @@ from nodekeeper.pull.reference import parse
 from tests import conformance
 from tests.fakes import (
     FakeBacking,
+    FakeCluster,
     FakeImages,
     FakeRegistry,
     FakeSink,
@@ -104,6 +105,20 @@ class TestFakeBacking(conformance.BackingSuite):
     @pytest.fixture
     def backing(self, backing_world: FakeBackingWorld) -> FakeBacking:
         return backing_world.backing
+
+
+class FakeClusterWorld(FakeBackingWorld):
+    def node(self, name: str, fetch_wait: float) -> FakeCluster:
+        return FakeCluster(self.backing, name, fetch_wait)
+
+    def writer(self) -> FakeBacking:
+        return self.backing
+
+
+class TestFakeCluster(conformance.ClusterSuite):
+    @pytest.fixture
+    def cluster_world(self) -> FakeClusterWorld:
+        return FakeClusterWorld()
 
 
 class TestFakeState(conformance.StateSuite):
