@@ -102,6 +102,14 @@ class CriClient(_UnixClient):
             req.sandbox_config.metadata.CopyFrom(pod)
         return self._rpc("PullImage", req, cri.PullImageResponse, timeout).image_ref
 
+
+    def pull_or_error(self, image: str, auth: cri.AuthConfig | None = None
+                      ) -> str | tuple[grpc.StatusCode, str]:
+        """``pull``, or the status code and message it failed with."""
+        try:
+            return self.pull(image, auth=auth)
+        except grpc.RpcError as exc:
+            return exc.code(), str(exc.details())
     def status(
         self, image: str, *, verbose: bool = False, timeout: float | None = None
     ) -> cri.ImageStatusResponse:

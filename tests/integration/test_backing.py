@@ -42,10 +42,7 @@ class Node:
     def pull(self, ref: str, auth: cri.AuthConfig | None = None
              ) -> str | tuple[grpc.StatusCode, str]:
         with CriClient(self.nodekeeper.socket) as kubelet:
-            try:
-                return kubelet.pull(ref, auth=auth)
-            except grpc.RpcError as exc:
-                return exc.code(), exc.details()  # type: ignore[attr-defined]
+            return kubelet.pull_or_error(ref, auth=auth)
 
     def decisions(self) -> list[str]:
         return [e["decision"] for e in self.nodekeeper.events()

@@ -45,10 +45,7 @@ class Node:
     def pull(self, ref: str, auth: cri.AuthConfig | None = None
              ) -> str | tuple[grpc.StatusCode, str]:
         with CriClient(self.nodekeeper.socket) as kubelet:
-            try:
-                return kubelet.pull(ref, auth=auth)
-            except grpc.RpcError as exc:
-                return exc.code(), str(exc.details())
+            return kubelet.pull_or_error(ref, auth=auth)
 
     def answers(self) -> list[dict[str, object]]:
         return [e for e in self.nodekeeper.events()
