@@ -2,15 +2,22 @@
 
     kubelet ──CRI──> [listener socket] ── cri.ImageService ──────> containerd
                                               │ PullImage                ▲
-                                              ▼                          │ pull, alias; image events
-                                       puller.Puller ⇄ decision.next_step (pure: what next)
+                                              ▼                          │ pull, alias, content;
+                                       pull.Puller ⇄ decision.next_step  │ image events
+                                              │   (pure: what next)
                                               │   policy (policyfile), state (SQLite),
                                               │   presence (what the node holds)
-                           registry.Prober ───┴─── backing.Backing (registry.Copier)
-                       (upstream digest probe)     (cluster-wide copy of every pull)
+          registry.Prober ────────────────────┼──────────── registry.Backing
+          (upstream digest probe; outage      │             (cluster-wide copy of every
+          episodes per endpoint: one probe    │             pull, read from the node's own
+          in flight, pulls wait outage_wait)  │             content store)
+                                              └──────────── registry.Cluster
+                                                            (through backing: one fetch
+                                                            per digest, shared checks)
 
-                       events.Events ──> kube-apiserver: an Event on the pod for every
-                       answer upstream did not confirm (queued; never holds up a pull)
+          kube.Events ──> kube-apiserver: an Event on the pod for every answer upstream
+          did not confirm, and for containers behind their tag (queued; never holds up a
+          pull); host.behindtag counts those containers from the runtime and state.
 
 The puller reaches its edges through the Protocols in pull/edges.py; failures outside
 nodekeeper are one vocabulary (failures.Kind), and cri.py alone turns errors into gRPC
@@ -19,7 +26,8 @@ status codes.
 Start and stop are pairs: each part's stop is registered on one AsyncExitStack where the
 part is built or started, so stopping (or a failure part-way through starting) stops
 what started, newest first: background tasks, the status file, metrics, the gRPC server,
-the socket, Events, backing, containerd, the HTTP session, state, the signal handlers.
+the socket, Events, the cluster and backing, containerd, the prober, the HTTP session,
+state, the signal handlers.
 
 Signals: SIGTERM/SIGINT stop gracefully (stop accepting, let in-flight RPCs finish within
 shutdown_grace, cancel the rest); a second one stops at once. SIGHUP reloads what can
