@@ -2,8 +2,8 @@
 until the last node has it, with nodekeeper and with containerd alone on the same nodes.
 
     .venv/bin/python bench/cluster.py [--nodes 4 8] [--rounds 3] [--layer-mb 3]
-                                      [--gap 1.5] [--interval 5] [--containerd 2.3]
-                                      [--quiet S] [--keep]
+                                      [--gap 1.5] [--interval 5] [--interval-gap 0.3]
+                                      [--containerd 2.3] [--quiet S] [--keep]
 
 For each K in --nodes, one cluster (tests/harness/cluster.py): K nodes on this machine,
 each its own containerd and its own nodekeeper (policy `update: always`, but `update:
@@ -23,7 +23,8 @@ for each way of pulling and each target, in alternating order:
   interval        `bench/app:interval` under `update: interval` (--interval seconds):
                   every node pulls a new build of it, then, once every node's own check
                   is older than the interval, the nodes pull it again one after another
-                  (--gap apart); upstream should see one check (HEAD) for the cluster,
+                  (--interval-gap apart, so that all K pull within one interval);
+                  upstream should see one check (HEAD) for the cluster,
                   the other nodes taking the first node's check shared through backing
                   (`cluster-interval`); containerd alone resolves on every node (K)
 
@@ -84,7 +85,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--layer-mb", type=float, default=3.0)
     parser.add_argument("--gap", type=float, default=1.5, help="seconds, staggered")
     parser.add_argument("--interval", type=float, default=5.0,
-                        help="seconds, the `update: interval` of the interval rounds")
+                        help="seconds, the `update: interval` of the interval rounds "
+                             "(at least 5: a node shares a check of a tag and digest at "
+                             "most every 5 s)")
+    parser.add_argument("--interval-gap", type=float, default=0.3,
+                        help="seconds between pulls in the interval rounds")
     parser.add_argument("--containerd", default="2.3", choices=sorted(RELEASES))
     parser.add_argument("--quiet", type=float, default=0.0,
                         help="end a round once upstream was quiet this long, instead of "
@@ -169,8 +174,8 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Round]:
                                                 args.gap, args.quiet))
                 for target in order:
                     seed = f"k{count}-interval-{target}-{number}-{time.time_ns()}"
-                    rounds.append(interval_round(cluster, target, seed, args.gap,
-                                                 args.interval))
+                    rounds.append(interval_round(cluster, target, seed,
+                                                 args.interval_gap, args.interval))
     return rounds
 
 
@@ -184,7 +189,8 @@ def report(rounds: list[Round], args: argparse.Namespace, load: str) -> str:
              f"- containerd under test: {RELEASES[args.containerd].version}, "
              f"layer {args.layer_mb:g} MB of random bytes, staggered gap {args.gap:g} s, "
              f"{args.rounds} rounds per row, `update: interval` of "
-             f"{args.interval:g} s for the tag `{INTERVAL_TAG}`", ""]
+             f"{args.interval:g} s for the tag `{INTERVAL_TAG}`, pulled "
+             f"{args.interval_gap:g} s apart", ""]
     header = ("K", "pulls", "target", "manifest GETs", "manifest HEADs", "blob GETs",
               "MB from upstream", "s until last node (median, max)", "slowest pull s",
               "decisions")
