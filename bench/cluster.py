@@ -2,12 +2,13 @@
 until the last node has it, with nodekeeper and with containerd alone on the same nodes.
 
     .venv/bin/python bench/cluster.py [--nodes 4 8] [--rounds 3] [--layer-mb 3]
-                                      [--gap 1.5] [--containerd 2.3] [--quiet S]
-                                      [--keep]
+                                      [--gap 1.5] [--interval 5] [--interval-gap 0.3]
+                                      [--containerd 2.3] [--quiet S] [--keep]
 
 For each K in --nodes, one cluster (tests/harness/cluster.py): K nodes on this machine,
-each its own containerd and its own nodekeeper (policy `update: always`, backing with
-`timeout: 1s`), one upstream and one backing registry on loopback. Then, --rounds times,
+each its own containerd and its own nodekeeper (policy `update: always`, but `update:
+interval` for the tag `interval`; backing with `timeout: 1s` and the default
+`fetch_wait`), one upstream and one backing registry on loopback. Then, --rounds times,
 for each way of pulling and each target, in alternating order:
 
   a new build     `bench/app:v1` pushed upstream: one layer of --layer-mb MB of random
@@ -19,11 +20,19 @@ for each way of pulling and each target, in alternating order:
   nodekeeper      the pulls go through each node's nodekeeper, as its kubelet's would;
                   the round ends once every copy to backing they started has ended
 
+  interval        `bench/app:interval` under `update: interval` (--interval seconds):
+                  every node pulls a new build of it, then, once every node's own check
+                  is older than the interval, the nodes pull it again one after another
+                  (--interval-gap apart, so that all K pull within one interval);
+                  upstream should see one check (HEAD) for the cluster,
+                  the other nodes taking the first node's check shared through backing
+                  (`cluster-interval`); containerd alone resolves on every node (K)
+
 Upstream's access log gives what it served in the round (requests that did not fail):
 manifest GETs and HEADs, blob GETs and their bytes. "Seconds until the last node" runs
 from the first pull's start to the last pull's answer (staggered: gaps included);
-"slowest pull" is the round's longest single PullImage. Prints a markdown table; see
-docs/benchmarks.md.
+"slowest pull" is the round's longest single PullImage. Prints markdown tables, the
+targets with PASS/FAIL last; see docs/benchmarks.md.
 
 The nodekeeper the nodes run is the one `python -m nodekeeper` finds from the current
 directory: run from the checkout for its own, or from elsewhere with PYTHONPATH naming
@@ -42,11 +51,20 @@ from pathlib import Path
 
 from _common import load_average, machine_info, markdown_table, work_directory
 
-from tests.harness.cluster import Cluster, Traffic
+from tests.harness.cluster import ALWAYS, Cluster, Traffic
 from tests.harness.containerd import RELEASES
 
 WAYS = ("at once", "staggered")
+INTERVAL_WAY = "interval"
 TARGETS = ("containerd", "nodekeeper")
+INTERVAL_TAG = "interval"
+# The last node through nodekeeper within this many times containerd alone's.
+TIME_TARGET = 1.5
+
+
+def policy(interval: float) -> str:
+    return (f"{ALWAYS}rules:\n  - match: '**'\n    tags: ['{INTERVAL_TAG}']\n"
+            f"    update: interval\n    interval: {interval:g}s\n")
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layer-mb", type=float, default=3.0)
     parser.add_argument("--gap", type=float, default=1.5, help="seconds, staggered")
+    parser.add_argument("--interval", type=float, default=5.0,
+                        help="seconds, the `update: interval` of the interval rounds "
+                             "(at least 5: a node shares a check of a tag and digest at "
+                             "most every 5 s)")
+    parser.add_argument("--interval-gap", type=float, default=0.3,
+                        help="seconds between pulls in the interval rounds")
     parser.add_argument("--containerd", default="2.3", choices=sorted(RELEASES))
     parser.add_argument("--quiet", type=float, default=0.0,
                         help="end a round once upstream was quiet this long, instead of "
@@ -111,19 +135,47 @@ def one_round(cluster: Cluster, way: str, target: str, seed: str, layer_bytes: i
                  max(pulls.durations), decisions)
 
 
+def interval_round(cluster: Cluster, target: str, seed: str, gap: float,
+                   interval: float) -> Round:
+    """A new build of the interval tag on every node, then, once every node's own check
+    is older than the interval, the nodes pull it again one after another."""
+    image = cluster.push_new("bench/app", INTERVAL_TAG, seed=seed)
+    ref = cluster.ref("bench/app", INTERVAL_TAG)
+    direct = target == "containerd"
+    cluster.pull_at_once(ref, direct=direct)
+    if not direct:
+        cluster.settle(image.digest)
+        time.sleep(interval + 0.5)
+    before = {node.name: len(node.decisions()) for node in cluster.nodes}
+    cluster.upstream.clear_requests()
+    pulls = cluster.pull_staggered(ref, gap=gap, direct=direct)
+    wrong = [a for a in pulls.answers if a != image.config_digest]
+    if wrong:
+        raise RuntimeError(f"{target}, interval: pulls answered {wrong}")
+    decisions: Counter[str] = Counter()
+    for node in cluster.nodes if not direct else []:
+        decisions.update(node.decisions()[before[node.name]:])
+    return Round(len(cluster.nodes), INTERVAL_WAY, target, steady(cluster),
+                 pulls.until_last, max(pulls.durations), decisions)
+
+
 def run(args: argparse.Namespace, workdir: Path) -> list[Round]:
     rounds: list[Round] = []
     layer_bytes = int(args.layer_mb * 1024 * 1024)
     for count in args.nodes:
         with Cluster(workdir / f"k{count}", release=RELEASES[args.containerd],
-                     nodes=count) as cluster:
+                     nodes=count, policy=policy(args.interval)) as cluster:
             for number in range(args.rounds):
+                order = TARGETS if number % 2 == 0 else TARGETS[::-1]
                 for way in WAYS:
-                    order = TARGETS if number % 2 == 0 else TARGETS[::-1]
                     for target in order:
                         seed = f"k{count}-{way}-{target}-{number}-{time.time_ns()}"
                         rounds.append(one_round(cluster, way, target, seed, layer_bytes,
                                                 args.gap, args.quiet))
+                for target in order:
+                    seed = f"k{count}-interval-{target}-{number}-{time.time_ns()}"
+                    rounds.append(interval_round(cluster, target, seed,
+                                                 args.interval_gap, args.interval))
     return rounds
 
 
@@ -136,13 +188,15 @@ def report(rounds: list[Round], args: argparse.Namespace, load: str) -> str:
     lines = ["# bench/cluster.py", "", *machine_info(load),
              f"- containerd under test: {RELEASES[args.containerd].version}, "
              f"layer {args.layer_mb:g} MB of random bytes, staggered gap {args.gap:g} s, "
-             f"{args.rounds} rounds per row", ""]
+             f"{args.rounds} rounds per row, `update: interval` of "
+             f"{args.interval:g} s for the tag `{INTERVAL_TAG}`, pulled "
+             f"{args.interval_gap:g} s apart", ""]
     header = ("K", "pulls", "target", "manifest GETs", "manifest HEADs", "blob GETs",
               "MB from upstream", "s until last node (median, max)", "slowest pull s",
               "decisions")
     rows = []
     for count in args.nodes:
-        for way in WAYS:
+        for way in (*WAYS, INTERVAL_WAY):
             for target in TARGETS:
                 mine = [r for r in rounds
                         if (r.nodes, r.way, r.target) == (count, way, target)]
@@ -165,8 +219,43 @@ def report(rounds: list[Round], args: argparse.Namespace, load: str) -> str:
                     f"{statistics.median(r.slowest for r in mine):.2f}",
                     per_round or "-"))
     lines += markdown_table(header, rows)
-    lines += ["", "Per new digest (one round). decisions: nodekeeper's, per round."]
+    lines += ["", "Per new digest (one round); interval: per check of the tag once every "
+              "node's own check is old. decisions: nodekeeper's, per round.", ""]
+    lines += markdown_table(("K", "pulls", "target", "measured", "PASS/FAIL"),
+                            targets(rounds, args))
     return "\n".join(lines)
+
+
+def targets(rounds: list[Round], args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """The goals, per K and way, over every round (the worst one counts): one manifest GET
+    and one GET per blob (config and layer) upstream for the cluster, the last node within
+    TIME_TARGET times containerd alone's (medians), one check upstream per interval."""
+    rows: list[tuple[str, ...]] = []
+
+    def row(count: int, way: str, target: str, measured: str, ok: bool) -> None:
+        rows.append((str(count), way, target, measured, "PASS" if ok else "FAIL"))
+
+    for count in args.nodes:
+        for way in WAYS:
+            mine = [r for r in rounds if (r.nodes, r.way, r.target) == (count, way,
+                                                                       "nodekeeper")]
+            alone = [r.until_last for r in rounds
+                     if (r.nodes, r.way, r.target) == (count, way, "containerd")]
+            if not mine or not alone:
+                continue
+            gets = max(r.traffic.manifest_gets for r in mine)
+            row(count, way, "1 manifest GET", str(gets), gets == 1)
+            blobs = max(r.traffic.blob_gets for r in mine)
+            row(count, way, "1 GET per blob (2)", str(blobs), blobs == 2)
+            ratio = statistics.median(r.until_last for r in mine) / statistics.median(alone)
+            row(count, way, f"last node <= {TIME_TARGET:g}x containerd alone",
+                f"{ratio:.2f}x", ratio <= TIME_TARGET)
+        mine = [r for r in rounds
+                if (r.nodes, r.way, r.target) == (count, INTERVAL_WAY, "nodekeeper")]
+        if mine:
+            heads = max(r.traffic.manifest_heads for r in mine)
+            row(count, INTERVAL_WAY, "1 check (HEAD) upstream", str(heads), heads == 1)
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -177,8 +177,13 @@ class Cluster:
                     "backing": {"url": self.backing.url, "timeout": "1s",
                                 **self._settings.get("backing", {})}}
         for i, containerd in enumerate(containerds):
+            # Nodes on one machine share its host name, nodekeeper's default node name:
+            # each needs its own, or every node takes another's lease or shared check
+            # for its own.
+            named = {**settings, "kubernetes": {**settings.get("kubernetes", {}),
+                                                "node_name": f"node{i}"}}
             daemon = Nodekeeper(self.base_dir / f"node{i}" / "nodekeeper", containerd.address,
-                                settings=settings, policy=self._policy)
+                                settings=named, policy=self._policy)
             self.nodes.append(Node(f"node{i}", containerd, daemon))
         with ThreadPoolExecutor(max_workers=self._count) as pool:
             for started in [pool.submit(c.start) for c in containerds]:
