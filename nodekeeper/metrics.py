@@ -99,6 +99,8 @@ DECISIONS = FamilySlot[Counter]()
 FALLBACKS = FamilySlot[Counter]()
 PROBE_SECONDS = FamilySlot[Histogram]()
 UPSTREAM_REQUESTS = FamilySlot[Counter]()
+UPSTREAM_SAVED = FamilySlot[Counter]()
+UPSTREAM_SAVED_BYTES = CounterSlot()
 OUTAGES = FamilySlot[Gauge]()
 OUTAGE_PULLS = FamilySlot[Counter]()
 POLICY_VALID = GaugeSlot()
@@ -154,6 +156,16 @@ def enable() -> None:
     UPSTREAM_REQUESTS.metric = prometheus.Counter(
         "nodekeeper_upstream_requests", "HTTP requests nodekeeper sent to registries",
         ["host", "method", "status"],
+    )
+    UPSTREAM_SAVED.metric = prometheus.Counter(
+        "nodekeeper_upstream_saved",
+        "What the cluster saved the upstream registry: image pulls answered from backing "
+        "(what=pull) and checks answered by another node's shared check (what=check)",
+        ["what"],
+    )
+    UPSTREAM_SAVED_BYTES.metric = prometheus.Counter(
+        "nodekeeper_upstream_saved_bytes",
+        "Bytes a copy to backing read from the node's own content store, not upstream",
     )
     OUTAGES.metric = prometheus.Gauge(
         "nodekeeper_registry_outage", "1 while a registry endpoint is in an outage episode "

@@ -24,6 +24,9 @@ from nodekeeper.timetext import ago
 
 _log = logs.get("puller")
 
+# What an answer saved the upstream registry, for nodekeeper_upstream_saved_total.
+_SAVED = {Decision.BACKING: "pull", Decision.CLUSTER_INTERVAL: "check"}
+
 
 class Recorder:
     def __init__(self, state: StateStore, events: Observer | None,
@@ -34,6 +37,9 @@ class Recorder:
 
     def settled(self, answer: Answer) -> None:
         """Once per round: what the answer says about the reference upstream."""
+        saved = _SAVED.get(answer.decision)
+        if saved:
+            metrics.UPSTREAM_SAVED.labels(saved).inc()
         if answer.confirmed:
             self._state.record_check(answer.reference, None, answer.digest)
             self._state.clear_stale(answer.reference)

@@ -270,6 +270,7 @@ class Backing:
             self._recent.appendleft(dest.repository)
             metrics.COPIES.labels("finished").inc()
             metrics.COPY_BYTES.inc(report.bytes_copied)
+            metrics.UPSTREAM_SAVED_BYTES.inc(report.bytes_from_node)
             _log.info("copied to backing", **fields, bytes=report.bytes_copied,
                       bytes_from_node=report.bytes_from_node,
                       bytes_from_upstream=report.bytes_copied - report.bytes_from_node,

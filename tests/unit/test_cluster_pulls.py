@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from nodekeeper import metrics
 from nodekeeper.pull.credentials import Credentials
 from nodekeeper.pull.decision import Decision
 from nodekeeper.pull.edges import Answer
@@ -19,6 +22,7 @@ from tests.fakes import (
     FakeRegistry,
     FakeState,
     FakeUpstream,
+    RecordingMetric,
     Registries,
     Requested,
     published,
@@ -130,7 +134,10 @@ async def test_without_fetch_wait_every_node_fetches_for_itself() -> None:
     assert sum(node.upstream_pulls for node in cluster.nodes) == 2
 
 
-async def test_one_check_upstream_per_interval_serves_the_cluster() -> None:
+async def test_one_check_upstream_per_interval_serves_the_cluster(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = RecordingMetric()
+    monkeypatch.setattr(metrics, "UPSTREAM_SAVED", saved)
     cluster = Cluster(3, INTERVAL)
     cluster.upstream.publish(REF, V1)
     for node in cluster.nodes:
@@ -143,6 +150,9 @@ async def test_one_check_upstream_per_interval_serves_the_cluster() -> None:
         Decision.CLUSTER_INTERVAL] * 2
     assert answers[1].reason == "checked by node-0 0s ago"
     assert not answers[1].confirmed
+    # The first round: two nodes pulled what the first fetched, from backing; then two
+    # HEADs the other nodes did not send.
+    assert saved.counts == {"pull": 2, "check": 2}
 
 
 async def test_a_moved_tag_seen_by_another_node_is_checked_upstream() -> None:

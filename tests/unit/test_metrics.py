@@ -40,6 +40,8 @@ metrics.STATE_PERSISTENT.set(0)
 metrics.OUTAGES.labels("registry.test").set(1)
 metrics.OUTAGE_PULLS.labels("registry.test").inc()
 metrics.CONTAINERS_BEHIND.set(2)
+metrics.UPSTREAM_SAVED.labels("pull").inc()
+metrics.UPSTREAM_SAVED_BYTES.inc(4096)
 """
 
 
@@ -67,6 +69,8 @@ print(prometheus_client.generate_latest().decode())
     assert "nodekeeper_images_served_stale 3.0" in out
     assert "nodekeeper_event_loop_lag_seconds_count 1.0" in out
     assert 'nodekeeper_registry_outage{endpoint="registry.test"} 1.0' in out
+    assert 'nodekeeper_upstream_saved_total{what="pull"} 1.0' in out
+    assert "nodekeeper_upstream_saved_bytes_total 4096.0" in out
     assert "nodekeeper_containers_behind_tag 2.0" in out
     assert ('nodekeeper_probe_duration_seconds_count{registry="registry.test",result="ok"} 1.0'
             in out)

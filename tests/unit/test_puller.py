@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from nodekeeper import metrics
 from nodekeeper.errors import ContainerdError, ContainerdRefusedPull, PullFailed
 from nodekeeper.failures import Kind
 from nodekeeper.pull.credentials import ANONYMOUS, Credentials, fingerprint
@@ -22,6 +23,7 @@ from tests.fakes import (
     FakeRegistry,
     FakeState,
     FakeUpstream,
+    RecordingMetric,
     Registries,
     Requested,
     published,
@@ -146,7 +148,10 @@ async def test_write_through_follows_every_answer_upstream_confirmed() -> None:
     assert node.backing.repository(parse(REF)) in node.backing.public
 
 
-async def test_a_digest_backing_holds_is_pulled_from_backing_with_the_request_kept() -> None:
+async def test_a_digest_backing_holds_is_pulled_from_backing_with_the_request_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = RecordingMetric()
+    monkeypatch.setattr(metrics, "UPSTREAM_SAVED", saved)
     node = Node(backing=True)
     assert node.backing is not None
     node.upstream.publish(REF, V1)
@@ -159,6 +164,7 @@ async def test_a_digest_backing_holds_is_pulled_from_backing_with_the_request_ke
     assert name == node.backing.name(parse(REF), V1.digest)
     assert credentials == node.backing.credentials
     assert await node.images.held_image_id(NAME) == V1.image_id
+    assert saved.counts == {"pull": 1}  # upstream served no bytes for it
 
 
 async def test_the_backing_fallback_forwards_the_original_request() -> None:
