@@ -455,9 +455,12 @@ class FaultProxy(Service):
         path_contains: str | None = None,
         *,
         include_harness: bool = False,
+        handover: float = 0.0,
     ) -> int:
         """The most matching requests ever in progress at once since ``clear()``. A hung or
-        held request counts until it is released or its client hangs up."""
+        held request counts until it is released or its client hangs up. With ``handover``,
+        a request counts as ended that much earlier: the client that gave up on it may
+        start the next before this proxy has seen the first one's connection close."""
         with self._cond:
             spans = [
                 (s.start, s.end) for s in self._spans
@@ -467,7 +470,8 @@ class FaultProxy(Service):
             ]
         # An end sorts before a start at the same instant: the two did not overlap.
         edges = sorted([(start, 1) for start, _ in spans]
-                       + [(end, -1) for _, end in spans if end is not None])
+                       + [(max(start, end - handover), -1) for start, end in spans
+                          if end is not None])
         peak = now = 0
         for _, step in edges:
             now += step

@@ -233,6 +233,14 @@ class Kubelet(Service):
         _LIVE.add(self)
         for d in (self.root_dir, self.manifests, self.pod_logs):
             d.mkdir(parents=True, exist_ok=True)
+        # The kubelet makes its root dir a shared mount of itself when it is not one yet,
+        # and 1.36 does so while it creates its pod-resources socket, whose rename then
+        # fails now and then ("invalid cross-device link"). Made here, it is found done;
+        # close() unmounts it with the rest.
+        if self.root_dir not in _mounts_under(self.root_dir):
+            for how in ("--bind", "--make-rshared"):
+                subprocess.run(["mount", how, *([str(self.root_dir)] * (how == "--bind")),
+                                str(self.root_dir)], check=True, capture_output=True)
         if self.credentials is not None:
             (self.root_dir / "config.json").write_text(docker_config(self.credentials))
         self.config_path.write_text(yaml.safe_dump(self.render_config()))

@@ -186,7 +186,8 @@ def test_every_pod_of_the_node_comes_back_within_one_probe_timeout(
     after_outage = pulls(node, before)
     record(f"registry {fault}: longest PullImage",
            max((p.seconds for p in after_outage), default=None))
-    peak = upstream.proxy.peak_concurrent(path_contains="/manifests/")
+    # A timed-out probe's connection may close a moment after the next pull sent its own.
+    peak = upstream.proxy.peak_concurrent(path_contains="/manifests/", handover=0.25)
     tally(f"registry {fault}: manifest requests",
           len(upstream.proxy.requests(path_contains="/manifests/")))
     tally(f"registry {fault}: manifest requests in flight at once, at most", peak)
