@@ -41,6 +41,20 @@ def status(daemon: Nodekeeper) -> str:
                           timeout=30, check=True).stdout
 
 
+def assert_open(daemon: Nodekeeper, metrics: str, host: str, kind: str,
+                answered: int) -> str:
+    """`host` is in an outage of `kind` in `status` and the metrics, with `answered` pulls
+    answered without it; its metrics label."""
+    shown = status(daemon)
+    assert "outages: 1 (" in shown
+    assert f"  {host}: {kind} since " in shown
+    samples = scrape(metrics)
+    label = f'{{endpoint="{host}"}}'
+    assert samples[f"nodekeeper_registry_outage{label}"] == 1
+    assert samples[f"nodekeeper_registry_outage_pulls_total{label}"] == answered
+    return label
+
+
 @pytest.fixture
 def proxied(registry: Registry, containerd: Containerd) -> Iterator[FaultProxy]:
     """The registry behind a proxy that fails on demand; containerd is told it speaks
@@ -85,14 +99,7 @@ def test_a_black_holed_registry_costs_one_probe_timeout_then_outage_wait_per_pul
         # One probe in flight at a time: the first pull's, then one per probe_timeout.
         assert 2 <= len(hung) <= 2 + int(total / PROBE_TIMEOUT)
 
-        shown = status(daemon)
-        assert "outages: 1 (" in shown
-        assert f"  {proxied.host}: timeout since " in shown
-
-        samples = scrape(metrics)
-        label = f'{{endpoint="{proxied.host}"}}'
-        assert samples[f"nodekeeper_registry_outage{label}"] == 1
-        assert samples[f"nodekeeper_registry_outage_pulls_total{label}"] == IMAGES - 1
+        label = assert_open(daemon, metrics, proxied.host, "timeout", IMAGES - 1)
 
         # The registry answers again, with a new build of one tag: the next pull is exact.
         rebuilt = push_new(registry.url, "app0", "v1", seed="outage-0-after")
@@ -268,12 +275,7 @@ def test_a_refused_registry_is_an_outage_too_and_the_next_pull_after_it_is_exact
         print(f"\n{IMAGES} pulls from a refusing registry: {spent:.3f}s")
         # Refusals are immediate: no pull waits anything like a probe_timeout.
         assert spent < IMAGES * (OUTAGE_WAIT + SLACK)
-        shown = status(daemon)
-        assert f"  {proxied.host}: unreachable since " in shown
-        label = f'{{endpoint="{proxied.host}"}}'
-        samples = scrape(metrics)
-        assert samples[f"nodekeeper_registry_outage{label}"] == 1
-        assert samples[f"nodekeeper_registry_outage_pulls_total{label}"] == IMAGES - 1
+        label = assert_open(daemon, metrics, proxied.host, "unreachable", IMAGES - 1)
 
         rebuilt = push_new(registry.url, "app0", "v1", seed="refused-after")
         proxied.start()
