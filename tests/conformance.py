@@ -37,6 +37,10 @@ from tests.fakes import Published
 USER, PASSWORD = "alice", "alice-pw"
 
 
+async def _resolves(backing: BackingStore, ref: Reference, digest: str) -> bool:
+    return await backing.resolve_tag(ref) == digest
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
     """Await `check()` until it is true (copies to backing run in the background)."""
     deadline = time.monotonic() + timeout
@@ -231,7 +235,8 @@ class BackingSuite:
         ref = parse(reference)
         backing.write_through(ref, image.digest, source, public=True)
         await eventually(lambda: backing.holds(ref, image.digest))
-        assert await backing.resolve_tag(ref) == image.digest
+        # The tag is PUT after the manifest, so it may trail `holds` by one request.
+        await eventually(lambda: _resolves(backing, ref, image.digest))
         await eventually(lambda: backing.is_public(ref))
         name = backing.name(ref, image.digest)
         assert name.endswith(f"@{image.digest}")
