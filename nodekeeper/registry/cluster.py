@@ -43,7 +43,10 @@ LEASE_PREFIX = "nodekeeper.lease-"
 CHECK_PREFIX = "nodekeeper.check-"
 # Between writing a lease and reading it back: twice the write's round trip, within these.
 SETTLE_MIN, SETTLE_MAX = 0.05, 0.15
-POLL_SECONDS = 0.25          # how often a waiting node asks whether backing holds a digest
+# A waiting node asks whether backing holds the digest again after a tenth of the time it
+# has waited so far, within these: the pull learns of the copy at most about 10% late, and
+# a long wait costs backing a few HEADs a second, not twenty.
+POLL_MIN, POLL_MAX, POLL_SHARE = 0.05, 1.0, 0.1
 SHARE_EVERY = 5.0            # one shared check per tag and digest at most this often
 _MAX_TAG = 128
 _INDEX = "application/vnd.oci.image.index.v1+json"
@@ -66,6 +69,11 @@ def check_tag(tag: str) -> str:
     if len(CHECK_PREFIX) + len(tag) <= _MAX_TAG:
         return CHECK_PREFIX + tag
     return CHECK_PREFIX + "-" + hashlib.sha256(tag.encode()).hexdigest()
+
+
+def poll_gap(waited: float) -> float:
+    """Seconds until a node that has waited `waited` seconds asks backing again."""
+    return min(max(POLL_SHARE * waited, POLL_MIN), POLL_MAX)
 
 
 def marker(annotations: dict[str, str]) -> bytes:
@@ -127,16 +135,18 @@ class Cluster:
         return node
 
     async def await_held(self, ref: Reference, digest: str, bound: float) -> bool:
-        deadline = self._monotonic() + bound
+        started = self._monotonic()
+        deadline = started + bound
 
         async def poll() -> bool:
             while True:
                 if await self._backing.holds(ref, digest):
                     return True
-                left = deadline - self._monotonic()
+                now = self._monotonic()
+                left = deadline - now
                 if self._backing.down_reason or left <= 0:
                     return False
-                await asyncio.sleep(min(POLL_SECONDS, left))
+                await asyncio.sleep(min(poll_gap(now - started), left))
 
         try:
             arrived = await asyncio.wait_for(poll(), max(bound, 0.0))

@@ -1,5 +1,5 @@
 """The tags the nodes share leases and checks under (registry/cluster.py): valid tag names
-whatever the image's tag, and never one another's."""
+whatever the image's tag, and never one another's; and how often a waiting node looks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from nodekeeper.registry.cluster import check_tag, lease_tag, marker
+from nodekeeper.registry.cluster import check_tag, lease_tag, marker, poll_gap
 
 TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")  # the distribution spec's rule
 
@@ -40,3 +40,17 @@ def test_a_marker_is_an_index_of_nothing_carrying_its_annotations() -> None:
     assert document["mediaType"] == "application/vnd.oci.image.index.v1+json"
     assert document["manifests"] == []
     assert document["annotations"] == {"dev.nodekeeper.check.node": "node-a"}
+
+
+def test_a_waiting_node_looks_often_at_first_and_less_often_the_longer_it_waits() -> None:
+    gaps, waited = [], 0.0
+    while waited < 5.0:
+        gaps.append(poll_gap(waited))
+        waited += gaps[-1]
+    assert gaps[0] == 0.05
+    assert gaps == sorted(gaps)
+    # Never more than a tenth late (past the first 50 ms), and a 5 s wait costs backing
+    # a few dozen HEADs, not a hundred.
+    assert all(gap <= max(0.05, 0.1 * (sum(gaps[:i]))) + 1e-9 for i, gap in enumerate(gaps))
+    assert 20 <= len(gaps) <= 50
+    assert poll_gap(3600.0) == 1.0
