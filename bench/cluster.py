@@ -4,6 +4,7 @@ until the last node has it, with nodekeeper and with containerd alone on the sam
     .venv/bin/python bench/cluster.py [--nodes 4 8] [--rounds 3] [--layer-mb 3]
                                       [--gap 1.5] [--interval 5] [--interval-gap 0.3]
                                       [--containerd 2.3] [--quiet S] [--keep]
+                                      [--upstream-mbit M --upstream-rtt MS]
 
 For each K in --nodes, one cluster (tests/harness/cluster.py): K nodes on this machine,
 each its own containerd and its own nodekeeper (policy `update: always`, but `update:
@@ -27,6 +28,12 @@ for each way of pulling and each target, in alternating order:
                   upstream should see one check (HEAD) for the cluster,
                   the other nodes taking the first node's check shared through backing
                   (`cluster-interval`); containerd alone resolves on every node (K)
+
+  --upstream-mbit the nodes reach upstream through one link (tests/harness/link.py) of
+                  M megabits a second shared by every node and a round trip of
+                  --upstream-rtt ms, as a cluster reaches a registry on the internet
+                  through its NAT; backing stays on loopback, as it is in the cluster.
+                  Without it, upstream is as near and as fast as backing.
 
 Upstream's access log gives what it served in the round (requests that did not fail):
 manifest GETs and HEADs, blob GETs and their bytes. "Seconds until the last node" runs
@@ -95,8 +102,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="end a round once upstream was quiet this long, instead of "
                              "waiting for nodekeeper to log that every copy ended (for "
                              "a nodekeeper that logs no skipped copy)")
+    parser.add_argument("--upstream-mbit", type=float, default=0.0,
+                        help="megabits a second of the nodes' one shared link to upstream "
+                             "(default: none, upstream on loopback like backing)")
+    parser.add_argument("--upstream-rtt", type=float, default=0.0,
+                        help="milliseconds, the round trip of that link")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.upstream_rtt and not args.upstream_mbit:
+        parser.error("--upstream-rtt needs --upstream-mbit")
+    return args
 
 
 def steady(cluster: Cluster, quiet: float = 0.3) -> Traffic:
@@ -163,8 +178,10 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Round]:
     rounds: list[Round] = []
     layer_bytes = int(args.layer_mb * 1024 * 1024)
     for count in args.nodes:
+        link = (args.upstream_rtt / 1000, args.upstream_mbit) if args.upstream_mbit else None
         with Cluster(workdir / f"k{count}", release=RELEASES[args.containerd],
-                     nodes=count, policy=policy(args.interval)) as cluster:
+                     nodes=count, policy=policy(args.interval),
+                     upstream_link=link) as cluster:
             for number in range(args.rounds):
                 order = TARGETS if number % 2 == 0 else TARGETS[::-1]
                 for way in WAYS:
@@ -190,7 +207,10 @@ def report(rounds: list[Round], args: argparse.Namespace, load: str) -> str:
              f"layer {args.layer_mb:g} MB of random bytes, staggered gap {args.gap:g} s, "
              f"{args.rounds} rounds per row, `update: interval` of "
              f"{args.interval:g} s for the tag `{INTERVAL_TAG}`, pulled "
-             f"{args.interval_gap:g} s apart", ""]
+             f"{args.interval_gap:g} s apart",
+             "- upstream: " + (f"through one link of {args.upstream_mbit:g} Mbit/s shared by "
+                               f"every node, {args.upstream_rtt:g} ms round trip"
+                               if args.upstream_mbit else "on loopback, like backing"), ""]
     header = ("K", "pulls", "target", "manifest GETs", "manifest HEADs", "blob GETs",
               "MB from upstream", "s until last node (median, max)", "slowest pull s",
               "decisions")

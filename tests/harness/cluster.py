@@ -34,6 +34,7 @@ import grpc
 
 from tests.harness.containerd import Containerd, ContainerdRelease
 from tests.harness.cri import CriClient
+from tests.harness.link import Link
 from tests.harness.nodekeeper import Nodekeeper
 from tests.harness.oci import Image, build_image, image_ref, push
 from tests.harness.registry import Registry, RegistryRequest
@@ -145,13 +146,18 @@ class Cluster:
     under `base_dir`, started by start() (or `with`) and stopped by close()."""
 
     def __init__(self, base_dir: Path, *, release: ContainerdRelease, nodes: int = 4,
-                 policy: str = ALWAYS, settings: dict[str, Any] | None = None) -> None:
+                 policy: str = ALWAYS, settings: dict[str, Any] | None = None,
+                 upstream_link: tuple[float, float] | None = None) -> None:
+        """`upstream_link` (round trip in seconds, megabits a second): the nodes reach
+        upstream through a Link of that shape, as a cluster reaches the internet."""
         if nodes < 1:
             raise ValueError("a cluster needs a node")
         self.base_dir = base_dir
         self.release = release
         self.upstream = Registry(base_dir / "upstream")
         self.backing = Registry(base_dir / "backing")
+        self.link = None if upstream_link is None else Link(
+            self.upstream.host, rtt=upstream_link[0], mbit=upstream_link[1])
         self.nodes: list[Node] = []
         self._count = nodes
         self._policy = policy
@@ -171,6 +177,8 @@ class Cluster:
     def start(self) -> None:
         self.upstream.start()
         self.backing.start()
+        if self.link is not None:
+            self.link.start()
         containerds = [Containerd(self.base_dir / f"node{i}" / "containerd",
                                   release=self.release) for i in range(self._count)]
         settings = {**self._settings,
@@ -202,12 +210,15 @@ class Cluster:
             with contextlib.suppress(Exception):
                 node.containerd.close()
         self.backing.close()
+        if self.link is not None:
+            self.link.close()
         self.upstream.close()
 
     # -- images ----------------------------------------------------------------------------
 
     def ref(self, repo: str, tag: str) -> str:
-        return image_ref(self.upstream.host, repo, tag)
+        """`repo:tag` upstream, as the nodes name it (through the link, when there is one)."""
+        return image_ref(self.link.host if self.link else self.upstream.host, repo, tag)
 
     def push_new(self, repo: str, tag: str, *, seed: str, layer_bytes: int = 0) -> Image:
         """A new build of `repo:tag` upstream: one layer, of `layer_bytes` random bytes

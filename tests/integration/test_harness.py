@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -32,6 +33,7 @@ from tests.harness import (
     sha256_digest,
     tls_hosts_toml,
 )
+from tests.harness.link import Link
 
 pytestmark = pytest.mark.integration
 
@@ -277,6 +279,26 @@ def test_frozen_registry_accepts_but_never_answers(registry: Registry) -> None:
     finally:
         registry.thaw()
     assert httpx.get(f"{registry.url}/v2/", timeout=2).status_code == 200
+
+
+def test_a_link_delays_every_answer_and_shares_its_bandwidth(registry: Registry) -> None:
+    image = build_image({"data": os.urandom(1 << 20)}, seed="link")
+    push(registry.url, "team/link", "v1", image)
+    layer = image.layer_digests[0]
+    with Link(registry.host, rtt=0.2, mbit=16) as link:
+        started = time.monotonic()
+        assert httpx.get(f"{link.url}/v2/", timeout=10).status_code == 200
+        assert time.monotonic() - started >= 0.2 * 2  # connect, then the request: 2 RTTs
+
+        def fetch() -> bytes:
+            return httpx.get(f"{link.url}/v2/team/link/blobs/{layer}", timeout=30).content
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            bodies = list(pool.map(lambda _: fetch(), range(2)))
+        # Two copies of a 1 MiB layer through one 2 MB/s downlink: 1 s at the least.
+        assert time.monotonic() - started >= 2 * len(image.blobs[layer]) / 2e6
+    assert bodies == [image.blobs[layer]] * 2
 
 
 def test_deleting_tags_upstream(registry: Registry) -> None:
