@@ -105,7 +105,8 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def machine_info(load: str) -> list[str]:
+def machine_info(load: str, containerd: str = "") -> list[str]:
+    """The run's context; `containerd`: the version under test, when not Debian's own."""
     return [
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- nproc: {len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}), "
@@ -113,7 +114,7 @@ def machine_info(load: str) -> list[str]:
         f"- kernel: {platform.release()}",
         f"- python: {platform.python_version()} ({_shown(Path(sys.executable))})",
         f"- grpcio: {grpc.__version__}",
-        f"- containerd: {containerd_version()}",
+        f"- containerd: {containerd or containerd_version()}",
         f"- nodekeeper source: {source_revision()}",
     ]
 

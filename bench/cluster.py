@@ -202,9 +202,8 @@ def _same(values: list[int]) -> str:
 
 
 def report(rounds: list[Round], args: argparse.Namespace, load: str) -> str:
-    lines = ["# bench/cluster.py", "", *machine_info(load),
-             f"- containerd under test: {RELEASES[args.containerd].version}, "
-             f"layer {args.layer_mb:g} MB of random bytes, staggered gap {args.gap:g} s, "
+    lines = ["# bench/cluster.py", "", *machine_info(load, RELEASES[args.containerd].version),
+             f"- layer {args.layer_mb:g} MB of random bytes, staggered gap {args.gap:g} s, "
              f"{args.rounds} rounds per row, `update: interval` of "
              f"{args.interval:g} s for the tag `{INTERVAL_TAG}`, pulled "
              f"{args.interval_gap:g} s apart",
