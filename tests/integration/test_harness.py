@@ -285,6 +285,7 @@ def test_a_link_delays_every_answer_and_shares_its_bandwidth(registry: Registry)
     image = build_image({"data": os.urandom(1 << 20)}, seed="link")
     push(registry.url, "team/link", "v1", image)
     layer = image.layer_digests[0]
+    # Lower bounds only: a busy machine can make these times longer, never shorter.
     with Link(registry.host, rtt=0.2, mbit=16) as link:
         started = time.monotonic()
         assert httpx.get(f"{link.url}/v2/", timeout=10).status_code == 200
