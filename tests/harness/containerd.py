@@ -75,13 +75,7 @@ RELEASES = {
 
 def selected_releases(value: str | None = None) -> list[ContainerdRelease]:
     """The releases named in ``NODEKEEPER_CONTAINERD`` ("1.6,2.3"; unset or empty: all)."""
-    text = os.environ.get(RELEASES_ENV, "") if value is None else value
-    names = [n.strip() for n in text.split(",") if n.strip()] or list(RELEASES)
-    unknown = [n for n in names if n not in RELEASES]
-    if unknown:
-        raise ValueError(f"{RELEASES_ENV}: unknown containerd {', '.join(unknown)};"
-                         f" known: {', '.join(RELEASES)}")
-    return [RELEASES[n] for n in dict.fromkeys(names)]
+    return nodebins.selected(RELEASES_ENV, RELEASES, "containerd", value)
 
 
 class ContainerdError(RuntimeError):

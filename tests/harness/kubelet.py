@@ -65,13 +65,7 @@ KUBELET_RELEASES = {name: KubeletRelease(name) for name in nodebins.KUBELETS}
 
 def selected_kubelets(value: str | None = None) -> list[KubeletRelease]:
     """The kubelets named in ``NODEKEEPER_KUBELET`` ("1.32,1.36"; unset or empty: all)."""
-    text = os.environ.get(KUBELETS_ENV, "") if value is None else value
-    names = [n.strip() for n in text.split(",") if n.strip()] or list(KUBELET_RELEASES)
-    unknown = [n for n in names if n not in KUBELET_RELEASES]
-    if unknown:
-        raise ValueError(f"{KUBELETS_ENV}: unknown kubelet {', '.join(unknown)};"
-                         f" known: {', '.join(KUBELET_RELEASES)}")
-    return [KUBELET_RELEASES[n] for n in dict.fromkeys(names)]
+    return nodebins.selected(KUBELETS_ENV, KUBELET_RELEASES, "kubelet", value)
 
 
 _LIVE: set[Kubelet] = set()

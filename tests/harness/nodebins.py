@@ -20,7 +20,9 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 NODE_BINARIES_ENV = "NODEKEEPER_NODE_BINARIES"
 CACHE_ENV = "NODEKEEPER_TEST_CACHE"
@@ -28,6 +30,8 @@ DEFAULT_CACHE = Path("/var/cache/nodekeeper-test")
 ARCHIVE_NAME = "node-binaries-amd64.tar.xz"
 SUMS_NAME = "SHA256SUMS"
 # The kubelets in the layout, by the name NODEKEEPER_KUBELET and the test ids use.
+_T = TypeVar("_T")
+
 KUBELETS = {
     "1.32": "kubelet-1.32.10/kubelet",
     "1.36": "kubelet-1.36.2/kubelet",
@@ -155,3 +159,16 @@ def binary(relative: str) -> Path:
             f"{path} is not an executable file (node binaries from {source_dir()});"
             f" {_WHERE_FROM}")
     return path
+
+
+def selected(env: str, known: Mapping[str, _T], what: str, value: str | None = None
+             ) -> list[_T]:
+    """The entries of `known` that `env` names ("1.6,2.3"; unset or empty: all), or
+    `value` in its place; each once, in the order named."""
+    text = os.environ.get(env, "") if value is None else value
+    names = [n.strip() for n in text.split(",") if n.strip()] or list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"{env}: unknown {what} {', '.join(unknown)};"
+                         f" known: {', '.join(known)}")
+    return [known[n] for n in dict.fromkeys(names)]
